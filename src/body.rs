@@ -1,0 +1,619 @@
+//! Reading request and response bodies as they stream past.
+//!
+//! Neither body is ever buffered: each chunk goes through a [`JsonScanner`] (non-streaming JSON)
+//! or an [`SseScanner`] feeding a per-event [`JsonScanner`] (streaming), which keep only a few
+//! bytes of parser state plus the bounded raw bytes of the values they capture (`model`,
+//! `usage`). So a 10 MB embeddings response or a 5,000-event stream costs the same memory as a
+//! small one, and a usage event split anywhere across chunks is still found.
+
+use crate::json_scan::{Found, JsonScanner};
+use crate::sse::{SseScanner, SseSink};
+use crate::usage::{parse_anthropic, parse_usage, AnthropicUsage, Usage, UsageFormat};
+
+/// Largest usage object captured. Real ones are a few hundred bytes.
+const MAX_USAGE_BYTES: usize = 16 * 1024;
+/// Largest raw (JSON-escaped) model string captured.
+const MAX_MODEL_BYTES: usize = 1024;
+
+/// Input the filter could not meter. Each is counted (`meter_skips_total{reason}`) and logged;
+/// none of them affects the traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// A usage object that is not valid (bad JSON, negative or float counts, no token fields).
+    UsageInvalid,
+    /// A usage object larger than the capture bound.
+    UsageTooLarge,
+    /// A non-streaming 2xx response body that is not a JSON object.
+    BodyMalformed,
+    /// A `model` that is not a string or is longer than the capture bound.
+    ModelInvalid,
+    /// A compressed response body (`content-encoding`), which this version does not decode.
+    Compressed,
+    /// A USD limit applied to a model without a price: it could not be charged.
+    Unpriced,
+    /// A streaming request without `include_usage` whose body was too large to hold whole (over
+    /// `request.model_lookahead_bytes`), so the option could not be added.
+    NotInjected,
+}
+
+impl Skip {
+    /// Every reason, in counter order.
+    pub const ALL: [Skip; 7] = [
+        Skip::UsageInvalid,
+        Skip::UsageTooLarge,
+        Skip::BodyMalformed,
+        Skip::ModelInvalid,
+        Skip::Compressed,
+        Skip::Unpriced,
+        Skip::NotInjected,
+    ];
+
+    /// The `reason` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Skip::UsageInvalid => "usage_invalid",
+            Skip::UsageTooLarge => "usage_too_large",
+            Skip::BodyMalformed => "body_malformed",
+            Skip::ModelInvalid => "model_invalid",
+            Skip::Compressed => "compressed",
+            Skip::Unpriced => "unpriced",
+            Skip::NotInjected => "usage_not_injected",
+        }
+    }
+}
+
+/// Skips seen during one exchange, counted per reason (fixed size, whatever the input).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Skips([u32; Skip::ALL.len()]);
+
+impl Skips {
+    /// Records one skip.
+    pub fn add(&mut self, skip: Skip) {
+        if let Some(n) = self.0.get_mut(skip as usize) {
+            *n = n.saturating_add(1);
+        }
+    }
+
+    /// How often `skip` was recorded.
+    pub fn count(&self, skip: Skip) -> u32 {
+        self.0.get(skip as usize).copied().unwrap_or(0)
+    }
+
+    /// Recorded reasons with their counts.
+    pub fn iter(&self) -> impl Iterator<Item = (Skip, u32)> + '_ {
+        Skip::ALL.into_iter().map(|s| (s, self.count(s))).filter(|&(_, n)| n > 0)
+    }
+
+    /// Adds all of `other`'s skips.
+    pub fn merge(&mut self, other: &Skips) {
+        for (mine, theirs) in self.0.iter_mut().zip(other.0) {
+            *mine = mine.saturating_add(theirs);
+        }
+    }
+}
+
+/// Decodes a captured raw JSON string value; `None` for anything else.
+fn json_string(raw: &[u8]) -> Option<String> {
+    match serde_json::from_slice::<serde_json::Value>(raw) {
+        Ok(serde_json::Value::String(s)) => Some(s),
+        _ => None,
+    }
+}
+
+/// Top-level request fields read: the model, and the output caps token limits reserve for
+/// (`max_tokens` legacy, `max_completion_tokens` chat, `max_output_tokens` Responses API).
+static REQUEST_PATHS: &[&[&str]] = &[&["model"], &["max_tokens"], &["max_completion_tokens"], &["max_output_tokens"]];
+
+/// Finds the top-level `model` (and output token cap) of a JSON request body, chunk by chunk.
+#[derive(Debug)]
+pub struct RequestScanner {
+    json: JsonScanner,
+    model: Option<String>,
+    max_output: Option<u64>,
+    bytes: u64,
+    skips: Skips,
+}
+
+impl Default for RequestScanner {
+    fn default() -> Self {
+        Self {
+            json: JsonScanner::new(REQUEST_PATHS, MAX_MODEL_BYTES),
+            model: None,
+            max_output: None,
+            bytes: 0,
+            skips: Skips::default(),
+        }
+    }
+}
+
+impl RequestScanner {
+    /// Scans the next request body chunk. A repeated `model` key: the last one wins, as in a
+    /// full JSON parse.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        self.bytes = self.bytes.saturating_add(chunk.len() as u64);
+        let (model, max_output, skips) = (&mut self.model, &mut self.max_output, &mut self.skips);
+        self.json.feed(chunk, |found| match found {
+            Found::Value { path: 0, raw } => match json_string(raw) {
+                Some(m) => *model = Some(m),
+                None => skips.add(Skip::ModelInvalid),
+            },
+            // An output cap that is not a plain count (null, -1, 1e3) reserves nothing.
+            Found::Value { raw, .. } => {
+                if let Some(n) = std::str::from_utf8(raw).ok().and_then(|r| r.parse::<u64>().ok()) {
+                    *max_output = Some(n);
+                }
+            }
+            Found::TooLarge { path: 0 } => skips.add(Skip::ModelInvalid),
+            Found::TooLarge { .. } => {}
+        });
+    }
+
+    /// The request's output token cap (`max_completion_tokens`, `max_tokens` or
+    /// `max_output_tokens`, whichever came last), if it was a count.
+    pub fn max_output_tokens(&self) -> Option<u64> {
+        self.max_output
+    }
+
+    /// Body bytes scanned so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The request's model, as written by the client.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+
+    /// Skips seen so far.
+    pub fn skips(&self) -> &Skips {
+        &self.skips
+    }
+}
+
+/// How a response body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFormat {
+    /// One JSON document.
+    Json,
+    /// Server-sent events, each `data:` a JSON document.
+    Sse,
+}
+
+impl BodyFormat {
+    /// From the response `content-type`.
+    pub fn from_content_type(content_type: &[u8]) -> Self {
+        let essence = content_type.split(|&b| b == b';').next().unwrap_or_default();
+        if essence.trim_ascii().eq_ignore_ascii_case(b"text/event-stream") {
+            BodyFormat::Sse
+        } else {
+            BodyFormat::Json
+        }
+    }
+}
+
+/// Where each format puts usage and the model, as (usage, model) path pairs: even indices are
+/// usage objects, odd ones model names. Streams nest them in their event objects.
+fn response_paths(format: UsageFormat) -> &'static [&'static [&'static str]] {
+    match format {
+        UsageFormat::OpenAiChat => &[&["usage"], &["model"]],
+        // Non-streaming: the response object; streaming: `response.completed` & co. wrap it.
+        UsageFormat::OpenAiResponses => &[&["usage"], &["model"], &["response", "usage"], &["response", "model"]],
+        // Non-streaming and `message_delta`: top level; `message_start`: inside `message`.
+        UsageFormat::Anthropic => &[&["usage"], &["model"], &["message", "usage"], &["message", "model"]],
+        UsageFormat::Gemini => &[&["usageMetadata"], &["modelVersion"]],
+    }
+}
+
+fn is_usage_path(path: usize) -> bool {
+    path % 2 == 0
+}
+
+/// What the response scan found so far.
+#[derive(Debug)]
+struct Findings {
+    usage_format: UsageFormat,
+    usage: Option<Usage>,
+    /// Anthropic reports usage in parts; merged here.
+    anthropic: Option<AnthropicUsage>,
+    model: Option<String>,
+    /// Raw JSON of the last model decoded.
+    model_raw: Vec<u8>,
+    skips: Skips,
+}
+
+impl Findings {
+    fn absorb(&mut self, found: Found<'_>) {
+        match found {
+            // OpenAI streams send `"usage":null` in every chunk but the last: nothing to parse.
+            Found::Value { path, raw } if is_usage_path(path) && raw == b"null" => {}
+            Found::Value { path, raw } if is_usage_path(path) => match self.usage_format {
+                UsageFormat::Anthropic => match parse_anthropic(raw) {
+                    Ok(Some(part)) => {
+                        let merged = self.anthropic.get_or_insert_with(AnthropicUsage::default);
+                        merged.merge(part);
+                        self.usage = Some(merged.to_usage());
+                    }
+                    Ok(None) => {}
+                    Err(_) => self.skips.add(Skip::UsageInvalid),
+                },
+                format => match parse_usage(format, raw) {
+                    Ok(Some(u)) => self.usage = Some(u),
+                    Ok(None) => {}
+                    Err(_) => self.skips.add(Skip::UsageInvalid),
+                },
+            },
+            // Streams repeat the model in every event: decode it only when its bytes change.
+            Found::Value { raw, .. } if raw == self.model_raw.as_slice() => {}
+            Found::Value { raw, .. } => match json_string(raw) {
+                Some(m) => {
+                    self.model = Some(m);
+                    self.model_raw.clear();
+                    if raw.len() <= MAX_MODEL_BYTES {
+                        self.model_raw.extend_from_slice(raw);
+                    }
+                }
+                None => self.skips.add(Skip::ModelInvalid),
+            },
+            Found::TooLarge { path } if is_usage_path(path) => self.skips.add(Skip::UsageTooLarge),
+            Found::TooLarge { .. } => self.skips.add(Skip::ModelInvalid),
+        }
+    }
+}
+
+/// Feeds SSE event data into a JSON scanner that starts afresh with every event.
+struct EventSink<'a> {
+    json: &'a mut JsonScanner,
+    findings: &'a mut Findings,
+    saw_data: bool,
+}
+
+impl SseSink for EventSink<'_> {
+    fn data(&mut self, bytes: &[u8]) {
+        self.saw_data = true;
+        let findings = &mut *self.findings;
+        self.json.feed(bytes, |f| findings.absorb(f));
+    }
+
+    fn dispatch(&mut self, _has_data: bool) {
+        self.json.reset();
+    }
+}
+
+/// Extracts usage (and the response's `model`) from a response body, chunk by chunk.
+pub struct ResponseScanner {
+    json: JsonScanner,
+    sse: Option<SseScanner>,
+    findings: Findings,
+    first_data_seen: bool,
+    finished: bool,
+}
+
+impl ResponseScanner {
+    /// A scanner for a body framed as `format`, holding usage in `usage_format`.
+    pub fn new(format: BodyFormat, usage_format: UsageFormat) -> Self {
+        Self {
+            json: JsonScanner::new(response_paths(usage_format), MAX_USAGE_BYTES),
+            sse: (format == BodyFormat::Sse).then(SseScanner::new),
+            findings: Findings {
+                usage_format,
+                usage: None,
+                anthropic: None,
+                model: None,
+                model_raw: Vec::new(),
+                skips: Skips::default(),
+            },
+            first_data_seen: false,
+            finished: false,
+        }
+    }
+
+    /// Scans the next body chunk. Returns true when this chunk carried the first SSE data (the
+    /// time-to-first-token mark); always false for JSON bodies.
+    pub fn feed(&mut self, chunk: &[u8]) -> bool {
+        match &mut self.sse {
+            Some(sse) => {
+                let mut sink = EventSink { json: &mut self.json, findings: &mut self.findings, saw_data: false };
+                sse.feed(chunk, &mut sink);
+                let first = sink.saw_data && !self.first_data_seen;
+                self.first_data_seen |= sink.saw_data;
+                first
+            }
+            None => {
+                let findings = &mut self.findings;
+                self.json.feed(chunk, |f| findings.absorb(f));
+                false
+            }
+        }
+    }
+
+    /// End of body: flushes an SSE event left open and checks a JSON body was an object.
+    /// Idempotent.
+    pub fn finish(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        match &mut self.sse {
+            Some(sse) => {
+                let mut sink = EventSink { json: &mut self.json, findings: &mut self.findings, saw_data: false };
+                sse.finish(&mut sink);
+            }
+            None => {
+                if self.json.is_malformed() {
+                    self.findings.skips.add(Skip::BodyMalformed);
+                }
+            }
+        }
+    }
+
+    /// The usage found (last one wins), if any.
+    pub fn usage(&self) -> Option<Usage> {
+        self.findings.usage
+    }
+
+    /// The response's top-level `model`, if any.
+    pub fn model(&self) -> Option<&str> {
+        self.findings.model.as_deref()
+    }
+
+    /// Skips seen so far.
+    pub fn skips(&self) -> &Skips {
+        &self.findings.skips
+    }
+
+    /// True for a streaming (SSE) body.
+    pub fn is_streaming(&self) -> bool {
+        self.sse.is_some()
+    }
+
+    /// Parser state held between chunks, in bytes (bounded whatever the body).
+    pub fn carry_len(&self) -> usize {
+        self.json.carry_len() + self.sse.as_ref().map_or(0, SseScanner::carry_len)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    use super::*;
+
+    pub(crate) const CHAT_JSON: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o-2024-08-06",
+"choices":[{"index":0,"message":{"role":"assistant","content":"{\"usage\":{\"prompt_tokens\":999}}","refusal":null},"finish_reason":"stop"}],
+"usage":{"prompt_tokens":19,"completion_tokens":10,"total_tokens":29,"prompt_tokens_details":{"cached_tokens":3,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":2,"audio_tokens":0}},
+"system_fingerprint":"fp_1"}"#;
+
+    pub(crate) const CHAT_SSE: &str = concat!(
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"usage\\\": {\"}}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o\",\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2,\"total_tokens\":9}}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    fn scan(format: BodyFormat, chunks: &[&[u8]]) -> (Option<Usage>, Option<String>, Skips, usize) {
+        let mut r = ResponseScanner::new(format, UsageFormat::OpenAiChat);
+        let mut firsts = 0;
+        for c in chunks {
+            firsts += usize::from(r.feed(c));
+        }
+        r.finish();
+        (r.usage(), r.model().map(str::to_string), *r.skips(), firsts)
+    }
+
+    pub(crate) const ANTHROPIC_SSE: &str = concat!(
+        "event: message_start\n",
+        "data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_01\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"model\":\"claude-sonnet-4-5\",\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"input_tokens\":25,\"cache_creation_input_tokens\":100,\"cache_read_input_tokens\":2000,\"output_tokens\":1}}}\n\n",
+        "event: content_block_start\n",
+        "data: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+        "event: ping\n",
+        "data: {\"type\": \"ping\"}\n\n",
+        "event: content_block_delta\n",
+        "data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"\\\"usage\\\": {\\\"output_tokens\\\": 999}\"}}\n\n",
+        "event: content_block_stop\n",
+        "data: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+        "event: message_delta\n",
+        "data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":15}}\n\n",
+        "event: message_stop\n",
+        "data: {\"type\":\"message_stop\"}\n\n",
+    );
+
+    pub(crate) const RESPONSES_SSE: &str = concat!(
+        "event: response.created\n",
+        "data: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"created_at\":1741290958,\"status\":\"in_progress\",\"model\":\"gpt-4.1-2025-04-14\",\"output\":[],\"usage\":null}}\n\n",
+        "event: response.output_text.delta\n",
+        "data: {\"type\":\"response.output_text.delta\",\"sequence_number\":4,\"item_id\":\"msg_1\",\"output_index\":0,\"content_index\":0,\"delta\":\"Hi \\\"usage\\\"\"}\n\n",
+        "event: response.completed\n",
+        "data: {\"type\":\"response.completed\",\"sequence_number\":9,\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"completed\",\"model\":\"gpt-4.1-2025-04-14\",\"output\":[{\"type\":\"message\",\"content\":[{\"type\":\"output_text\",\"text\":\"Hi\",\"annotations\":[]}]}],\"usage\":{\"input_tokens\":37,\"input_tokens_details\":{\"cached_tokens\":12},\"output_tokens\":11,\"output_tokens_details\":{\"reasoning_tokens\":4},\"total_tokens\":48}}}\n\n",
+    );
+
+    pub(crate) const GEMINI_SSE: &str = concat!(
+        "data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"Hel\"}],\"role\":\"model\"},\"index\":0}],\"usageMetadata\":{\"promptTokenCount\":9,\"candidatesTokenCount\":1,\"totalTokenCount\":10},\"modelVersion\":\"gemini-2.5-flash\",\"responseId\":\"r1\"}\r\n\r\n",
+        "data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"lo\"}],\"role\":\"model\"},\"finishReason\":\"STOP\",\"index\":0}],\"usageMetadata\":{\"promptTokenCount\":9,\"candidatesTokenCount\":12,\"thoughtsTokenCount\":30,\"cachedContentTokenCount\":4,\"totalTokenCount\":51},\"modelVersion\":\"gemini-2.5-flash\",\"responseId\":\"r1\"}\r\n\r\n",
+    );
+
+    fn scan_format(usage_format: UsageFormat, body: &str) {
+        let want = match usage_format {
+            UsageFormat::Anthropic => (
+                Usage { input: 2125, output: 15, cached_input: 2000, reasoning: 0, cache_creation_input: 100 },
+                "claude-sonnet-4-5",
+            ),
+            UsageFormat::OpenAiResponses => (
+                Usage { input: 37, output: 11, cached_input: 12, reasoning: 4, cache_creation_input: 0 },
+                "gpt-4.1-2025-04-14",
+            ),
+            UsageFormat::Gemini => (
+                Usage { input: 9, output: 42, cached_input: 4, reasoning: 30, cache_creation_input: 0 },
+                "gemini-2.5-flash",
+            ),
+            UsageFormat::OpenAiChat => unreachable!(),
+        };
+        let body = body.as_bytes();
+        for i in 0..=body.len() {
+            let (a, b) = body.split_at(i);
+            let mut r = ResponseScanner::new(BodyFormat::Sse, usage_format);
+            let firsts = usize::from(r.feed(a)) + usize::from(r.feed(b));
+            r.finish();
+            assert_eq!(r.usage(), Some(want.0), "{usage_format:?} split at {i}");
+            assert_eq!(r.model(), Some(want.1), "{usage_format:?} split at {i}");
+            assert_eq!(*r.skips(), Skips::default());
+            assert_eq!(firsts, 1);
+        }
+        // Byte by byte, too.
+        let mut r = ResponseScanner::new(BodyFormat::Sse, usage_format);
+        for b in body {
+            r.feed(std::slice::from_ref(b));
+        }
+        r.finish();
+        assert_eq!(r.usage(), Some(want.0));
+    }
+
+    #[test]
+    fn anthropic_responses_and_gemini_streams_at_every_split() {
+        scan_format(UsageFormat::Anthropic, ANTHROPIC_SSE);
+        scan_format(UsageFormat::OpenAiResponses, RESPONSES_SSE);
+        scan_format(UsageFormat::Gemini, GEMINI_SSE);
+    }
+
+    #[test]
+    fn non_streaming_anthropic_responses_and_gemini() {
+        let cases: [(UsageFormat, &str, Usage); 3] = [
+            (
+                UsageFormat::Anthropic,
+                r#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-3-5-haiku","content":[{"type":"text","text":"{\"usage\":{\"input_tokens\":5}}"}],"stop_reason":"end_turn","usage":{"input_tokens":10,"cache_creation_input_tokens":0,"cache_read_input_tokens":5,"output_tokens":20}}"#,
+                Usage { input: 15, output: 20, cached_input: 5, reasoning: 0, cache_creation_input: 0 },
+            ),
+            (
+                UsageFormat::OpenAiResponses,
+                r#"{"id":"resp_1","object":"response","status":"completed","model":"o4-mini","output":[],"usage":{"input_tokens":5,"input_tokens_details":{"cached_tokens":0},"output_tokens":9,"output_tokens_details":{"reasoning_tokens":6},"total_tokens":14}}"#,
+                Usage { input: 5, output: 9, cached_input: 0, reasoning: 6, cache_creation_input: 0 },
+            ),
+            (
+                UsageFormat::Gemini,
+                r#"{"candidates":[{"content":{"parts":[{"text":"hi"}],"role":"model"},"finishReason":"STOP"}],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":2,"totalTokenCount":5},"modelVersion":"gemini-2.0-flash"}"#,
+                Usage { input: 3, output: 2, ..Usage::default() },
+            ),
+        ];
+        for (format, body, want) in cases {
+            let mut r = ResponseScanner::new(BodyFormat::Json, format);
+            r.feed(body.as_bytes());
+            r.finish();
+            assert_eq!(r.usage(), Some(want), "{format:?}");
+        }
+    }
+
+    #[test]
+    fn json_body_usage_and_model_at_every_split() {
+        let body = CHAT_JSON.as_bytes();
+        let want = Some(Usage { input: 19, output: 10, cached_input: 3, reasoning: 2, cache_creation_input: 0 });
+        for i in 0..=body.len() {
+            let (a, b) = body.split_at(i);
+            let (usage, model, skips, firsts) = scan(BodyFormat::Json, &[a, b]);
+            assert_eq!(usage, want, "split at {i}");
+            assert_eq!(model.as_deref(), Some("gpt-4o-2024-08-06"));
+            assert_eq!(skips, Skips::default());
+            assert_eq!(firsts, 0);
+        }
+    }
+
+    #[test]
+    fn sse_usage_at_every_split_and_first_data_once() {
+        let body = CHAT_SSE.as_bytes();
+        let want = Some(Usage { input: 7, output: 2, cached_input: 0, reasoning: 0, cache_creation_input: 0 });
+        for i in 0..=body.len() {
+            let (a, b) = body.split_at(i);
+            let (usage, _, skips, firsts) = scan(BodyFormat::Sse, &[a, b]);
+            assert_eq!(usage, want, "split at {i}");
+            assert_eq!(skips, Skips::default(), "split at {i}");
+            assert_eq!(firsts, 1, "split at {i}");
+        }
+        let bytes: Vec<&[u8]> = body.chunks(1).collect();
+        assert_eq!(scan(BodyFormat::Sse, &bytes).0, want);
+    }
+
+    #[test]
+    fn skips_are_counted() {
+        let (_, _, s, _) = scan(BodyFormat::Json, &[b"<html>oops</html>"]);
+        assert_eq!(s.count(Skip::BodyMalformed), 1);
+        let (u, _, s, _) = scan(BodyFormat::Json, &[br#"{"usage":{"prompt_tokens":-5}}"#]);
+        assert_eq!((u, s.count(Skip::UsageInvalid)), (None, 1));
+        let big = format!(r#"{{"usage":{{"prompt_tokens":1,"pad":"{}"}}}}"#, "x".repeat(MAX_USAGE_BYTES));
+        let (u, _, s, _) = scan(BodyFormat::Json, &[big.as_bytes()]);
+        assert_eq!((u, s.count(Skip::UsageTooLarge)), (None, 1));
+        let (_, m, s, _) = scan(BodyFormat::Json, &[br#"{"model":42}"#]);
+        assert_eq!((m, s.count(Skip::ModelInvalid)), (None, 1));
+    }
+
+    #[test]
+    fn stream_without_final_blank_line_still_counts() {
+        let body = "data: {\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":1}}";
+        assert_eq!(scan(BodyFormat::Sse, &[body.as_bytes()]).0.map(|u| u.input), Some(4));
+    }
+
+    #[test]
+    fn carry_stays_bounded_on_a_huge_stream() {
+        let mut r = ResponseScanner::new(BodyFormat::Sse, UsageFormat::OpenAiChat);
+        let event = CHAT_SSE
+            .as_bytes()
+            .get(
+                ..CHAT_SSE
+                    .find(
+                        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o\",\"choices\":[]",
+                    )
+                    .unwrap(),
+            )
+            .unwrap();
+        let mut max = 0;
+        for _ in 0..2000 {
+            for piece in event.chunks(37) {
+                r.feed(piece);
+                max = max.max(r.carry_len());
+            }
+        }
+        assert!(max < 256, "carry {max}");
+    }
+
+    #[test]
+    fn request_model_last_wins_and_invalid_is_skipped() {
+        let mut r = RequestScanner::default();
+        let body = br#"{"model":"a","messages":[{"role":"user","content":"\"model\":\"x\""}],"model":"gpt-4o"}"#;
+        for c in body.chunks(3) {
+            r.feed(c);
+        }
+        assert_eq!(r.model(), Some("gpt-4o"));
+        let mut r = RequestScanner::default();
+        r.feed(br#"{"model":["x"]}"#);
+        assert_eq!((r.model(), r.skips().count(Skip::ModelInvalid)), (None, 1));
+    }
+
+    #[test]
+    fn request_output_caps_are_read_at_top_level_only() {
+        let body =
+            br#"{"messages":[{"content":"\"max_tokens\": 5","max_tokens":7}],"max_completion_tokens":300,"model":"m"}"#;
+        for split in 1..body.len() {
+            let mut r = RequestScanner::default();
+            let (a, b) = body.split_at(split);
+            r.feed(a);
+            r.feed(b);
+            assert_eq!((r.max_output_tokens(), r.model(), r.bytes()), (Some(300), Some("m"), body.len() as u64));
+        }
+        for (body, want) in [
+            (&br#"{"max_tokens":null}"#[..], None),
+            (br#"{"max_tokens":-1}"#, None),
+            (br#"{"max_tokens":1e3}"#, None),
+            (br#"{"max_output_tokens":64}"#, Some(64)),
+        ] {
+            let mut r = RequestScanner::default();
+            r.feed(body);
+            assert_eq!(r.max_output_tokens(), want);
+        }
+    }
+
+    #[test]
+    fn content_types() {
+        assert_eq!(BodyFormat::from_content_type(b"text/event-stream; charset=utf-8"), BodyFormat::Sse);
+        assert_eq!(BodyFormat::from_content_type(b"Text/Event-Stream"), BodyFormat::Sse);
+        assert_eq!(BodyFormat::from_content_type(b"application/json"), BodyFormat::Json);
+        assert_eq!(BodyFormat::from_content_type(b""), BodyFormat::Json);
+    }
+}

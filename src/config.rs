@@ -1,0 +1,544 @@
+//! Filter configuration: the JSON given as the wasm filter's `configuration` in `envoy.yaml`.
+//!
+//! Parsing is strict: unknown fields and out-of-range values are errors whose message starts with
+//! the path of the offending field (`metrics.max_models: …`). The filter returns `false` from
+//! `on_configure` on any error, so Envoy refuses the configuration instead of running with a
+//! half-understood one.
+
+mod limits;
+
+pub use limits::{
+    FailureMode, KeySource, Limit, LimitsConfig, Rule, TokenEstimate, TokenType, Window, DEFAULT_MAX_LIMIT_KEYS,
+};
+
+use crate::pricing::{Price, Pricing};
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+
+/// Default for `metrics.prefix`.
+pub const DEFAULT_PREFIX: &str = "llm";
+/// Default for `metrics.max_models`.
+pub const DEFAULT_MAX_MODELS: usize = 100;
+/// Default for `metrics.max_apps`.
+pub const DEFAULT_MAX_APPS: usize = 50;
+/// Upper bound for `max_models` / `max_apps` and allowlist length: every label value is a set of
+/// stats that lives until Envoy exits.
+pub const MAX_LABEL_VALUES: usize = 10_000;
+/// Default for `request.model_lookahead_bytes`: enough for the model of nearly every request,
+/// far below Envoy's default 1 MiB `per_connection_buffer_limit_bytes`.
+pub const DEFAULT_MODEL_LOOKAHEAD_BYTES: usize = 64 * 1024;
+/// Upper bound for `request.model_lookahead_bytes`.
+pub const MAX_MODEL_LOOKAHEAD_BYTES: usize = 16 * 1024 * 1024;
+/// Upper bound on a price, USD per 1M tokens (catches unit mistakes such as per-token prices).
+const MAX_PRICE: f64 = 1_000_000.0;
+
+/// Headers that carry credentials: their values must never become label values.
+const SECRET_HEADERS: &[&str] = &["authorization", "proxy-authorization", "x-api-key", "api-key", "cookie"];
+
+/// A configuration error, naming the field it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted path of the field (`metrics.prefix`), or `configuration` for the document itself.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError { field: field.into(), message: message.into() }
+}
+
+/// How model names become label values.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelLabels {
+    /// Only these request model names get their own label; every other model is `other`.
+    Allowlist(HashSet<String>),
+    /// The first `n` distinct models seen get their own label; later ones are `other`.
+    FirstSeen(usize),
+}
+
+/// Validated `metrics` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricsConfig {
+    /// Prefix of every metric name (`llm` gives `llm_requests_total`).
+    pub prefix: String,
+    /// How the `model` label is bounded.
+    pub models: ModelLabels,
+    /// Lower-cased request header whose value becomes the `app` label.
+    pub app_header: Option<String>,
+    /// Bound on distinct `app` label values.
+    pub max_apps: usize,
+}
+
+/// Response headers that carry usage (`usage_headers`), the fallback when a body has none.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageHeaders {
+    /// Input tokens header.
+    pub input: Option<String>,
+    /// Output tokens header.
+    pub output: Option<String>,
+    /// Cached input tokens header.
+    pub cached_input: Option<String>,
+    /// Reasoning tokens header.
+    pub reasoning: Option<String>,
+    /// Cache-creation input tokens header.
+    pub cache_creation_input: Option<String>,
+}
+
+impl UsageHeaders {
+    /// True when no header is configured.
+    pub fn is_empty(&self) -> bool {
+        *self == UsageHeaders::default()
+    }
+}
+
+/// Validated `request` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestConfig {
+    /// Request headers are held back until the model is found in at most this many body bytes
+    /// (Envoy buffers them meanwhile); 0 forwards headers at once.
+    pub model_lookahead_bytes: usize,
+}
+
+/// The validated filter configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Metric naming and label bounds.
+    pub metrics: MetricsConfig,
+    /// How requests are read.
+    pub request: RequestConfig,
+    /// Model prices, for `cost_microusd_total` and USD limits.
+    pub pricing: Pricing,
+    /// Rate limits and budgets.
+    pub limits: LimitsConfig,
+    /// Response headers that carry usage.
+    pub usage_headers: UsageHeaders,
+    /// Add `stream_options.include_usage` to streaming chat/completions requests that lack it.
+    pub inject_stream_usage: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            metrics: MetricsConfig {
+                prefix: DEFAULT_PREFIX.to_string(),
+                models: ModelLabels::FirstSeen(DEFAULT_MAX_MODELS),
+                app_header: None,
+                max_apps: DEFAULT_MAX_APPS,
+            },
+            request: RequestConfig { model_lookahead_bytes: DEFAULT_MODEL_LOOKAHEAD_BYTES },
+            pricing: Pricing::default(),
+            limits: LimitsConfig::default(),
+            usage_headers: UsageHeaders::default(),
+            inject_stream_usage: true,
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    metrics: RawMetrics,
+    #[serde(default)]
+    request: RawRequest,
+    #[serde(default)]
+    pricing: BTreeMap<String, RawPrice>,
+    #[serde(default)]
+    limits: Vec<limits::RawRule>,
+    max_input_tokens: Option<u64>,
+    failure_mode: Option<FailureMode>,
+    max_limit_keys: Option<u64>,
+    token_estimate: Option<limits::RawEstimate>,
+    usage_headers: Option<UsageHeaders>,
+    inject_stream_usage: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    prefix: Option<String>,
+    models: Option<Vec<String>>,
+    max_models: Option<u64>,
+    app_header: Option<String>,
+    max_apps: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRequest {
+    model_lookahead_bytes: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrice {
+    input: f64,
+    output: f64,
+    cached_input: Option<f64>,
+    cache_creation_input: Option<f64>,
+}
+
+impl Config {
+    /// Parses and validates the filter configuration. Empty (or whitespace-only) input gives the
+    /// defaults, so the filter works with no `configuration` at all.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self::default());
+        }
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| err("configuration", format!("invalid JSON: {e}")))?;
+        require_objects(&value)?;
+        let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path == "." || path.is_empty() { "configuration".to_string() } else { path };
+            err(field, e.into_inner().to_string())
+        })?;
+        Ok(Self {
+            metrics: validate_metrics(raw.metrics)?,
+            request: validate_request(raw.request)?,
+            pricing: validate_pricing(raw.pricing)?,
+            limits: limits::validate(limits::RawLimits {
+                rules: raw.limits,
+                max_input_tokens: raw.max_input_tokens,
+                failure_mode: raw.failure_mode,
+                max_limit_keys: raw.max_limit_keys,
+                token_estimate: raw.token_estimate,
+            })?,
+            usage_headers: validate_usage_headers(raw.usage_headers.unwrap_or_default())?,
+            inject_stream_usage: raw.inject_stream_usage.unwrap_or(true),
+        })
+    }
+}
+
+/// Serde's derived structs also accept JSON arrays (fields by position); the configuration must
+/// use objects wherever the schema has one, so `[]` or `"metrics": ["x"]` are rejected.
+fn require_objects(value: &serde_json::Value) -> Result<(), ConfigError> {
+    let root = value.as_object().ok_or_else(|| err("configuration", "must be a JSON object"))?;
+    if let Some(m) = root.get("metrics") {
+        if !m.is_object() {
+            return Err(err("metrics", "must be an object"));
+        }
+    }
+    if let Some(r) = root.get("request") {
+        if !r.is_object() {
+            return Err(err("request", "must be an object"));
+        }
+    }
+    if let Some(u) = root.get("usage_headers") {
+        if !u.is_object() {
+            return Err(err("usage_headers", "must be an object"));
+        }
+    }
+    if let Some(t) = root.get("token_estimate") {
+        if !t.is_object() {
+            return Err(err("token_estimate", "must be an object"));
+        }
+    }
+    if let Some(l) = root.get("limits") {
+        let l = l.as_array().ok_or_else(|| err("limits", "must be an array of rules"))?;
+        for (i, rule) in l.iter().enumerate() {
+            if !rule.is_object() {
+                return Err(err(format!("limits[{i}]"), "must be an object"));
+            }
+        }
+    }
+    if let Some(p) = root.get("pricing") {
+        let p = p.as_object().ok_or_else(|| err("pricing", "must be an object mapping model names to prices"))?;
+        for (model, price) in p {
+            if !price.is_object() {
+                return Err(err(format!("pricing.{model}"), "must be an object {\"input\": …, \"output\": …}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate_metrics(raw: RawMetrics) -> Result<MetricsConfig, ConfigError> {
+    let prefix = raw.prefix.unwrap_or_else(|| DEFAULT_PREFIX.to_string());
+    let valid_prefix = prefix.len() <= 64
+        && prefix.bytes().next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !valid_prefix {
+        return Err(err("metrics.prefix", "must match [a-zA-Z_][a-zA-Z0-9_]* and be at most 64 characters"));
+    }
+
+    let models = match (raw.models, raw.max_models) {
+        (Some(_), Some(_)) => {
+            return Err(err(
+                "metrics.max_models",
+                "cannot be combined with metrics.models (the allowlist is the bound)",
+            ))
+        }
+        (Some(list), None) => {
+            if list.len() > MAX_LABEL_VALUES {
+                return Err(err("metrics.models", format!("at most {MAX_LABEL_VALUES} entries")));
+            }
+            let mut set = HashSet::new();
+            for (i, m) in list.into_iter().enumerate() {
+                if m.is_empty() || m.len() > 256 {
+                    return Err(err(format!("metrics.models[{i}]"), "must be 1 to 256 characters"));
+                }
+                if m == crate::labels::OTHER || m == crate::labels::UNKNOWN {
+                    return Err(err(
+                        format!("metrics.models[{i}]"),
+                        format!("\"{m}\" is reserved for overflow/absent models"),
+                    ));
+                }
+                set.insert(m);
+            }
+            ModelLabels::Allowlist(set)
+        }
+        (None, max) => ModelLabels::FirstSeen(bounded("metrics.max_models", max, DEFAULT_MAX_MODELS)?),
+    };
+
+    let app_header = match raw.app_header {
+        None => None,
+        Some(h) => {
+            let h = h.to_ascii_lowercase();
+            let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+            let name = h.strip_prefix(':').unwrap_or(&h);
+            if name.is_empty() || h.len() > 256 || !name.bytes().all(token) {
+                return Err(err("metrics.app_header", "must be a valid HTTP header name"));
+            }
+            if SECRET_HEADERS.contains(&h.as_str()) {
+                return Err(err(
+                    "metrics.app_header",
+                    format!("\"{h}\" carries credentials and would expose them as a metric label"),
+                ));
+            }
+            Some(h)
+        }
+    };
+    if app_header.is_none() && raw.max_apps.is_some() {
+        return Err(err("metrics.max_apps", "requires metrics.app_header"));
+    }
+    let max_apps = bounded("metrics.max_apps", raw.max_apps, DEFAULT_MAX_APPS)?;
+    Ok(MetricsConfig { prefix, models, app_header, max_apps })
+}
+
+fn validate_request(raw: RawRequest) -> Result<RequestConfig, ConfigError> {
+    let model_lookahead_bytes = match raw.model_lookahead_bytes {
+        None => DEFAULT_MODEL_LOOKAHEAD_BYTES,
+        Some(v) if v <= MAX_MODEL_LOOKAHEAD_BYTES as u64 => v as usize,
+        Some(_) => {
+            return Err(err(
+                "request.model_lookahead_bytes",
+                format!("must be at most {MAX_MODEL_LOOKAHEAD_BYTES} (and below Envoy's buffer limit)"),
+            ))
+        }
+    };
+    Ok(RequestConfig { model_lookahead_bytes })
+}
+
+fn valid_header_name(h: &str) -> bool {
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    !h.is_empty() && h.len() <= 256 && h.bytes().all(token)
+}
+
+fn validate_usage_headers(raw: UsageHeaders) -> Result<UsageHeaders, ConfigError> {
+    let check = |field: &str, v: Option<String>| -> Result<Option<String>, ConfigError> {
+        match v.map(|h| h.to_ascii_lowercase()) {
+            Some(h) if !valid_header_name(&h) => {
+                Err(err(format!("usage_headers.{field}"), "must be a valid HTTP header name"))
+            }
+            v => Ok(v),
+        }
+    };
+    Ok(UsageHeaders {
+        input: check("input", raw.input)?,
+        output: check("output", raw.output)?,
+        cached_input: check("cached_input", raw.cached_input)?,
+        reasoning: check("reasoning", raw.reasoning)?,
+        cache_creation_input: check("cache_creation_input", raw.cache_creation_input)?,
+    })
+}
+
+fn bounded(field: &str, value: Option<u64>, default: usize) -> Result<usize, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) if v >= 1 && v <= MAX_LABEL_VALUES as u64 => Ok(v as usize),
+        Some(_) => Err(err(field, format!("must be between 1 and {MAX_LABEL_VALUES}"))),
+    }
+}
+
+fn validate_pricing(raw: BTreeMap<String, RawPrice>) -> Result<Pricing, ConfigError> {
+    let mut pricing = Pricing::default();
+    for (model, p) in raw {
+        if model.is_empty() {
+            return Err(err("pricing", "model name must not be empty"));
+        }
+        let check = |name: &str, v: f64| {
+            if v.is_finite() && (0.0..=MAX_PRICE).contains(&v) {
+                Ok(v)
+            } else {
+                Err(err(
+                    format!("pricing.{model}.{name}"),
+                    format!("must be a USD price per 1M tokens between 0 and {MAX_PRICE}"),
+                ))
+            }
+        };
+        let input = check("input", p.input)?;
+        let output = check("output", p.output)?;
+        let cached_input = check("cached_input", p.cached_input.unwrap_or(input))?;
+        let cache_creation = check("cache_creation_input", p.cache_creation_input.unwrap_or(input))?;
+        pricing.insert(&model, Price::per_million_with_cache_writes(input, output, cached_input, cache_creation));
+    }
+    Ok(pricing)
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    use super::*;
+
+    fn parse_err(json: &str) -> String {
+        match Config::parse(json.as_bytes()) {
+            Ok(c) => format!("unexpectedly valid: {c:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn empty_configuration_gives_defaults() {
+        assert_eq!(Config::parse(b"").ok(), Some(Config::default()));
+        assert_eq!(Config::parse(b" \n").ok(), Some(Config::default()));
+        assert_eq!(Config::parse(b"{}").ok(), Some(Config::default()));
+    }
+
+    #[test]
+    fn full_configuration_parses() {
+        let c = Config::parse(
+            br#"{"metrics":{"prefix":"ai","models":["gpt-4o","gpt-4o-mini"],"app_header":"X-App-Id","max_apps":3},
+                "pricing":{"gpt-4o":{"input":2.5,"output":10,"cached_input":1.25}}}"#,
+        );
+        let c = match c {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(c.metrics.prefix, "ai");
+        assert_eq!(c.metrics.app_header.as_deref(), Some("x-app-id"));
+        assert_eq!(c.metrics.max_apps, 3);
+        match &c.metrics.models {
+            ModelLabels::Allowlist(s) => assert!(s.contains("gpt-4o") && s.len() == 2),
+            other => panic!("{other:?}"),
+        }
+        assert!(c.pricing.get("gpt-4o").is_some());
+        assert_eq!(c.request.model_lookahead_bytes, DEFAULT_MODEL_LOOKAHEAD_BYTES);
+        let c = Config::parse(br#"{"request":{"model_lookahead_bytes":0}}"#).map_err(|e| e.to_string());
+        assert_eq!(c.map(|c| c.request.model_lookahead_bytes), Ok(0));
+    }
+
+    fn expect_err(json: &str, prefix: &str) {
+        let msg = parse_err(json);
+        assert!(msg.starts_with(prefix), "{json}: got {msg:?}, want prefix {prefix:?}");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        expect_err(
+            r#"{"metric":{}}"#,
+            "metric: unknown field `metric`, expected one of `metrics`, `request`, `pricing`, `limits`",
+        );
+        expect_err(r#"{"request":{"model_lookahead_bytes":-1}}"#, "request.model_lookahead_bytes: invalid value");
+        expect_err(r#"{"request":{"model_lookahead_bytes":99999999}}"#, "request.model_lookahead_bytes: must be");
+        expect_err(r#"{"request":{"lookahead":1}}"#, "request.lookahead: unknown field");
+        expect_err(r#"{"request":[]}"#, "request: must be an object");
+        expect_err(r#"{"metrics":{"prefx":"a"}}"#, "metrics.prefx: unknown field `prefx`");
+        expect_err(r#"{"metrics":{"prefix":"9x"}}"#, "metrics.prefix:");
+        expect_err(r#"{"metrics":{"prefix":"a-b"}}"#, "metrics.prefix:");
+        expect_err(r#"{"metrics":{"max_models":0}}"#, "metrics.max_models:");
+        expect_err(r#"{"metrics":{"max_models":"10"}}"#, "metrics.max_models: invalid type");
+        expect_err(r#"{"metrics":{"max_models":10,"models":["a"]}}"#, "metrics.max_models:");
+        expect_err(r#"{"metrics":{"models":["a",""]}}"#, "metrics.models[1]:");
+        expect_err(r#"{"metrics":{"models":["other"]}}"#, "metrics.models[0]:");
+        expect_err(r#"{"metrics":{"app_header":"Authorization"}}"#, "metrics.app_header:");
+        expect_err(r#"{"metrics":{"app_header":"bad header"}}"#, "metrics.app_header:");
+        expect_err(r#"{"metrics":{"max_apps":5}}"#, "metrics.max_apps: requires");
+        expect_err(r#"{"pricing":{"m":{"input":-1,"output":1}}}"#, "pricing.m.input:");
+        expect_err(r#"{"pricing":{"m":{"input":1}}}"#, "pricing.m: missing field `output`");
+        expect_err(r#"{"pricing":{"m":{"input":1,"output":1,"cache":1}}}"#, "pricing.m.cache: unknown field `cache`");
+        expect_err("not json", "configuration:");
+        expect_err("[]", "configuration: must be a JSON object");
+        expect_err(r#"{"metrics":["x"]}"#, "metrics: must be an object");
+        expect_err(r#"{"pricing":{"m":[1,2]}}"#, "pricing.m: must be an object");
+    }
+
+    #[test]
+    fn limits_parse() {
+        let c = Config::parse(
+            br#"{"limits":[
+                {"name":"rpm","key":"header:Authorization","requests_per_minute":100},
+                {"name":"tpm-4o","key":"global","models":["gpt-4o"],"per_model":true,"tokens_per_minute":1000,"token_type":"output"},
+                {"name":"usd","key":"ip","usd_per_day":2.5},
+                {"name":"conc","key":"header:x-api-key","max_concurrent":3}],
+              "max_input_tokens":8000,"failure_mode":"deny","max_limit_keys":50,
+              "token_estimate":{"bytes_per_token":3,"max_output_tokens":100}}"#,
+        )
+        .unwrap();
+        let l = &c.limits;
+        assert!(l.is_active());
+        assert_eq!(l.rules.len(), 4);
+        assert_eq!(l.rules[0].key, KeySource::Header("authorization".into()));
+        assert_eq!(l.rules[0].limit, Limit::Requests { per: Window::Minute, max: 100 });
+        assert_eq!(l.rules[1].limit, Limit::Tokens { per: Window::Minute, max: 1000, token_type: TokenType::Output });
+        assert!(l.rules[1].per_model && l.rules[1].models.as_ref().unwrap().contains("gpt-4o"));
+        assert_eq!(l.rules[2].key, KeySource::Ip);
+        assert_eq!(l.rules[2].limit, Limit::Usd { per: Window::Day, max_pico: 2_500_000_000_000 });
+        assert_eq!(l.rules[3].limit, Limit::Concurrent { max: 3 });
+        assert_eq!(l.max_input_tokens, Some(8000));
+        assert_eq!(l.failure_mode, FailureMode::Deny);
+        assert_eq!(l.max_keys, 50);
+        assert_eq!(l.estimate, TokenEstimate { bytes_per_token: 3, max_output_tokens: 100 });
+        let d = Config::parse(br#"{"limits":[{"name":"t","key":"global","tokens_per_hour":5}]}"#).unwrap();
+        assert_eq!(d.limits.rules[0].limit, Limit::Tokens { per: Window::Hour, max: 5, token_type: TokenType::Total });
+        assert_eq!(d.limits.failure_mode, FailureMode::Allow);
+        assert_eq!(d.limits.max_keys, DEFAULT_MAX_LIMIT_KEYS);
+        assert!(!Config::default().limits.is_active());
+    }
+
+    #[test]
+    fn limit_errors_name_the_field() {
+        let rule = |body: &str| format!(r#"{{"limits":[{{"name":"r","key":"global",{body}}}]}}"#);
+        expect_err(&rule(r#""requests_per_minute":0"#), "limits[0].requests_per_minute: must be at least 1");
+        expect_err(&rule(r#""requests_per_minute":1,"tokens_per_minute":2"#), "limits[0]: has both");
+        expect_err(&rule(r#""per_model":true"#), "limits[0]: needs one limit");
+        expect_err(&rule(r#""requests_per_minute":1,"token_type":"input""#), "limits[0].token_type: only applies");
+        expect_err(&rule(r#""tokens_per_minute":1,"token_type":"cached""#), "limits[0].token_type: unknown variant");
+        expect_err(&rule(r#""usd_per_hour":-1"#), "limits[0].usd_per_hour:");
+        expect_err(&rule(r#""requests_per_minute":1,"models":[]"#), "limits[0].models: must not be empty");
+        expect_err(&rule(r#""requests_per_minute":1,"burst":3"#), "limits[0].burst: unknown field");
+        expect_err(&rule(r#""requests_per_minute":-5"#), "limits[0].requests_per_minute: invalid value");
+        expect_err(r#"{"limits":[{"name":"a b","key":"global","max_concurrent":1}]}"#, "limits[0].name:");
+        expect_err(r#"{"limits":[{"name":"a","key":"user","max_concurrent":1}]}"#, "limits[0].key:");
+        expect_err(r#"{"limits":[{"name":"a","key":"header:","max_concurrent":1}]}"#, "limits[0].key:");
+        expect_err(r#"{"limits":[{"key":"global","max_concurrent":1}]}"#, "limits[0]: missing field `name`");
+        expect_err(
+            r#"{"limits":[{"name":"a","key":"global","max_concurrent":1},{"name":"a","key":"ip","max_concurrent":1}]}"#,
+            "limits[1].name:",
+        );
+        expect_err(r#"{"limits":{}}"#, "limits: must be an array");
+        expect_err(r#"{"limits":[1]}"#, "limits[0]: must be an object");
+        expect_err(r#"{"max_input_tokens":0}"#, "max_input_tokens: must be at least 1");
+        expect_err(r#"{"failure_mode":"open"}"#, "failure_mode: unknown variant");
+        expect_err(r#"{"max_limit_keys":0}"#, "max_limit_keys: must be between");
+        expect_err(r#"{"token_estimate":{"bytes_per_token":0}}"#, "token_estimate.bytes_per_token:");
+        expect_err(r#"{"token_estimate":[]}"#, "token_estimate: must be an object");
+        expect_err(r#"{"usage_headers":{"input":"bad header"}}"#, "usage_headers.input: must be");
+        expect_err(r#"{"usage_headers":{"prompt":"x"}}"#, "usage_headers.prompt: unknown field");
+        let c = Config::parse(br#"{"usage_headers":{"input":"X-Usage-Input-Tokens"}}"#).unwrap();
+        assert_eq!(c.usage_headers.input.as_deref(), Some("x-usage-input-tokens"));
+    }
+}

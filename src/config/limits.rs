@@ -1,0 +1,323 @@
+//! The rate-limit part of the configuration: `limits`, `max_input_tokens`, `failure_mode`,
+//! `max_limit_keys` and `token_estimate`.
+
+use super::{err, ConfigError};
+use serde::Deserialize;
+use std::collections::HashSet;
+
+/// Default for `max_limit_keys`.
+pub const DEFAULT_MAX_LIMIT_KEYS: usize = 10_000;
+/// Upper bound for `max_limit_keys` (each key is shared data Envoy never frees).
+pub const MAX_MAX_LIMIT_KEYS: usize = 1_000_000;
+/// Default for `token_estimate.bytes_per_token`.
+pub const DEFAULT_BYTES_PER_TOKEN: u64 = 4;
+/// Default for `token_estimate.max_output_tokens`.
+pub const DEFAULT_MAX_OUTPUT_ESTIMATE: u64 = 4096;
+/// Most rules a configuration may have (each is checked on every request).
+pub const MAX_RULES: usize = 64;
+
+/// Length of a fixed rate-limit window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    /// 1 s.
+    Second,
+    /// 60 s.
+    Minute,
+    /// 3600 s.
+    Hour,
+    /// 86400 s.
+    Day,
+}
+
+impl Window {
+    /// Length in seconds.
+    pub fn secs(self) -> u64 {
+        match self {
+            Window::Second => 1,
+            Window::Minute => 60,
+            Window::Hour => 3600,
+            Window::Day => 86_400,
+        }
+    }
+}
+
+/// Which tokens a token limit counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenType {
+    /// Input (prompt) tokens, cached included.
+    Input,
+    /// Output (completion) tokens, reasoning included.
+    Output,
+    /// Input + output.
+    Total,
+}
+
+/// What a rule limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// Admitted requests per window.
+    Requests { per: Window, max: u64 },
+    /// Tokens per window, reserved at request time and reconciled with the real usage.
+    Tokens { per: Window, max: u64, token_type: TokenType },
+    /// Cost per window, in pico-USD (from `pricing`), reserved and reconciled like tokens.
+    Usd { per: Window, max_pico: u64 },
+    /// Requests in flight at once.
+    Concurrent { max: u64 },
+}
+
+/// Whose bucket a request is charged to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// One bucket for all requests.
+    Global,
+    /// One bucket per value of this (lower-cased) request header; the value is hashed.
+    Header(String),
+    /// One bucket per client IP (Envoy's `source.address`, without the port).
+    Ip,
+}
+
+/// One validated rule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    /// Unique name: the `rule` label, the `error.code` of rejections, part of shared-data keys.
+    pub name: String,
+    /// Bucket key.
+    pub key: KeySource,
+    /// Only requests for these models (as named in the request) are checked; `None`: all.
+    pub models: Option<HashSet<String>>,
+    /// A separate bucket per model.
+    pub per_model: bool,
+    /// The limit.
+    pub limit: Limit,
+}
+
+/// What to do when the limiter itself fails (shared data unavailable, contention beyond the
+/// retries, a key that cannot be determined).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureMode {
+    /// Let the request through (counted).
+    #[default]
+    Allow,
+    /// Reject it with a 503.
+    Deny,
+}
+
+/// How a request's tokens are estimated before the response says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenEstimate {
+    /// Input tokens = request body bytes / this (rounded up).
+    pub bytes_per_token: u64,
+    /// Cap on the output reservation taken from `max_tokens` / `max_completion_tokens`.
+    pub max_output_tokens: u64,
+}
+
+/// Validated rate-limit settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimitsConfig {
+    /// Rules, checked in order; a request must fit all that apply.
+    pub rules: Vec<Rule>,
+    /// Requests whose estimated input exceeds this are rejected with 413.
+    pub max_input_tokens: Option<u64>,
+    /// Behaviour on limiter failures.
+    pub failure_mode: FailureMode,
+    /// Distinct keys tracked per rule; later keys share an overflow bucket.
+    pub max_keys: usize,
+    /// Token estimation.
+    pub estimate: TokenEstimate,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            rules: Vec::new(),
+            max_input_tokens: None,
+            failure_mode: FailureMode::Allow,
+            max_keys: DEFAULT_MAX_LIMIT_KEYS,
+            estimate: TokenEstimate {
+                bytes_per_token: DEFAULT_BYTES_PER_TOKEN,
+                max_output_tokens: DEFAULT_MAX_OUTPUT_ESTIMATE,
+            },
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// True when requests must be checked before they are forwarded.
+    pub fn is_active(&self) -> bool {
+        !self.rules.is_empty() || self.max_input_tokens.is_some()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRule {
+    name: String,
+    key: String,
+    models: Option<Vec<String>>,
+    #[serde(default)]
+    per_model: bool,
+    requests_per_second: Option<u64>,
+    requests_per_minute: Option<u64>,
+    requests_per_hour: Option<u64>,
+    tokens_per_minute: Option<u64>,
+    tokens_per_hour: Option<u64>,
+    tokens_per_day: Option<u64>,
+    token_type: Option<TokenType>,
+    usd_per_hour: Option<f64>,
+    usd_per_day: Option<f64>,
+    max_concurrent: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEstimate {
+    bytes_per_token: Option<u64>,
+    max_output_tokens: Option<u64>,
+}
+
+/// The top-level fields this module validates.
+pub(super) struct RawLimits {
+    pub rules: Vec<RawRule>,
+    pub max_input_tokens: Option<u64>,
+    pub failure_mode: Option<FailureMode>,
+    pub max_limit_keys: Option<u64>,
+    pub token_estimate: Option<RawEstimate>,
+}
+
+pub(super) fn validate(raw: RawLimits) -> Result<LimitsConfig, ConfigError> {
+    if raw.rules.len() > MAX_RULES {
+        return Err(err("limits", format!("at most {MAX_RULES} rules")));
+    }
+    let mut names = HashSet::new();
+    let mut rules = Vec::with_capacity(raw.rules.len());
+    for (i, r) in raw.rules.into_iter().enumerate() {
+        let rule = validate_rule(i, r)?;
+        if !names.insert(rule.name.clone()) {
+            return Err(err(format!("limits[{i}].name"), format!("\"{}\" is used by another rule", rule.name)));
+        }
+        rules.push(rule);
+    }
+    let max_input_tokens = match raw.max_input_tokens {
+        Some(0) => return Err(err("max_input_tokens", "must be at least 1")),
+        v => v,
+    };
+    let max_keys = match raw.max_limit_keys {
+        None => DEFAULT_MAX_LIMIT_KEYS,
+        Some(v) if v >= 1 && v <= MAX_MAX_LIMIT_KEYS as u64 => v as usize,
+        Some(_) => return Err(err("max_limit_keys", format!("must be between 1 and {MAX_MAX_LIMIT_KEYS}"))),
+    };
+    let e = raw.token_estimate.unwrap_or_default();
+    let bytes_per_token = match e.bytes_per_token {
+        None => DEFAULT_BYTES_PER_TOKEN,
+        Some(v @ 1..=64) => v,
+        Some(_) => return Err(err("token_estimate.bytes_per_token", "must be between 1 and 64")),
+    };
+    let max_output_tokens = match e.max_output_tokens {
+        None => DEFAULT_MAX_OUTPUT_ESTIMATE,
+        Some(v @ 0..=10_000_000) => v,
+        Some(_) => return Err(err("token_estimate.max_output_tokens", "must be at most 10000000")),
+    };
+    Ok(LimitsConfig {
+        rules,
+        max_input_tokens,
+        failure_mode: raw.failure_mode.unwrap_or_default(),
+        max_keys,
+        estimate: TokenEstimate { bytes_per_token, max_output_tokens },
+    })
+}
+
+fn validate_rule(i: usize, r: RawRule) -> Result<Rule, ConfigError> {
+    let field = |name: &str| format!("limits[{i}].{name}");
+    let valid_name = !r.name.is_empty()
+        && r.name.len() <= 64
+        && r.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !valid_name {
+        return Err(err(field("name"), "must be 1 to 64 characters of [A-Za-z0-9_-]"));
+    }
+    let key = match r.key.as_str() {
+        "global" => KeySource::Global,
+        "ip" => KeySource::Ip,
+        other => match other.strip_prefix("header:") {
+            Some(h) => {
+                let h = h.to_ascii_lowercase();
+                let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+                if h.is_empty() || h.len() > 256 || !h.bytes().all(token) {
+                    return Err(err(field("key"), "header:<name> needs a valid HTTP header name"));
+                }
+                KeySource::Header(h)
+            }
+            None => return Err(err(field("key"), "must be \"global\", \"ip\" or \"header:<name>\"")),
+        },
+    };
+    // Credential headers are fine as keys (unlike labels): values are hashed, never kept.
+    let models = match r.models {
+        None => None,
+        Some(list) if list.is_empty() => {
+            return Err(err(field("models"), "must not be empty (omit it for all models)"))
+        }
+        Some(list) => {
+            if let Some(j) = list.iter().position(|m| m.is_empty() || m.len() > 256) {
+                return Err(err(format!("limits[{i}].models[{j}]"), "must be 1 to 256 characters"));
+            }
+            Some(list.into_iter().collect())
+        }
+    };
+
+    let mut limits: Vec<(&str, Limit)> = Vec::new();
+    let count = |v: Option<u64>,
+                 name: &'static str,
+                 make: &dyn Fn(u64) -> Limit|
+     -> Result<Option<(&'static str, Limit)>, ConfigError> {
+        match v {
+            None => Ok(None),
+            Some(0) => Err(err(field(name), "must be at least 1")),
+            Some(n) => Ok(Some((name, make(n)))),
+        }
+    };
+    let tt = r.token_type.unwrap_or(TokenType::Total);
+    let candidates = [
+        count(r.requests_per_second, "requests_per_second", &|max| Limit::Requests { per: Window::Second, max })?,
+        count(r.requests_per_minute, "requests_per_minute", &|max| Limit::Requests { per: Window::Minute, max })?,
+        count(r.requests_per_hour, "requests_per_hour", &|max| Limit::Requests { per: Window::Hour, max })?,
+        count(r.tokens_per_minute, "tokens_per_minute", &|max| Limit::Tokens {
+            per: Window::Minute,
+            max,
+            token_type: tt,
+        })?,
+        count(r.tokens_per_hour, "tokens_per_hour", &|max| Limit::Tokens { per: Window::Hour, max, token_type: tt })?,
+        count(r.tokens_per_day, "tokens_per_day", &|max| Limit::Tokens { per: Window::Day, max, token_type: tt })?,
+        usd(r.usd_per_hour, &field("usd_per_hour"), Window::Hour)?.map(|l| ("usd_per_hour", l)),
+        usd(r.usd_per_day, &field("usd_per_day"), Window::Day)?.map(|l| ("usd_per_day", l)),
+        count(r.max_concurrent, "max_concurrent", &|max| Limit::Concurrent { max })?,
+    ];
+    limits.extend(candidates.into_iter().flatten());
+    let limit = match limits.as_slice() {
+        [(_, limit)] => *limit,
+        [] => {
+            return Err(err(
+                format!("limits[{i}]"),
+                "needs one limit: requests_per_second|minute|hour, tokens_per_minute|hour|day, \
+                 usd_per_hour|day or max_concurrent",
+            ))
+        }
+        [(a, _), (b, _), ..] => {
+            return Err(err(format!("limits[{i}]"), format!("has both {a} and {b}; one limit per rule")))
+        }
+    };
+    if r.token_type.is_some() && !matches!(limit, Limit::Tokens { .. }) {
+        return Err(err(field("token_type"), "only applies to tokens_per_* limits"));
+    }
+    Ok(Rule { name: r.name, key, models, per_model: r.per_model, limit })
+}
+
+fn usd(v: Option<f64>, field: &str, per: Window) -> Result<Option<Limit>, ConfigError> {
+    match v {
+        None => Ok(None),
+        Some(usd) if usd.is_finite() && usd > 0.0 && usd <= 1e7 => {
+            Ok(Some(Limit::Usd { per, max_pico: (usd * 1e12).round() as u64 }))
+        }
+        Some(_) => Err(err(field, "must be a USD amount above 0 and at most 10000000")),
+    }
+}

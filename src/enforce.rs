@@ -1,0 +1,582 @@
+//! Applying the configured limits to one request: which rules apply, whose bucket each charges,
+//! what a request is estimated to cost, the rejection response, the `x-ratelimit-*` headers, and
+//! reconciliation with the real usage at the end.
+//!
+//! The bucket arithmetic is in [`crate::limiter`]; this module turns a request into charges.
+
+use crate::body::{Skip, Skips};
+use crate::config::{Config, FailureMode, KeySource, Limit, TokenType};
+use crate::labels::{sanitize, SharedStore};
+use crate::limiter::{Acquire, BucketKind, Charge, Held, Limiter};
+use crate::usage::Usage;
+use sha2::{Digest, Sha256};
+
+/// What the filter knows about a request when it decides.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestFacts<'a> {
+    /// The request's model, if found.
+    pub model: Option<&'a str>,
+    /// Body size in bytes (content-length, or bytes seen).
+    pub body_bytes: u64,
+    /// `max_tokens` / `max_completion_tokens` / `max_output_tokens`.
+    pub max_output: Option<u64>,
+}
+
+/// The parts of the host the limits need besides shared data.
+pub trait LimitHost: SharedStore {
+    /// A request header value.
+    fn request_header(&self, name: &str) -> Option<Vec<u8>>;
+    /// The client's address (Envoy's `source.address`, `ip:port`).
+    fn client_address(&self) -> Option<Vec<u8>>;
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> u64;
+}
+
+/// A local reply rejecting the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// HTTP status (429, 413 or 503).
+    pub status: u16,
+    /// The `rule` label: a rule name, `max_input_tokens` or `failure_mode`.
+    pub rule: String,
+    /// Response headers.
+    pub headers: Vec<(String, String)>,
+    /// OpenAI-style JSON error body.
+    pub body: String,
+}
+
+/// What happened besides the verdict, for the filter's counters.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Notes {
+    /// Rules whose key went to the overflow bucket.
+    pub overflowed: Vec<String>,
+    /// The limiter failed (store failure, undeterminable key) this many times.
+    pub failures: u32,
+    /// Skips (USD limit on an unpriced model).
+    pub skips: Skips,
+}
+
+/// An admitted request's charges, released at the end.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reservation {
+    held: Vec<Held>,
+    /// Token type of each held token bucket (`None` for other kinds), parallel to `held`.
+    meters: Vec<Meter>,
+    /// Response headers to add (`x-ratelimit-*`).
+    pub headers: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Meter {
+    None,
+    Tokens(TokenType),
+    Usd,
+}
+
+/// Outcome of [`check`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Forward the request; release the reservation when it ends.
+    Admit(Reservation),
+    /// Send this reply instead.
+    Reject(Rejection),
+}
+
+/// Estimated input tokens of a request body.
+pub fn estimate_input(config: &Config, body_bytes: u64) -> u64 {
+    body_bytes.div_ceil(config.limits.estimate.bytes_per_token.max(1))
+}
+
+/// Checks a request against `max_input_tokens` and every rule that applies, charging the rules'
+/// buckets if it fits.
+pub fn check<H: LimitHost>(host: &H, config: &Config, facts: RequestFacts<'_>) -> (Verdict, Notes) {
+    let mut notes = Notes::default();
+    let limits = &config.limits;
+    let input = estimate_input(config, facts.body_bytes);
+    if let Some(max) = limits.max_input_tokens {
+        if input > max {
+            let message = format!(
+                "This request is estimated at {input} input tokens, above this gateway's limit of {max} \
+                 (max_input_tokens). Shorten the messages."
+            );
+            let rejection = Rejection {
+                status: 413,
+                rule: "max_input_tokens".into(),
+                headers: vec![json_header()],
+                body: error_body(&message, "invalid_request_error", Some("messages"), "max_input_tokens"),
+            };
+            return (Verdict::Reject(rejection), notes);
+        }
+    }
+    let output = facts.max_output.unwrap_or(0).min(limits.estimate.max_output_tokens);
+    let estimate = Usage { input, output, ..Usage::default() };
+
+    let mut charges = Vec::new();
+    let mut meters = Vec::new();
+    for (i, rule) in limits.rules.iter().enumerate() {
+        if let Some(models) = &rule.models {
+            if !facts.model.is_some_and(|m| models.contains(m)) {
+                continue;
+            }
+        }
+        let (kind, max, amount, meter) = match rule.limit {
+            Limit::Requests { per, max } => {
+                (BucketKind::Requests { window_ms: per.secs() * 1000 }, max, 1, Meter::None)
+            }
+            Limit::Tokens { per, max, token_type } => (
+                BucketKind::Metered { window_ms: per.secs() * 1000 },
+                max,
+                tokens_of(&estimate, token_type),
+                Meter::Tokens(token_type),
+            ),
+            Limit::Usd { per, max_pico } => {
+                let price = facts.model.and_then(|m| config.pricing.get(m));
+                if price.is_none() {
+                    notes.skips.add(Skip::Unpriced);
+                }
+                let cost = price.map_or(0, |p| u64::try_from(p.cost_pico(&estimate)).unwrap_or(u64::MAX));
+                (BucketKind::Metered { window_ms: per.secs() * 1000 }, max_pico, cost, Meter::Usd)
+            }
+            Limit::Concurrent { max } => (BucketKind::Concurrent, max, 1, Meter::None),
+        };
+        let window_secs = match rule.limit {
+            Limit::Requests { per, .. } | Limit::Tokens { per, .. } | Limit::Usd { per, .. } => per.secs(),
+            Limit::Concurrent { .. } => 0,
+        };
+        let base = format!("llm_meter.{}.rl.{}.{window_secs}", config.metrics.prefix, rule.name);
+        let Some(mut id) = key_id(host, &rule.key) else {
+            notes.failures += 1;
+            return (on_failure(config, &rule.name), notes);
+        };
+        if rule.per_model {
+            id.push('.');
+            id.push_str(&facts.model.map_or_else(|| "unknown".to_string(), sanitize));
+        }
+        let key = if id == "global" {
+            format!("{base}.global")
+        } else {
+            let bucket = format!("{base}.{id}");
+            match Limiter::admit(host, &format!("{base}#keys"), &bucket, limits.max_keys as u64) {
+                Ok(true) => bucket,
+                Ok(false) => {
+                    notes.overflowed.push(rule.name.clone());
+                    format!("{base}#overflow")
+                }
+                Err(_) => {
+                    notes.failures += 1;
+                    return (on_failure(config, &rule.name), notes);
+                }
+            }
+        };
+        charges.push(Charge { rule: i, key, kind, max, amount });
+        meters.push(meter);
+    }
+
+    match Limiter::acquire(host, host.now_ms(), charges) {
+        Acquire::Admitted(held) => {
+            let headers = admitted_headers(config, &held);
+            (Verdict::Admit(Reservation { held, meters, headers }), notes)
+        }
+        Acquire::Rejected { charge, remaining, reset_ms } => match limits.rules.get(charge.rule) {
+            Some(rule) => (Verdict::Reject(rejection(rule, &charge, remaining, reset_ms)), notes),
+            None => (Verdict::Admit(Reservation::default()), notes),
+        },
+        Acquire::Failed { rule } => {
+            notes.failures += 1;
+            let name = limits.rules.get(rule).map_or("?", |r| r.name.as_str());
+            (on_failure(config, name), notes)
+        }
+    }
+}
+
+/// Releases a reservation when the exchange ends. `usage`: the real usage, if any was reported;
+/// `failed`: the request did not complete (error status, reset, client gone), so an unreported
+/// usage is taken as none. Returns the number of store failures.
+pub fn release<H: LimitHost>(
+    host: &H,
+    config: &Config,
+    model: Option<&str>,
+    r: &Reservation,
+    usage: Option<&Usage>,
+    failed: bool,
+) -> u32 {
+    let now = host.now_ms();
+    let mut failures = 0;
+    for (held, meter) in r.held.iter().zip(&r.meters) {
+        let actual = match (meter, usage) {
+            (Meter::None, _) => None,
+            (Meter::Tokens(t), Some(u)) => Some(tokens_of(u, *t)),
+            (Meter::Usd, Some(u)) => Some(
+                model
+                    .and_then(|m| config.pricing.get(m))
+                    .map_or(0, |p| u64::try_from(p.cost_pico(u)).unwrap_or(u64::MAX)),
+            ),
+            (_, None) if failed => Some(0),
+            (_, None) => None,
+        };
+        if Limiter::release(host, now, held, actual).is_err() {
+            failures += 1;
+        }
+    }
+    failures
+}
+
+fn tokens_of(u: &Usage, t: TokenType) -> u64 {
+    match t {
+        TokenType::Input => u.input,
+        TokenType::Output => u.output,
+        TokenType::Total => u.input.saturating_add(u.output),
+    }
+}
+
+/// The bucket id of a key: `global`, or a hash of the header value / client IP (never the raw
+/// value: API keys must not reach shared data, stats or logs). An absent header is its own
+/// bucket (`absent`). `None`: the key cannot be determined (no client address).
+fn key_id<H: LimitHost>(host: &H, key: &KeySource) -> Option<String> {
+    match key {
+        KeySource::Global => Some("global".into()),
+        KeySource::Header(name) => match host.request_header(name).filter(|v| !v.is_empty()) {
+            Some(value) => Some(hash_hex(&value)),
+            None => Some("absent".into()),
+        },
+        KeySource::Ip => {
+            let addr = host.client_address()?;
+            let ip = client_ip(&addr)?;
+            Some(hash_hex(ip.to_string().as_bytes()))
+        }
+    }
+}
+
+/// The IP of `ip:port`, `[v6]:port` or a bare address; `None` when the peer has no IP (a Unix
+/// socket listener reports a path).
+fn client_ip(addr: &[u8]) -> Option<std::net::IpAddr> {
+    let addr = std::str::from_utf8(addr).ok()?;
+    if let Ok(sock) = addr.parse::<std::net::SocketAddr>() {
+        return Some(sock.ip());
+    }
+    addr.parse().ok()
+}
+
+/// First 16 bytes of SHA-256, hex.
+fn hash_hex(value: &[u8]) -> String {
+    let digest = Sha256::digest(value);
+    digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
+
+fn on_failure(config: &Config, rule: &str) -> Verdict {
+    match config.limits.failure_mode {
+        FailureMode::Allow => Verdict::Admit(Reservation::default()),
+        FailureMode::Deny => Verdict::Reject(Rejection {
+            status: 503,
+            rule: "failure_mode".into(),
+            headers: vec![json_header(), ("retry-after".into(), "1".into())],
+            body: error_body(
+                &format!("The gateway's rate limiter could not check rule '{rule}'; try again shortly."),
+                "server_error",
+                None,
+                "rate_limiter_unavailable",
+            ),
+        }),
+    }
+}
+
+fn json_header() -> (String, String) {
+    ("content-type".into(), "application/json".into())
+}
+
+fn error_body(message: &str, kind: &str, param: Option<&str>, code: &str) -> String {
+    serde_json::json!({"error": {"message": message, "type": kind, "param": param, "code": code}}).to_string()
+}
+
+/// Which `x-ratelimit-*` family a limit reports in.
+fn family(limit: &Limit) -> Option<&'static str> {
+    match limit {
+        Limit::Requests { .. } => Some("requests"),
+        Limit::Tokens { .. } => Some("tokens"),
+        Limit::Usd { .. } | Limit::Concurrent { .. } => None,
+    }
+}
+
+fn describe(limit: &Limit) -> String {
+    let per = |w: crate::config::Window| match w.secs() {
+        1 => "second",
+        60 => "minute",
+        3600 => "hour",
+        _ => "day",
+    };
+    match limit {
+        Limit::Requests { per: w, max } => format!("{max} requests per {}", per(*w)),
+        Limit::Tokens { per: w, max, .. } => format!("{max} tokens per {}", per(*w)),
+        Limit::Usd { per: w, max_pico } => format!("{} USD per {}", *max_pico as f64 / 1e12, per(*w)),
+        Limit::Concurrent { max } => format!("{max} concurrent requests"),
+    }
+}
+
+fn rejection(rule: &crate::config::Rule, charge: &Charge, remaining: u64, reset_ms: u64) -> Rejection {
+    let retry_after = if charge.kind == BucketKind::Concurrent { 1 } else { reset_ms.div_ceil(1000).max(1) };
+    let mut headers = vec![json_header(), ("retry-after".into(), retry_after.to_string())];
+    if let Some(f) = family(&rule.limit) {
+        headers.push((format!("x-ratelimit-limit-{f}"), charge.max.to_string()));
+        headers.push((format!("x-ratelimit-remaining-{f}"), remaining.to_string()));
+        headers.push((format!("x-ratelimit-reset-{f}"), duration(reset_ms)));
+    }
+    let what = if matches!(rule.limit, Limit::Concurrent { .. }) {
+        format!("{} are in flight", charge.max)
+    } else if charge.amount > charge.max {
+        format!("this request alone needs {} of {}", charge.amount, charge.max)
+    } else {
+        format!("{remaining} left in this window, this request needs {}", charge.amount)
+    };
+    let message =
+        format!("Rate limit '{}' reached ({}): {what}. Retry after {retry_after} s.", rule.name, describe(&rule.limit));
+    Rejection {
+        status: 429,
+        rule: rule.name.clone(),
+        headers,
+        body: error_body(&message, "rate_limit_error", None, &rule.name),
+    }
+}
+
+/// `x-ratelimit-*` for an admitted request: per family, the rule closest to its limit.
+fn admitted_headers(config: &Config, held: &[Held]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for f in ["requests", "tokens"] {
+        let closest = held
+            .iter()
+            .filter(|h| config.limits.rules.get(h.charge.rule).and_then(|r| family(&r.limit)) == Some(f))
+            .min_by(|a, b| {
+                // remaining/max, compared without floats: a.rem * b.max vs b.rem * a.max.
+                (u128::from(a.remaining) * u128::from(b.charge.max))
+                    .cmp(&(u128::from(b.remaining) * u128::from(a.charge.max)))
+            });
+        if let Some(h) = closest {
+            out.push((format!("x-ratelimit-limit-{f}"), h.charge.max.to_string()));
+            out.push((format!("x-ratelimit-remaining-{f}"), h.remaining.to_string()));
+            out.push((format!("x-ratelimit-reset-{f}"), duration(h.reset_ms)));
+        }
+    }
+    out
+}
+
+/// A duration as OpenAI writes it in `x-ratelimit-reset-*`: `20ms`, `59s`, `6m0s`, `1h0m0s`.
+pub fn duration(ms: u64) -> String {
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let s = ms.div_ceil(1000);
+    match (s / 3600, s % 3600 / 60, s % 60) {
+        (0, 0, sec) => format!("{sec}s"),
+        (0, m, sec) => format!("{m}m{sec}s"),
+        (h, m, sec) => format!("{h}h{m}m{sec}s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    use super::*;
+    use crate::labels::tests::FakeStore;
+    use crate::labels::StoreError;
+    use std::collections::HashMap;
+
+    #[derive(Default)]
+    struct H {
+        store: FakeStore,
+        headers: HashMap<String, Vec<u8>>,
+        addr: Option<Vec<u8>>,
+        now: u64,
+    }
+
+    impl SharedStore for H {
+        fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+            self.store.get(key)
+        }
+        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+            self.store.set(key, value, cas)
+        }
+    }
+
+    impl LimitHost for H {
+        fn request_header(&self, name: &str) -> Option<Vec<u8>> {
+            self.headers.get(name).cloned()
+        }
+        fn client_address(&self) -> Option<Vec<u8>> {
+            self.addr.clone()
+        }
+        fn now_ms(&self) -> u64 {
+            self.now
+        }
+    }
+
+    fn config(json: &str) -> Config {
+        Config::parse(json.as_bytes()).unwrap()
+    }
+
+    fn facts(model: &str, body_bytes: u64, max_output: Option<u64>) -> RequestFacts<'_> {
+        RequestFacts { model: Some(model), body_bytes, max_output }
+    }
+
+    fn admit(v: (Verdict, Notes)) -> Reservation {
+        match v.0 {
+            Verdict::Admit(r) => r,
+            Verdict::Reject(r) => panic!("rejected: {r:?}"),
+        }
+    }
+
+    fn reject(v: (Verdict, Notes)) -> Rejection {
+        match v.0 {
+            Verdict::Reject(r) => r,
+            Verdict::Admit(r) => panic!("admitted: {r:?}"),
+        }
+    }
+
+    fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+        headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn requests_per_key_with_headers_and_a_precise_retry_after() {
+        let c = config(r#"{"limits":[{"name":"per-key","key":"header:authorization","requests_per_minute":2}]}"#);
+        let mut h = H { now: 60_000 * 100 + 12_500, ..H::default() };
+        h.headers.insert("authorization".into(), b"Bearer sk-secret-1".to_vec());
+        let r = admit(check(&h, &c, facts("m", 100, None)));
+        assert_eq!(header(&r.headers, "x-ratelimit-remaining-requests"), Some("1"));
+        assert_eq!(header(&r.headers, "x-ratelimit-limit-requests"), Some("2"));
+        assert_eq!(header(&r.headers, "x-ratelimit-reset-requests"), Some("48s"));
+        admit(check(&h, &c, facts("m", 100, None)));
+        let rej = reject(check(&h, &c, facts("m", 100, None)));
+        assert_eq!((rej.status, rej.rule.as_str()), (429, "per-key"));
+        assert_eq!(header(&rej.headers, "retry-after"), Some("48"));
+        assert_eq!(header(&rej.headers, "x-ratelimit-remaining-requests"), Some("0"));
+        let body: serde_json::Value = serde_json::from_str(&rej.body).unwrap();
+        assert_eq!(body["error"]["type"], "rate_limit_error");
+        assert_eq!(body["error"]["code"], "per-key");
+        // Another key has its own bucket; the raw key is nowhere in shared data.
+        h.headers.insert("authorization".into(), b"Bearer sk-secret-2".to_vec());
+        admit(check(&h, &c, facts("m", 100, None)));
+        for key in h.store.data.borrow().keys() {
+            assert!(!key.contains("secret"), "{key}");
+        }
+        // Without the header: the `absent` bucket.
+        h.headers.clear();
+        admit(check(&h, &c, facts("m", 100, None)));
+        assert!(h.store.data.borrow().keys().any(|k| k.ends_with(".absent")));
+    }
+
+    #[test]
+    fn tokens_are_estimated_reserved_and_reconciled() {
+        let c = config(
+            r#"{"limits":[{"name":"tpm","key":"global","tokens_per_minute":1000}],
+                "token_estimate":{"bytes_per_token":4,"max_output_tokens":500}}"#,
+        );
+        let h = H::default();
+        // 400 bytes -> 100 input tokens; max_tokens 2000 capped at 500.
+        let r = admit(check(&h, &c, facts("m", 400, Some(2000))));
+        assert_eq!(header(&r.headers, "x-ratelimit-remaining-tokens"), Some("400"));
+        // 600 reserved: a second identical request does not fit.
+        let rej = reject(check(&h, &c, facts("m", 400, Some(2000))));
+        assert_eq!(header(&rej.headers, "x-ratelimit-remaining-tokens"), Some("400"));
+        // Real usage 150: 450 given back.
+        let used = Usage { input: 100, output: 50, ..Usage::default() };
+        assert_eq!(release(&h, &c, Some("m"), &r, Some(&used), false), 0);
+        let r2 = admit(check(&h, &c, facts("m", 400, Some(2000))));
+        assert_eq!(header(&r2.headers, "x-ratelimit-remaining-tokens"), Some("250"));
+        // A failed request without usage releases its reservation.
+        assert_eq!(release(&h, &c, Some("m"), &r2, None, true), 0);
+        let r3 = admit(check(&h, &c, facts("m", 0, None)));
+        assert_eq!(header(&r3.headers, "x-ratelimit-remaining-tokens"), Some("850"));
+    }
+
+    #[test]
+    fn usd_budgets_use_pricing() {
+        let c = config(
+            r#"{"pricing":{"m":{"input":1000000,"output":0}},
+                "limits":[{"name":"usd","key":"global","usd_per_day":3}]}"#,
+        );
+        let h = H::default();
+        // 1 USD per input token: 8 bytes = 2 tokens = 2 USD.
+        let r = admit(check(&h, &c, facts("m", 8, None)));
+        assert!(r.headers.is_empty(), "USD limits have no x-ratelimit family");
+        let rej = reject(check(&h, &c, facts("m", 8, None)));
+        assert!(rej.body.contains("3 USD per day"), "{}", rej.body);
+        // Unpriced models are not charged, and say so.
+        let (v, notes) = check(&h, &c, facts("free", 8000, None));
+        assert!(matches!(v, Verdict::Admit(_)));
+        assert_eq!(notes.skips.count(Skip::Unpriced), 1);
+    }
+
+    #[test]
+    fn model_filters_and_per_model_buckets() {
+        let c = config(
+            r#"{"limits":[{"name":"big","key":"global","models":["gpt-4o"],"per_model":true,"requests_per_minute":1},
+                          {"name":"each","key":"global","per_model":true,"requests_per_minute":1}]}"#,
+        );
+        let h = H::default();
+        admit(check(&h, &c, facts("gpt-4o", 1, None)));
+        assert_eq!(reject(check(&h, &c, facts("gpt-4o", 1, None))).rule, "big");
+        admit(check(&h, &c, facts("mini", 1, None)));
+        assert_eq!(reject(check(&h, &c, facts("mini", 1, None))).rule, "each");
+    }
+
+    #[test]
+    fn concurrency_and_max_input_tokens() {
+        let c = config(r#"{"max_input_tokens":10,"limits":[{"name":"c","key":"ip","max_concurrent":1}]}"#);
+        let h = H { addr: Some(b"10.0.0.1:5555".to_vec()), ..H::default() };
+        let rej = reject(check(&h, &c, facts("m", 41, None)));
+        assert_eq!((rej.status, rej.rule.as_str()), (413, "max_input_tokens"));
+        assert!(rej.body.contains("invalid_request_error"));
+        let r = admit(check(&h, &c, facts("m", 40, None)));
+        let rej = reject(check(&h, &c, facts("m", 40, None)));
+        assert_eq!(header(&rej.headers, "retry-after"), Some("1"));
+        // Another port of the same client is the same key.
+        let h2 = H { addr: Some(b"10.0.0.1:6000".to_vec()), store: FakeStore::default(), ..H::default() };
+        h2.store.data.replace(h.store.data.borrow().clone());
+        reject(check(&h2, &c, facts("m", 40, None)));
+        release(&h, &c, Some("m"), &r, None, false);
+        admit(check(&h, &c, facts("m", 40, None)));
+    }
+
+    #[test]
+    fn failures_follow_failure_mode_and_keys_overflow() {
+        let allow = config(r#"{"limits":[{"name":"c","key":"ip","requests_per_minute":5}]}"#);
+        let deny = config(r#"{"failure_mode":"deny","limits":[{"name":"c","key":"ip","requests_per_minute":5}]}"#);
+        let h = H::default(); // no client address: the key cannot be determined
+        let (v, notes) = check(&h, &allow, facts("m", 1, None));
+        assert!(matches!(v, Verdict::Admit(_)));
+        assert_eq!(notes.failures, 1);
+        let rej = reject(check(&h, &deny, facts("m", 1, None)));
+        assert_eq!((rej.status, rej.rule.as_str()), (503, "failure_mode"));
+        let h = H { addr: Some(b"[::1]:80".to_vec()), ..H::default() };
+        h.store.broken.set(true);
+        assert_eq!(check(&h, &allow, facts("m", 1, None)).1.failures, 1);
+
+        let c = config(
+            r#"{"max_limit_keys":2,"limits":[{"name":"k","key":"header:x-api-key","requests_per_minute":1000}]}"#,
+        );
+        let mut h = H::default();
+        for i in 0..10 {
+            h.headers.insert("x-api-key".into(), format!("key-{i}").into_bytes());
+            let (_, notes) = check(&h, &c, facts("m", 1, None));
+            assert_eq!(notes.overflowed.len(), usize::from(i >= 2), "key {i}");
+        }
+        assert_eq!(h.store.data.borrow().len(), 4, "2 keys, the overflow bucket and the key count");
+    }
+
+    #[test]
+    fn addresses_and_durations() {
+        let ip = |s: &str| Some(s.parse::<std::net::IpAddr>().unwrap());
+        assert_eq!(client_ip(b"1.2.3.4:80"), ip("1.2.3.4"));
+        assert_eq!(client_ip(b"[2001:db8::1]:443"), ip("2001:db8::1"));
+        assert_eq!(client_ip(b"2001:db8::1"), ip("2001:db8::1"));
+        assert_eq!(client_ip(b"/tmp/envoy.sock"), None);
+        assert_eq!(client_ip(b""), None);
+        assert_eq!(client_ip(b"\xff"), None);
+        assert_eq!(duration(20), "20ms");
+        assert_eq!(duration(59_000), "59s");
+        assert_eq!(duration(58_001), "59s");
+        assert_eq!(duration(360_000), "6m0s");
+        assert_eq!(duration(3_600_000), "1h0m0s");
+    }
+}

@@ -1,0 +1,1253 @@
+//! One HTTP exchange through the filter, independent of proxy-wasm.
+//!
+//! [`Exchange`] receives the same events as a proxy-wasm `HttpContext` (request headers, request
+//! body chunks, response headers, response body chunks, log) and talks to Envoy only through the
+//! [`Host`] trait. The `wasm` module implements [`Host`] with hostcalls; the tests below
+//! implement it in memory, so the whole lifecycle, every metric included, is tested natively.
+//!
+//! The filter never changes traffic and delays it only to read the request's `model`: request
+//! headers are held until the model is found, bounded by `request.model_lookahead_bytes` (see
+//! [`Flow::Hold`] and [`crate::hold`]). Responses are never held. Every failure inside the
+//! filter is counted and ignored (fail-open).
+//!
+//! Accounting happens once, in [`Exchange::on_log`], which Envoy calls for every stream however
+//! it ended (completed, reset upstream, cancelled by the client). That is what keeps
+//! `active_requests` balanced and makes interrupted streams still count the usage seen so far.
+
+use crate::body::{BodyFormat, RequestScanner, ResponseScanner, Skip, Skips};
+use crate::classify::{classify, ErrorType};
+use crate::config::{Config, ModelLabels};
+use crate::decode::{Decoder, Encoding};
+use crate::enforce::{self, LimitHost, Rejection, RequestFacts, Reservation, Verdict};
+use crate::hold::HoldWatch;
+use crate::inject::{rewrite_request, UsageChunkStripper};
+use crate::labels::{sanitize, LabelSet, SharedStore, OTHER, UNKNOWN};
+use crate::metrics::{stat_name, Metric};
+use crate::operation::Operation;
+use crate::pricing::CostCarry;
+use crate::upstream::{usage_from_headers, RateLimits};
+use crate::usage::{Usage, UsageFormat};
+
+/// What the filter needs from Envoy. Header values are bytes: clients can send any bytes, and
+/// the filter must not fail on a value that is not UTF-8.
+pub trait Host: SharedStore {
+    /// A request header (`:path` included), if present.
+    fn request_header(&self, name: &str) -> Option<Vec<u8>>;
+    /// A response header (`:status` included), if present.
+    fn response_header(&self, name: &str) -> Option<Vec<u8>>;
+    /// Wall-clock time in nanoseconds.
+    fn now_nanos(&self) -> u64;
+    /// Envoy's `response.code` property (0 or `None` when no response was sent).
+    fn response_code(&self) -> Option<u16>;
+    /// Envoy's `response.flags` property.
+    fn response_flags(&self) -> Option<u64>;
+    /// Adds to a counter, defining it on first use (adding 0 only defines it).
+    fn counter_add(&mut self, name: &str, value: u64);
+    /// Adds to a gauge (negative to decrease), defining it on first use.
+    fn gauge_add(&mut self, name: &str, delta: i64);
+    /// Sets a gauge, defining it on first use.
+    fn gauge_set(&mut self, name: &str, value: u64);
+    /// Records a histogram value, defining the histogram on first use.
+    fn histogram_record(&mut self, name: &str, value: u64);
+    /// Logs a warning.
+    fn log_warn(&self, message: &str);
+    /// The client's address (`source.address`: `ip:port`).
+    fn client_address(&self) -> Option<Vec<u8>>;
+    /// Sends a local reply instead of forwarding the request.
+    fn send_response(&mut self, status: u16, headers: &[(String, String)], body: &[u8]);
+    /// Sets (replaces) a response header.
+    fn set_response_header(&mut self, name: &str, value: &str);
+    /// Removes a response header.
+    fn remove_response_header(&mut self, name: &str);
+    /// Sets (replaces) a request header; only effective while the request is held.
+    fn set_request_header(&mut self, name: &str, value: &str);
+    /// Removes a request header; only effective while the request is held.
+    fn remove_request_header(&mut self, name: &str);
+    /// The whole request body buffered so far (while the request is held).
+    fn request_body(&self) -> Option<Vec<u8>>;
+    /// Replaces the buffered request body (while the request is held).
+    fn set_request_body(&mut self, body: &[u8]);
+}
+
+/// A [`Host`] seen as the [`LimitHost`] the rate limits need.
+struct Limits<'a, H>(&'a H);
+
+impl<H: Host> SharedStore for Limits<'_, H> {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.0.get(key)
+    }
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), crate::labels::StoreError> {
+        self.0.set(key, value, cas)
+    }
+}
+
+impl<H: Host> LimitHost for Limits<'_, H> {
+    fn request_header(&self, name: &str) -> Option<Vec<u8>> {
+        self.0.request_header(name)
+    }
+    fn client_address(&self) -> Option<Vec<u8>> {
+        self.0.client_address()
+    }
+    fn now_ms(&self) -> u64 {
+        self.0.now_nanos() / 1_000_000
+    }
+}
+
+/// Internal failures the filter survived, for `meter_errors_total{kind}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InternalError {
+    /// The shared label registry could not be updated; the value was labelled `other`.
+    SharedData,
+    /// A proxy-wasm hostcall failed (counted by the glue).
+    Hostcall,
+    /// A held request saw no body in time and was released (see [`crate::hold`]).
+    HoldStalled,
+    /// The rate limiter could not check or release a request (see `failure_mode`).
+    RateLimit,
+}
+
+impl InternalError {
+    /// The `kind` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InternalError::SharedData => "shared_data",
+            InternalError::Hostcall => "hostcall",
+            InternalError::HoldStalled => "hold_stalled",
+            InternalError::RateLimit => "ratelimit",
+        }
+    }
+}
+
+/// How model names become `model` labels on this worker.
+#[derive(Debug)]
+enum ModelLabeler {
+    Allowlist(std::collections::HashSet<String>),
+    FirstSeen(LabelSet),
+}
+
+/// State shared by all exchanges of one Envoy worker (one wasm VM): configuration, this worker's
+/// view of the label registries, and the cost remainders.
+#[derive(Debug)]
+pub struct Worker {
+    config: Config,
+    models: ModelLabeler,
+    apps: Option<LabelSet>,
+    cost: CostCarry,
+    skips_logged: [u64; Skip::ALL.len()],
+    /// Held requests of this worker; driven by the glue, which knows context ids and timers.
+    pub holds: HoldWatch,
+    /// Rate-limiter failures on this worker, for log throttling.
+    limit_failures: u64,
+}
+
+impl Worker {
+    /// Worker state for a validated configuration.
+    pub fn new(config: Config) -> Self {
+        let prefix = &config.metrics.prefix;
+        let models = match &config.metrics.models {
+            ModelLabels::Allowlist(set) => ModelLabeler::Allowlist(set.clone()),
+            ModelLabels::FirstSeen(n) => {
+                ModelLabeler::FirstSeen(LabelSet::new(format!("llm_meter.{prefix}.models"), *n))
+            }
+        };
+        let apps = config
+            .metrics
+            .app_header
+            .as_ref()
+            .map(|_| LabelSet::new(format!("llm_meter.{prefix}.apps"), config.metrics.max_apps));
+        Self {
+            config,
+            models,
+            apps,
+            cost: CostCarry::default(),
+            skips_logged: [0; Skip::ALL.len()],
+            holds: HoldWatch::default(),
+            limit_failures: 0,
+        }
+    }
+
+    /// Creates the shared label registries if no worker has yet. Run at configuration time: a
+    /// registry that exists has a CAS token, so every later update is a real compare-and-swap
+    /// (proxy-wasm cannot express "create only if absent").
+    pub fn init_shared<H: Host>(&self, host: &mut H) {
+        let sets = [
+            match &self.models {
+                ModelLabeler::FirstSeen(set) => Some(set),
+                ModelLabeler::Allowlist(_) => None,
+            },
+            self.apps.as_ref(),
+        ];
+        for set in sets.into_iter().flatten() {
+            if !set.init(&*host) {
+                self.count_error(host, InternalError::SharedData);
+            }
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn name(&self, metric: Metric, values: &[&str]) -> String {
+        stat_name(&self.config.metrics.prefix, metric, values)
+    }
+
+    /// Counts an internal error.
+    pub fn count_error<H: Host>(&self, host: &mut H, error: InternalError) {
+        let name = self.name(Metric::MeterErrorsTotal, &[error.as_str()]);
+        host.counter_add(&name, 1);
+    }
+
+    fn model_label<H: Host>(&mut self, host: &mut H, model: Option<&str>) -> String {
+        let Some(model) = model else { return UNKNOWN.to_string() };
+        let resolved = match &mut self.models {
+            ModelLabeler::Allowlist(set) => {
+                return if set.contains(model) { sanitize(model) } else { OTHER.to_string() }
+            }
+            ModelLabeler::FirstSeen(set) => set.resolve(&*host, &sanitize(model)),
+        };
+        if resolved.store_failed {
+            self.count_error(host, InternalError::SharedData);
+        }
+        resolved.label
+    }
+
+    fn app_label<H: Host>(&mut self, host: &mut H) -> String {
+        let (Some(header), Some(apps)) = (self.config.metrics.app_header.as_deref(), self.apps.as_mut()) else {
+            return UNKNOWN.to_string();
+        };
+        let value = host.request_header(header).filter(|v| !v.is_empty());
+        let Some(value) = value else { return UNKNOWN.to_string() };
+        let resolved = apps.resolve(&*host, &sanitize(value));
+        if resolved.store_failed {
+            self.count_error(host, InternalError::SharedData);
+        }
+        resolved.label
+    }
+
+    /// Counts skips and logs them, each reason on its 1st, 2nd, 4th, 8th… occurrence on this
+    /// worker, so a flood of bad input cannot flood the log.
+    fn record_skips<H: Host>(&mut self, host: &mut H, skips: &Skips, model: &str) {
+        for (skip, n) in skips.iter() {
+            let name = self.name(Metric::MeterSkipsTotal, &[skip.as_str()]);
+            host.counter_add(&name, u64::from(n));
+            if let Some(seen) = self.skips_logged.get_mut(skip as usize) {
+                let before = *seen;
+                *seen = seen.saturating_add(u64::from(n));
+                // Log when the count reaches the next power of two above the previous count.
+                if before.saturating_add(1).checked_next_power_of_two().is_none_or(|p| *seen >= p) {
+                    host.log_warn(&format!(
+                        "llm-meter: skipped {} (model {model}); seen {} times",
+                        skip.as_str(),
+                        *seen
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// What the glue does with the request after a callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Forward what arrived.
+    Continue,
+    /// Hold the headers (and buffer the body so far) until the model is known: the model is
+    /// what per-model decisions and labels need, and upstream may fail before the body is read.
+    Hold,
+    /// The filter answered the request itself (a rejection); stop forwarding it.
+    Respond,
+}
+
+/// One HTTP exchange (request and its response).
+#[derive(Default)]
+pub struct Exchange {
+    operation: Option<Operation>,
+    /// The model named in the path (Gemini), if any; the body's `model` wins.
+    path_model: Option<String>,
+    /// Usage read from the configured response headers (`usage_headers`), the fallback when the
+    /// body reports none.
+    header_usage: Option<Usage>,
+    /// Body bytes scanned while holding the request; `None` when not holding.
+    held_bytes: Option<usize>,
+    started_nanos: u64,
+    request: RequestScanner,
+    app: String,
+    model_label: Option<String>,
+    active: Option<String>,
+    response: Option<ResponseScanner>,
+    response_skips: Skips,
+    status: u16,
+    first_data_nanos: Option<u64>,
+    response_end_nanos: Option<u64>,
+    finished: bool,
+    /// The limits were checked (or can no longer be: the response started).
+    limits_checked: bool,
+    /// Charges to release when the exchange ends.
+    reservation: Option<Reservation>,
+    /// The rule that rejected the request, when this filter answered it.
+    rejected_by: Option<String>,
+    /// Skips found while checking limits.
+    limit_skips: Skips,
+    /// Decodes a copy of a compressed response body for the scanner.
+    decoder: Option<Decoder>,
+    /// A streaming chat/completions request may need `include_usage` added: the body is held to
+    /// its end to decide (see [`crate::inject`]).
+    inject_pending: bool,
+    /// `include_usage` was added: the usage-only chunk is removed from the client's stream.
+    injected: bool,
+    stripper: Option<UsageChunkStripper>,
+}
+
+fn parse_u64(value: &[u8]) -> Option<u64> {
+    std::str::from_utf8(value).ok()?.trim().parse().ok()
+}
+
+fn parse_status(value: &[u8]) -> u16 {
+    std::str::from_utf8(value).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+}
+
+impl Exchange {
+    /// A new exchange; nothing happens until request headers arrive.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The request's model: the body's top-level `model`, else the one in the path.
+    fn request_model(&self) -> Option<&str> {
+        self.request.model().or(self.path_model.as_deref())
+    }
+
+    /// True when the request path is an LLM operation this filter meters.
+    pub fn is_metered(&self) -> bool {
+        self.operation.is_some()
+    }
+
+    /// True while request body chunks are still of use (the model is not final yet), or must be
+    /// stopped (the filter answered the request itself).
+    pub fn wants_request_body(&self) -> bool {
+        self.operation.is_some() && (self.active.is_none() || self.rejected_by.is_some()) && !self.finished
+    }
+
+    /// True when response body callbacks matter (end-of-stream time, scanning).
+    pub fn wants_response_body(&self) -> bool {
+        self.operation.is_some() && !self.finished
+    }
+
+    /// True when the response body bytes are scanned (a 2xx, uncompressed response).
+    pub fn scans_response(&self) -> bool {
+        self.response.is_some()
+    }
+
+    /// Request headers: decides whether the exchange is metered, starts its clock, and holds the
+    /// headers when a body with the model follows (see [`Flow::Hold`]).
+    pub fn on_request_headers<H: Host>(&mut self, host: &mut H, worker: &mut Worker, end_of_stream: bool) -> Flow {
+        let path = host.request_header(":path").unwrap_or_default();
+        self.operation = Operation::from_path(&path);
+        if self.operation.is_none() {
+            return Flow::Continue;
+        }
+        self.path_model = Operation::model_from_path(&path);
+        self.inject_pending = worker.config.inject_stream_usage
+            && matches!(self.operation, Some(Operation::Chat | Operation::Completion));
+        self.started_nanos = host.now_nanos();
+        self.app = worker.app_label(host);
+        if end_of_stream {
+            if let Some(flow) = self.check_limits(host, worker) {
+                return flow;
+            }
+            self.start_active(host, worker);
+            return Flow::Continue;
+        }
+        if worker.config.request.model_lookahead_bytes == 0 || !worker.holds.allows_hold() {
+            return Flow::Continue;
+        }
+        if self.path_model.is_some() && !worker.config.limits.is_active() && !self.inject_pending {
+            // The model is known already; nothing to wait for.
+            return Flow::Continue;
+        }
+        self.held_bytes = Some(0);
+        Flow::Hold
+    }
+
+    /// A request body chunk (only the bytes not seen before): scanned for the model, passed on
+    /// untouched. The request stays held until the model is found, the body ends, or
+    /// `request.model_lookahead_bytes` have been held; scanning goes on after that.
+    pub fn on_request_body<H: Host>(
+        &mut self,
+        host: &mut H,
+        worker: &mut Worker,
+        chunk: &[u8],
+        end_of_stream: bool,
+    ) -> Flow {
+        if self.rejected_by.is_some() {
+            // Envoy wants filters to keep stopping a stream they answered themselves.
+            return Flow::Respond;
+        }
+        if self.operation.is_none() || self.active.is_some() {
+            return self.release();
+        }
+        self.request.feed(chunk);
+        if end_of_stream {
+            if self.inject_pending {
+                self.inject_usage(host);
+            }
+            if let Some(flow) = self.check_limits(host, worker) {
+                return flow;
+            }
+            self.start_active(host, worker);
+            return self.release();
+        }
+        // With limits to check or `include_usage` to add, the whole body is read first (it sizes
+        // the token estimate and may name `max_tokens` or `stream` after the model), up to the
+        // lookahead.
+        let limits_pending = (worker.config.limits.is_active() && !self.limits_checked) || self.inject_pending;
+        let Some(held) = self.held_bytes.map(|h| h.saturating_add(chunk.len())) else { return Flow::Continue };
+        self.held_bytes = Some(held);
+        let enough = !limits_pending && self.request_model().is_some();
+        if !enough && held < worker.config.request.model_lookahead_bytes {
+            return Flow::Hold;
+        }
+        if self.inject_pending {
+            // Too large to hold whole: a stream that lacks `include_usage` stays unmetered.
+            self.inject_pending = false;
+            self.limit_skips.add(Skip::NotInjected);
+        }
+        if let Some(flow) = self.check_limits(host, worker) {
+            return flow;
+        }
+        self.release()
+    }
+
+    /// The whole request body is held: adds `stream_options.include_usage` if it is a streaming
+    /// request without it, and fixes `content-length`.
+    fn inject_usage<H: Host>(&mut self, host: &mut H) {
+        self.inject_pending = false;
+        if self.held_bytes.is_none() {
+            // Part of the body was forwarded already (the hold was released).
+            self.limit_skips.add(Skip::NotInjected);
+            return;
+        }
+        let Some(body) = host.request_body() else { return };
+        if let Ok(rewritten) = rewrite_request(&body) {
+            host.set_request_body(&rewritten);
+            if host.request_header("content-length").is_some() {
+                host.set_request_header("content-length", &rewritten.len().to_string());
+            }
+            // The usage chunk is cut from the stream, which needs it uncompressed.
+            host.remove_request_header("accept-encoding");
+            self.injected = true;
+        }
+    }
+
+    /// Checks the rate limits once, when the request is known as well as it will be before it is
+    /// forwarded. `Some(Flow::Respond)` when it was rejected (the reply is sent).
+    fn check_limits<H: Host>(&mut self, host: &mut H, worker: &mut Worker) -> Option<Flow> {
+        if self.limits_checked || !worker.config.limits.is_active() {
+            return None;
+        }
+        self.limits_checked = true;
+        let content_length = host
+            .request_header("content-length")
+            .and_then(|v| std::str::from_utf8(&v).ok().and_then(|s| s.trim().parse::<u64>().ok()))
+            .unwrap_or(0);
+        let facts = RequestFacts {
+            model: self.request_model(),
+            body_bytes: content_length.max(self.request.bytes()),
+            max_output: self.request.max_output_tokens(),
+        };
+        let (verdict, notes) = enforce::check(&Limits(&*host), &worker.config, facts);
+        for rule in &notes.overflowed {
+            let name = worker.name(Metric::RatelimitKeyOverflowTotal, &[rule]);
+            host.counter_add(&name, 1);
+        }
+        for _ in 0..notes.failures {
+            worker.count_error(host, InternalError::RateLimit);
+            worker.limit_failures = worker.limit_failures.saturating_add(1);
+            if worker.limit_failures.is_power_of_two() {
+                host.log_warn(&format!(
+                    "llm-meter: the rate limiter could not check a request ({} times on this worker); \
+                     failure_mode {:?} applied",
+                    worker.limit_failures, worker.config.limits.failure_mode
+                ));
+            }
+        }
+        self.limit_skips.merge(&notes.skips);
+        match verdict {
+            Verdict::Admit(reservation) => {
+                self.reservation = Some(reservation);
+                None
+            }
+            Verdict::Reject(rejection) => Some(self.reject(host, worker, rejection)),
+        }
+    }
+
+    fn reject<H: Host>(&mut self, host: &mut H, worker: &mut Worker, rejection: Rejection) -> Flow {
+        let label = worker.model_label(host, self.request_model());
+        host.counter_add(&worker.name(Metric::RatelimitRejectedTotal, &[&label, &rejection.rule]), 1);
+        host.send_response(rejection.status, &rejection.headers, rejection.body.as_bytes());
+        self.status = rejection.status;
+        self.model_label = Some(label);
+        self.rejected_by = Some(rejection.rule);
+        self.held_bytes = None;
+        Flow::Respond
+    }
+
+    fn release(&mut self) -> Flow {
+        self.held_bytes = None;
+        Flow::Continue
+    }
+
+    /// The glue released the request without the filter deciding to (a stalled hold, see
+    /// [`crate::hold`]): body chunks that follow are new bytes again, scanned but not held.
+    pub fn stop_holding(&mut self) {
+        self.held_bytes = None;
+    }
+
+    /// True while the request is held (the glue then reads only the newly buffered bytes).
+    pub fn is_holding(&self) -> bool {
+        self.held_bytes.is_some()
+    }
+
+    /// Response headers: picks how to read the body.
+    pub fn on_response_headers<H: Host>(&mut self, host: &mut H, worker: &mut Worker) {
+        if self.operation.is_none() || self.rejected_by.is_some() {
+            return;
+        }
+        // Too late for limits once the upstream answers (it may, before the body ended).
+        self.limits_checked = true;
+        // The upstream may answer before the request body ended (e.g. an early 4xx).
+        self.start_active(host, worker);
+        let label = self.model_label.clone().unwrap_or_else(|| UNKNOWN.to_string());
+        for (kind, quota) in RateLimits::from_headers(|n| host.response_header(n)).reported() {
+            for (metric, value) in
+                [(Metric::UpstreamRatelimitRemaining, quota.remaining), (Metric::UpstreamRatelimitLimit, quota.limit)]
+            {
+                if let Some(v) = value {
+                    host.gauge_set(&worker.name(metric, &[&label, kind.as_str()]), v);
+                }
+            }
+        }
+        if !worker.config.usage_headers.is_empty() {
+            match usage_from_headers(&worker.config.usage_headers, |n| host.response_header(n)) {
+                Ok(u) => self.header_usage = u,
+                Err(_) => self.response_skips.add(Skip::UsageInvalid),
+            }
+        }
+        if let Some(r) = &self.reservation {
+            for (name, value) in &r.headers {
+                // Keep the upstream's own limit headers when they are the tighter ones.
+                if name.starts_with("x-ratelimit-remaining-") {
+                    let theirs = host.response_header(name).and_then(|v| parse_u64(&v));
+                    if theirs.is_some_and(|t| value.parse::<u64>().is_ok_and(|ours| t < ours)) {
+                        continue;
+                    }
+                }
+                host.set_response_header(name, value);
+            }
+        }
+        self.status = host.response_header(":status").map_or(0, |s| parse_status(&s));
+        if !(200..300).contains(&self.status) {
+            return;
+        }
+        match Encoding::from_header(&host.response_header("content-encoding").unwrap_or_default()) {
+            Ok(None) => {}
+            // A copy is decoded for the scanners; the client gets the bytes as they are.
+            Ok(Some(encoding)) => self.decoder = Some(Decoder::new(encoding)),
+            Err(_) => {
+                self.response_skips.add(Skip::Compressed);
+                return;
+            }
+        }
+        let format = BodyFormat::from_content_type(&host.response_header("content-type").unwrap_or_default());
+        let usage_format = self.operation.map_or(UsageFormat::OpenAiChat, Operation::usage_format);
+        self.response = Some(ResponseScanner::new(format, usage_format));
+        if self.injected && format == BodyFormat::Sse && self.decoder.is_none() {
+            // The client did not ask for the usage chunk: it is cut from its stream, so the
+            // length changes.
+            host.remove_response_header("content-length");
+            self.stripper = Some(UsageChunkStripper::default());
+        }
+    }
+
+    /// A response body chunk: scanned for usage. Passed on untouched, except that a usage chunk
+    /// the filter asked for is cut out: then the bytes to forward instead are returned.
+    pub fn on_response_body<H: Host>(&mut self, host: &mut H, chunk: &[u8], end_of_stream: bool) -> Option<Vec<u8>> {
+        if let Some(scanner) = self.response.as_mut() {
+            let first_data = match self.decoder.as_mut() {
+                None => scanner.feed(chunk),
+                Some(decoder) => {
+                    let mut first = false;
+                    if decoder.feed(chunk, &mut |decoded| first |= scanner.feed(decoded)).is_err() {
+                        // Corrupt or beyond the size bound: stop reading this body.
+                        self.response_skips.add(Skip::Compressed);
+                        self.decoder = None;
+                        self.response = None;
+                    }
+                    first
+                }
+            };
+            if first_data && self.first_data_nanos.is_none() {
+                self.first_data_nanos = Some(host.now_nanos());
+            }
+        }
+        if end_of_stream && self.operation.is_some() {
+            self.response_end_nanos = Some(host.now_nanos());
+        }
+        let out = self.stripper.as_mut()?.process(chunk, end_of_stream);
+        (out != chunk).then_some(out)
+    }
+
+    /// True when response chunks may be rewritten (see [`Exchange::on_response_body`]).
+    pub fn rewrites_response(&self) -> bool {
+        self.stripper.is_some()
+    }
+
+    /// End of the stream, however it ended: records every metric of the exchange, once.
+    pub fn on_log<H: Host>(&mut self, host: &mut H, worker: &mut Worker) {
+        if self.operation.is_none() || self.finished {
+            return;
+        }
+        self.finished = true;
+        // First, so that a scrape that sees this request counted also sees it no longer active.
+        if let Some(active) = self.active.take() {
+            host.gauge_add(&active, -1);
+        }
+        let end = self.response_end_nanos.unwrap_or_else(|| host.now_nanos());
+        if let Some(r) = self.response.as_mut() {
+            r.finish();
+        }
+        let usage = self.response.as_ref().and_then(ResponseScanner::usage).or(self.header_usage);
+        let response_model = self.response.as_ref().and_then(|r| r.model().map(str::to_string));
+        let request_model = self.request_model().map(str::to_string);
+
+        let label = match (&self.model_label, &request_model) {
+            (Some(label), Some(_)) => label.clone(),
+            // No model in the request: fall back to the one the response names.
+            _ => worker.model_label(host, request_model.as_deref().or(response_model.as_deref())),
+        };
+        let status = host.response_code().filter(|&c| c != 0).unwrap_or(self.status);
+        let error = classify(status, host.response_flags().unwrap_or(0), self.rejected_by.is_some());
+        self.record(host, worker, &label, status, error, usage);
+
+        if let Some(reservation) = self.reservation.take() {
+            let failed = error != ErrorType::None;
+            let failures = enforce::release(
+                &Limits(&*host),
+                &worker.config,
+                request_model.as_deref(),
+                &reservation,
+                usage.as_ref(),
+                failed,
+            );
+            for _ in 0..failures {
+                worker.count_error(host, InternalError::RateLimit);
+            }
+        }
+
+        if let (Some(usage), Some(model)) = (usage, request_model.as_deref().or(response_model.as_deref())) {
+            let price = worker
+                .config
+                .pricing
+                .get(model)
+                .or_else(|| response_model.as_deref().and_then(|m| worker.config.pricing.get(m)));
+            if let Some(price) = price.copied() {
+                let name = worker.name(Metric::CostMicrousdTotal, &[&label, &self.app]);
+                let micro = worker.cost.add(&name, price.cost_pico(&usage));
+                host.counter_add(&name, micro);
+            }
+        }
+
+        let ms = |nanos: u64| nanos.saturating_sub(self.started_nanos) / 1_000_000;
+        host.histogram_record(&worker.name(Metric::RequestDurationMs, &[&label]), ms(end));
+        if let Some(first) = self.first_data_nanos {
+            host.histogram_record(&worker.name(Metric::TimeToFirstTokenMs, &[&label]), ms(first));
+        }
+
+        let mut skips = *self.request.skips();
+        skips.merge(&self.response_skips);
+        skips.merge(&self.limit_skips);
+        if let Some(r) = &self.response {
+            skips.merge(r.skips());
+        }
+        worker.record_skips(host, &skips, &label);
+    }
+
+    fn record<H: Host>(
+        &self,
+        host: &mut H,
+        worker: &Worker,
+        label: &str,
+        status: u16,
+        error: ErrorType,
+        usage: Option<Usage>,
+    ) {
+        let operation = self.operation.map_or(UNKNOWN, Operation::as_str);
+        let app = self.app.as_str();
+        let status_label = status.to_string();
+        host.counter_add(
+            &worker.name(Metric::RequestsTotal, &[label, app, operation, &status_label, error.as_str()]),
+            1,
+        );
+        match usage {
+            Some(u) => {
+                for (token_type, n) in [
+                    ("input", u.input),
+                    ("output", u.output),
+                    ("cached_input", u.cached_input),
+                    ("reasoning", u.reasoning),
+                    ("cache_creation_input", u.cache_creation_input),
+                ] {
+                    host.counter_add(&worker.name(Metric::TokensTotal, &[label, app, token_type]), n);
+                }
+                host.histogram_record(&worker.name(Metric::TokensPerRequest, &[label, "input"]), u.input);
+                host.histogram_record(&worker.name(Metric::TokensPerRequest, &[label, "output"]), u.output);
+            }
+            None if (200..300).contains(&status) => {
+                host.counter_add(&worker.name(Metric::UsageMissingTotal, &[label]), 1);
+            }
+            None => {}
+        }
+    }
+
+    /// The request is complete (or the response started): the model is as known as it will be
+    /// before the response, so the exchange becomes an active request under that model.
+    fn start_active<H: Host>(&mut self, host: &mut H, worker: &mut Worker) {
+        if self.active.is_some() || self.finished {
+            return;
+        }
+        let label = worker.model_label(host, self.request_model());
+        let name = worker.name(Metric::ActiveRequests, &[&label]);
+        host.gauge_add(&name, 1);
+        self.active = Some(name);
+        self.model_label = Some(label);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    use super::*;
+    use crate::body::tests::{CHAT_JSON, CHAT_SSE};
+    use crate::classify::flags;
+    use crate::labels::tests::FakeStore;
+    use crate::labels::StoreError;
+    use std::collections::{BTreeMap, HashMap};
+
+    /// A local reply: status, headers, body.
+    type Sent = (u16, Vec<(String, String)>, String);
+
+    /// An in-memory Envoy: headers, a settable clock and properties, and the stats it holds.
+    #[derive(Default)]
+    struct FakeHost {
+        store: FakeStore,
+        request_headers: HashMap<String, Vec<u8>>,
+        response_headers: HashMap<String, Vec<u8>>,
+        now: u64,
+        code: Option<u16>,
+        flags: Option<u64>,
+        counters: BTreeMap<String, u64>,
+        gauges: BTreeMap<String, i64>,
+        histograms: BTreeMap<String, Vec<u64>>,
+        warnings: std::cell::RefCell<Vec<String>>,
+        client_address: Option<Vec<u8>>,
+        sent: Option<Sent>,
+        request_body: Option<Vec<u8>>,
+    }
+
+    impl SharedStore for FakeHost {
+        fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+            self.store.get(key)
+        }
+        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+            self.store.set(key, value, cas)
+        }
+    }
+
+    impl Host for FakeHost {
+        fn request_header(&self, name: &str) -> Option<Vec<u8>> {
+            self.request_headers.get(name).cloned()
+        }
+        fn response_header(&self, name: &str) -> Option<Vec<u8>> {
+            self.response_headers.get(name).cloned()
+        }
+        fn now_nanos(&self) -> u64 {
+            self.now
+        }
+        fn response_code(&self) -> Option<u16> {
+            self.code
+        }
+        fn response_flags(&self) -> Option<u64> {
+            self.flags
+        }
+        fn counter_add(&mut self, name: &str, value: u64) {
+            *self.counters.entry(name.to_string()).or_default() += value;
+        }
+        fn gauge_add(&mut self, name: &str, delta: i64) {
+            *self.gauges.entry(name.to_string()).or_default() += delta;
+        }
+        fn gauge_set(&mut self, name: &str, value: u64) {
+            self.gauges.insert(name.to_string(), value as i64);
+        }
+        fn client_address(&self) -> Option<Vec<u8>> {
+            self.client_address.clone()
+        }
+        fn send_response(&mut self, status: u16, headers: &[(String, String)], body: &[u8]) {
+            self.sent = Some((status, headers.to_vec(), String::from_utf8_lossy(body).into_owned()));
+        }
+        fn set_response_header(&mut self, name: &str, value: &str) {
+            self.response_headers.insert(name.to_string(), value.as_bytes().to_vec());
+        }
+        fn remove_response_header(&mut self, name: &str) {
+            self.response_headers.remove(name);
+        }
+        fn set_request_header(&mut self, name: &str, value: &str) {
+            self.request_headers.insert(name.to_string(), value.as_bytes().to_vec());
+        }
+        fn remove_request_header(&mut self, name: &str) {
+            self.request_headers.remove(name);
+        }
+        fn request_body(&self) -> Option<Vec<u8>> {
+            self.request_body.clone()
+        }
+        fn set_request_body(&mut self, body: &[u8]) {
+            self.request_body = Some(body.to_vec());
+        }
+        fn histogram_record(&mut self, name: &str, value: u64) {
+            self.histograms.entry(name.to_string()).or_default().push(value);
+        }
+        fn log_warn(&self, message: &str) {
+            self.warnings.borrow_mut().push(message.to_string());
+        }
+    }
+
+    const MS: u64 = 1_000_000;
+
+    fn worker(json: &str) -> Worker {
+        Worker::new(Config::parse(json.as_bytes()).unwrap())
+    }
+
+    /// Runs one exchange: request headers + body, response headers, body chunks (advancing the
+    /// clock 10 ms before each), then on_log.
+    fn exchange(
+        host: &mut FakeHost,
+        w: &mut Worker,
+        path: &str,
+        req: &str,
+        status: u16,
+        ctype: &str,
+        chunks: &[&[u8]],
+    ) {
+        host.request_headers.insert(":path".into(), path.as_bytes().to_vec());
+        host.response_headers.insert(":status".into(), status.to_string().into_bytes());
+        host.response_headers.insert("content-type".into(), ctype.as_bytes().to_vec());
+        host.code = Some(status);
+        let mut x = Exchange::new();
+        x.on_request_headers(host, w, false);
+        x.on_request_body(host, w, req.as_bytes(), true);
+        host.now += 100 * MS;
+        x.on_response_headers(host, w);
+        for (i, c) in chunks.iter().enumerate() {
+            host.now += 10 * MS;
+            x.on_response_body(host, c, i + 1 == chunks.len());
+        }
+        x.on_log(host, w);
+        x.on_log(host, w); // idempotent
+    }
+
+    fn counter(host: &FakeHost, name: &str) -> u64 {
+        host.counters.get(name).copied().unwrap_or(0)
+    }
+
+    #[test]
+    fn limits_hold_the_whole_body_reject_with_a_local_reply_and_reconcile() {
+        let mut host = FakeHost { now: 1_000 * 60_000 * MS, ..FakeHost::default() };
+        let mut w = worker(
+            r#"{"limits":[{"name":"rpm","key":"global","requests_per_minute":1},
+                          {"name":"tpm","key":"global","tokens_per_minute":1000}]}"#,
+        );
+        host.request_headers.insert(":path".into(), b"/v1/chat/completions".to_vec());
+        host.response_headers.insert(":status".into(), b"200".to_vec());
+        host.response_headers.insert("content-type".into(), b"application/json".to_vec());
+        host.code = Some(200);
+
+        // The model is in the first chunk, but `max_tokens` may follow: held to the end.
+        let mut x = Exchange::new();
+        assert_eq!(x.on_request_headers(&mut host, &mut w, false), Flow::Hold);
+        assert_eq!(x.on_request_body(&mut host, &mut w, br#"{"model":"gpt-4o","#, false), Flow::Hold);
+        assert_eq!(x.on_request_body(&mut host, &mut w, br#""max_tokens":100}"#, true), Flow::Continue);
+        x.on_response_headers(&mut host, &mut w);
+        let h =
+            |host: &FakeHost, n: &str| host.response_headers.get(n).map(|v| String::from_utf8_lossy(v).into_owned());
+        assert_eq!(h(&host, "x-ratelimit-remaining-requests").as_deref(), Some("0"));
+        // 34 bytes -> 9 input tokens + 100 output reserved.
+        assert_eq!(h(&host, "x-ratelimit-remaining-tokens").as_deref(), Some("891"));
+        x.on_response_body(&mut host, CHAT_JSON.as_bytes(), true);
+        x.on_log(&mut host, &mut w);
+        // Reconciled to the real usage (19 input + 10 output).
+        let mut y = Exchange::new();
+        host.request_headers.insert(":path".into(), b"/v1/embeddings".to_vec());
+        y.on_request_headers(&mut host, &mut w, true);
+        assert_eq!(host.sent.as_ref().map(|s| s.0), Some(429), "the request rule is exhausted");
+        let (_, headers, body) = host.sent.clone().unwrap();
+        assert!(headers.contains(&("retry-after".to_string(), "60".to_string())), "{headers:?}");
+        assert!(body.contains("\"code\":\"rpm\""), "{body}");
+        host.code = Some(429);
+        y.on_log(&mut host, &mut w);
+        assert_eq!(counter(&host, "model=.=unknown;.;rule=.=rpm;.;llm_ratelimit_rejected_total"), 1);
+        assert_eq!(
+            counter(&host, "model=.=unknown;.;app=.=unknown;.;operation=.=embeddings;.;status=.=429;.;error_type=.=rate_limited;.;llm_requests_total"),
+            1
+        );
+        assert_eq!(
+            host.gauges.get("model=.=unknown;.;llm_active_requests"),
+            None,
+            "rejected requests never become active"
+        );
+        // The next window: the token bucket holds exactly the real usage.
+        host.now += 60_000 * MS;
+        host.sent = None;
+        let mut z = Exchange::new();
+        z.on_request_headers(&mut host, &mut w, true);
+        assert_eq!(host.sent, None);
+        host.response_headers.clear();
+        host.response_headers.insert(":status".into(), b"200".to_vec());
+        z.on_response_headers(&mut host, &mut w);
+        assert_eq!(h(&host, "x-ratelimit-remaining-tokens").as_deref(), Some("1000"));
+    }
+
+    #[test]
+    fn streaming_requests_get_include_usage_and_the_client_does_not_see_the_usage_chunk() {
+        let mut host = FakeHost::default();
+        let mut w = worker("{}");
+        host.request_headers.insert(":path".into(), b"/v1/chat/completions".to_vec());
+        let body = br#"{"model":"gpt-4o","stream":true,"messages":[]}"#;
+        host.request_headers.insert("content-length".into(), body.len().to_string().into_bytes());
+        host.request_body = Some(body.to_vec());
+        let mut x = Exchange::new();
+        assert_eq!(x.on_request_headers(&mut host, &mut w, false), Flow::Hold);
+        // The model is known after this chunk, but `stream` decides: held to the end.
+        assert_eq!(x.on_request_body(&mut host, &mut w, &body[..20], false), Flow::Hold);
+        assert_eq!(x.on_request_body(&mut host, &mut w, &body[20..], true), Flow::Continue);
+        let sent = host.request_body.clone().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&sent).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(host.request_headers["content-length"], sent.len().to_string().into_bytes());
+
+        host.response_headers.insert(":status".into(), b"200".to_vec());
+        host.response_headers.insert("content-type".into(), b"text/event-stream".to_vec());
+        host.code = Some(200);
+        x.on_response_headers(&mut host, &mut w);
+        assert!(x.rewrites_response());
+        let (a, b) = CHAT_SSE.as_bytes().split_at(CHAT_SSE.len() - 30);
+        let mut forwarded = x.on_response_body(&mut host, a, false).unwrap_or_else(|| a.to_vec());
+        forwarded.extend(x.on_response_body(&mut host, b, true).unwrap_or_else(|| b.to_vec()));
+        let forwarded = String::from_utf8(forwarded).unwrap();
+        assert!(!forwarded.contains("prompt_tokens"), "{forwarded}");
+        assert!(forwarded.ends_with("data: [DONE]\n\n"));
+        x.on_log(&mut host, &mut w);
+        assert_eq!(counter(&host, "model=.=gpt-4o;.;app=.=unknown;.;token_type=.=input;.;llm_tokens_total"), 7);
+
+        // A client that asked for usage gets its stream untouched; so does a non-streaming one.
+        for body in [
+            &br#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true}}"#[..],
+            br#"{"model":"gpt-4o"}"#,
+        ] {
+            host.request_body = Some(body.to_vec());
+            let mut x = Exchange::new();
+            x.on_request_headers(&mut host, &mut w, false);
+            x.on_request_body(&mut host, &mut w, body, true);
+            assert_eq!(host.request_body.as_deref(), Some(body));
+            x.on_response_headers(&mut host, &mut w);
+            assert!(!x.rewrites_response());
+            assert_eq!(x.on_response_body(&mut host, CHAT_SSE.as_bytes(), true), None);
+        }
+    }
+
+    #[test]
+    fn request_is_held_only_until_the_model_is_known() {
+        let mut host = FakeHost::default();
+        let mut w = worker(r#"{"inject_stream_usage":false}"#);
+        host.request_headers.insert(":path".into(), b"/v1/chat/completions".to_vec());
+        let active = "model=.=gpt-4o;.;llm_active_requests";
+
+        // The model arrives in the third chunk: held until then, then everything flows.
+        let mut x = Exchange::new();
+        assert_eq!(x.on_request_headers(&mut host, &mut w, false), Flow::Hold);
+        assert!(x.is_holding());
+        assert_eq!(x.on_request_body(&mut host, &mut w, br#"{"messages":[{"role":"user","#, false), Flow::Hold);
+        assert_eq!(x.on_request_body(&mut host, &mut w, br#""content":"hi"}],"mo"#, false), Flow::Hold);
+        assert_eq!(x.on_request_body(&mut host, &mut w, br#"del":"gpt-4o","#, false), Flow::Continue);
+        assert!(!x.is_holding());
+        assert_eq!(x.on_request_body(&mut host, &mut w, br#""stream":false"#, false), Flow::Continue);
+        assert_eq!(x.on_request_body(&mut host, &mut w, b"}", true), Flow::Continue);
+        assert_eq!(host.gauges.get(active), Some(&1));
+
+        // No model within the lookahead: released after it, the model still counts when found.
+        let mut w = worker(r#"{"inject_stream_usage":false,"request":{"model_lookahead_bytes":10}}"#);
+        let mut x = Exchange::new();
+        assert_eq!(x.on_request_headers(&mut host, &mut w, false), Flow::Hold);
+        assert_eq!(x.on_request_body(&mut host, &mut w, br#"{"messages":"#, false), Flow::Continue);
+        assert_eq!(x.on_request_body(&mut host, &mut w, br#"[],"model":"gpt-4o"}"#, true), Flow::Continue);
+        assert_eq!(host.gauges.get(active), Some(&2));
+
+        // Lookahead 0, bodiless requests and unmetered paths are never held.
+        let mut w0 = worker(r#"{"request":{"model_lookahead_bytes":0}}"#);
+        assert_eq!(Exchange::new().on_request_headers(&mut host, &mut w0, false), Flow::Continue);
+        assert_eq!(Exchange::new().on_request_headers(&mut host, &mut w, true), Flow::Continue);
+        host.request_headers.insert(":path".into(), b"/v1/models".to_vec());
+        let mut x = Exchange::new();
+        assert_eq!(x.on_request_headers(&mut host, &mut w, false), Flow::Continue);
+        assert_eq!(x.on_request_body(&mut host, &mut w, b"{}", true), Flow::Continue);
+    }
+
+    #[test]
+    fn non_streaming_chat_records_everything() {
+        let mut host = FakeHost::default();
+        let mut w = worker(r#"{"pricing":{"gpt-4o":{"input":2.5,"output":10,"cached_input":1.25}}}"#);
+        let (a, b) = CHAT_JSON.as_bytes().split_at(100);
+        exchange(
+            &mut host,
+            &mut w,
+            "/v1/chat/completions",
+            r#"{"model":"gpt-4o","messages":[]}"#,
+            200,
+            "application/json",
+            &[a, b],
+        );
+        assert_eq!(counter(&host, "model=.=gpt-4o;.;app=.=unknown;.;operation=.=chat;.;status=.=200;.;error_type=.=none;.;llm_requests_total"), 1);
+        assert_eq!(counter(&host, "model=.=gpt-4o;.;app=.=unknown;.;token_type=.=input;.;llm_tokens_total"), 19);
+        assert_eq!(counter(&host, "model=.=gpt-4o;.;app=.=unknown;.;token_type=.=output;.;llm_tokens_total"), 10);
+        assert_eq!(counter(&host, "model=.=gpt-4o;.;app=.=unknown;.;token_type=.=cached_input;.;llm_tokens_total"), 3);
+        assert_eq!(counter(&host, "model=.=gpt-4o;.;app=.=unknown;.;token_type=.=reasoning;.;llm_tokens_total"), 2);
+        // (19-3)×2.5 + 3×1.25 + 10×10 = 40 + 3.75 + 100 = 143.75 µUSD → 143, 0.75 carried.
+        assert_eq!(counter(&host, "model=.=gpt-4o;.;app=.=unknown;.;llm_cost_microusd_total"), 143);
+        assert_eq!(host.histograms["model=.=gpt-4o;.;llm_request_duration_ms"], vec![120]);
+        assert_eq!(host.histograms["model=.=gpt-4o;.;token_type=.=input;.;llm_tokens_per_request"], vec![19]);
+        assert!(!host.histograms.contains_key("model=.=gpt-4o;.;llm_time_to_first_token_ms"));
+        assert_eq!(host.gauges["model=.=gpt-4o;.;llm_active_requests"], 0);
+        // A second identical request: the carried 0.75 makes 287.5 → 287 in total.
+        exchange(
+            &mut host,
+            &mut w,
+            "/v1/chat/completions",
+            r#"{"model":"gpt-4o"}"#,
+            200,
+            "application/json",
+            &[CHAT_JSON.as_bytes()],
+        );
+        assert_eq!(counter(&host, "model=.=gpt-4o;.;app=.=unknown;.;llm_cost_microusd_total"), 287);
+    }
+
+    #[test]
+    fn streaming_records_ttft_and_usage() {
+        let mut host = FakeHost::default();
+        let mut w = worker("{}");
+        let chunks: Vec<&[u8]> = CHAT_SSE.as_bytes().chunks(50).collect();
+        exchange(
+            &mut host,
+            &mut w,
+            "/v1/chat/completions",
+            r#"{"model":"gpt-4o","stream":true}"#,
+            200,
+            "text/event-stream",
+            &chunks,
+        );
+        assert_eq!(counter(&host, "model=.=gpt-4o;.;app=.=unknown;.;token_type=.=input;.;llm_tokens_total"), 7);
+        assert_eq!(host.histograms["model=.=gpt-4o;.;llm_time_to_first_token_ms"], vec![110]);
+        assert_eq!(counter(&host, "model=.=gpt-4o;.;llm_usage_missing_total"), 0);
+    }
+
+    #[test]
+    fn upstream_errors_and_missing_usage() {
+        let mut host = FakeHost::default();
+        let mut w = worker("{}");
+        exchange(&mut host, &mut w, "/v1/chat/completions", r#"{"model":"m"}"#, 429, "application/json", &[b"{}"]);
+        exchange(&mut host, &mut w, "/v1/chat/completions", r#"{"model":"m"}"#, 500, "application/json", &[b"{}"]);
+        exchange(
+            &mut host,
+            &mut w,
+            "/v1/chat/completions",
+            r#"{"model":"m"}"#,
+            200,
+            "application/json",
+            &[br#"{"id":"x"}"#],
+        );
+        let req = |s: &str, e: &str| {
+            format!(
+                "model=.=m;.;app=.=unknown;.;operation=.=chat;.;status=.={s};.;error_type=.={e};.;llm_requests_total"
+            )
+        };
+        assert_eq!(counter(&host, &req("429", "upstream_rate_limit")), 1);
+        assert_eq!(counter(&host, &req("500", "server_error")), 1);
+        assert_eq!(counter(&host, &req("200", "none")), 1);
+        assert_eq!(counter(&host, "model=.=m;.;llm_usage_missing_total"), 1);
+        assert_eq!(host.gauges["model=.=m;.;llm_active_requests"], 0);
+    }
+
+    #[test]
+    fn client_cancel_mid_stream_keeps_partial_usage_and_balances_gauge() {
+        let mut host = FakeHost::default();
+        let mut w = worker("{}");
+        host.request_headers.insert(":path".into(), b"/v1/chat/completions".to_vec());
+        host.response_headers.insert(":status".into(), b"200".to_vec());
+        host.response_headers.insert("content-type".into(), b"text/event-stream".to_vec());
+        let mut x = Exchange::new();
+        x.on_request_headers(&mut host, &mut w, false);
+        x.on_request_body(&mut host, &mut w, br#"{"model":"m"}"#, true);
+        assert_eq!(host.gauges["model=.=m;.;llm_active_requests"], 1);
+        x.on_response_headers(&mut host, &mut w);
+        x.on_response_body(&mut host, CHAT_SSE.as_bytes().get(..40).unwrap(), false);
+        host.code = Some(200);
+        host.flags = Some(flags::DOWNSTREAM_REMOTE_RESET);
+        host.now += 5000 * MS;
+        x.on_log(&mut host, &mut w);
+        assert_eq!(counter(&host, "model=.=m;.;app=.=unknown;.;operation=.=chat;.;status=.=200;.;error_type=.=canceled;.;llm_requests_total"), 1);
+        assert_eq!(host.gauges["model=.=m;.;llm_active_requests"], 0);
+        assert_eq!(host.histograms["model=.=m;.;llm_request_duration_ms"], vec![5000]);
+    }
+
+    #[test]
+    fn request_without_body_end_and_no_response() {
+        // Upstream connect failure before the request body finished: no response headers at all.
+        let mut host = FakeHost::default();
+        let mut w = worker("{}");
+        host.request_headers.insert(":path".into(), b"/v1/embeddings".to_vec());
+        let mut x = Exchange::new();
+        x.on_request_headers(&mut host, &mut w, false);
+        x.on_request_body(&mut host, &mut w, br#"{"model":"e","inp"#, false);
+        host.code = Some(503);
+        host.flags = Some(flags::UPSTREAM_CONNECTION_FAILURE);
+        x.on_log(&mut host, &mut w);
+        assert_eq!(counter(&host, "model=.=e;.;app=.=unknown;.;operation=.=embeddings;.;status=.=503;.;error_type=.=network;.;llm_requests_total"), 1);
+        assert!(host.gauges.values().all(|&g| g == 0));
+    }
+
+    #[test]
+    fn unmetered_paths_record_nothing() {
+        let mut host = FakeHost::default();
+        let mut w = worker("{}");
+        exchange(&mut host, &mut w, "/v1/models", "", 200, "application/json", &[b"{}"]);
+        assert!(host.counters.is_empty() && host.gauges.is_empty() && host.histograms.is_empty());
+    }
+
+    #[test]
+    fn model_and_app_labels_are_bounded() {
+        let mut host = FakeHost::default();
+        let mut w = worker(r#"{"metrics":{"max_models":2,"app_header":"x-app","max_apps":1}}"#);
+        for (model, app) in [("a", "web"), ("b", "cli"), ("c\n\"", "web"), ("a", "batch")] {
+            host.request_headers.insert("x-app".into(), app.as_bytes().to_vec());
+            let req = serde_json::json!({ "model": model }).to_string();
+            exchange(&mut host, &mut w, "/v1/chat/completions", &req, 200, "application/json", &[CHAT_JSON.as_bytes()]);
+        }
+        let series: Vec<&String> = host.counters.keys().filter(|k| k.ends_with("llm_requests_total")).collect();
+        assert_eq!(
+            series,
+            vec![
+                "model=.=a;.;app=.=other;.;operation=.=chat;.;status=.=200;.;error_type=.=none;.;llm_requests_total",
+                "model=.=a;.;app=.=web;.;operation=.=chat;.;status=.=200;.;error_type=.=none;.;llm_requests_total",
+                "model=.=b;.;app=.=other;.;operation=.=chat;.;status=.=200;.;error_type=.=none;.;llm_requests_total",
+                "model=.=other;.;app=.=web;.;operation=.=chat;.;status=.=200;.;error_type=.=none;.;llm_requests_total",
+            ]
+        );
+    }
+
+    #[test]
+    fn allowlist_and_response_model_fallback() {
+        let mut host = FakeHost::default();
+        let mut w = worker(r#"{"metrics":{"models":["gpt-4o-2024-08-06"]}}"#);
+        // No model in the request: the response's model is used, and it is on the allowlist.
+        exchange(&mut host, &mut w, "/v1/chat/completions", "{}", 200, "application/json", &[CHAT_JSON.as_bytes()]);
+        exchange(
+            &mut host,
+            &mut w,
+            "/v1/chat/completions",
+            r#"{"model":"llama"}"#,
+            200,
+            "application/json",
+            &[CHAT_JSON.as_bytes()],
+        );
+        assert_eq!(
+            counter(&host, "model=.=gpt-4o-2024-08-06;.;app=.=unknown;.;token_type=.=input;.;llm_tokens_total"),
+            19
+        );
+        assert_eq!(counter(&host, "model=.=other;.;app=.=unknown;.;token_type=.=input;.;llm_tokens_total"), 19);
+    }
+
+    #[test]
+    fn skips_are_counted_and_logged_sparsely() {
+        let mut host = FakeHost::default();
+        let mut w = worker("{}");
+        for _ in 0..10 {
+            exchange(&mut host, &mut w, "/v1/completions", r#"{"model":"m"}"#, 200, "application/json", &[b"not json"]);
+        }
+        assert_eq!(counter(&host, "reason=.=body_malformed;.;llm_meter_skips_total"), 10);
+        assert_eq!(counter(&host, "model=.=m;.;llm_usage_missing_total"), 10);
+        // Logged at the 1st, 2nd, 4th and 8th occurrence.
+        assert_eq!(host.warnings.borrow().len(), 4);
+    }
+
+    #[test]
+    fn unsupported_or_corrupt_compressed_responses_are_counted_not_parsed() {
+        let mut host = FakeHost::default();
+        let mut w = worker("{}");
+        host.response_headers.insert("content-encoding".into(), b"zstd".to_vec());
+        exchange(
+            &mut host,
+            &mut w,
+            "/v1/chat/completions",
+            r#"{"model":"m"}"#,
+            200,
+            "application/json",
+            &[b"\x28\xb5"],
+        );
+        assert_eq!(counter(&host, "reason=.=compressed;.;llm_meter_skips_total"), 1);
+        host.response_headers.insert("content-encoding".into(), b"gzip".to_vec());
+        exchange(
+            &mut host,
+            &mut w,
+            "/v1/chat/completions",
+            r#"{"model":"m"}"#,
+            200,
+            "application/json",
+            &[b"\x1f\x8b\x09"],
+        );
+        assert_eq!(counter(&host, "reason=.=compressed;.;llm_meter_skips_total"), 2);
+    }
+
+    #[test]
+    fn compressed_responses_are_decoded_for_the_meter() {
+        use std::io::Write;
+        let mut host = FakeHost::default();
+        let mut w = worker("{}");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(CHAT_JSON.as_bytes()).unwrap();
+        let body = gz.finish().unwrap();
+        host.response_headers.insert("content-encoding".into(), b"gzip".to_vec());
+        let (a, b) = body.split_at(body.len() / 2);
+        exchange(&mut host, &mut w, "/v1/chat/completions", r#"{"model":"m"}"#, 200, "application/json", &[a, b]);
+        assert_eq!(counter(&host, "model=.=m;.;app=.=unknown;.;token_type=.=input;.;llm_tokens_total"), 19);
+        assert_eq!(counter(&host, "reason=.=compressed;.;llm_meter_skips_total"), 0);
+    }
+
+    #[test]
+    fn shared_data_failure_is_counted_and_labelled_other() {
+        let mut host = FakeHost::default();
+        host.store.broken.set(true);
+        let mut w = worker("{}");
+        exchange(
+            &mut host,
+            &mut w,
+            "/v1/chat/completions",
+            r#"{"model":"m"}"#,
+            200,
+            "application/json",
+            &[CHAT_JSON.as_bytes()],
+        );
+        assert!(counter(&host, "kind=.=shared_data;.;llm_meter_errors_total") >= 1);
+        assert_eq!(counter(&host, "model=.=other;.;app=.=unknown;.;token_type=.=input;.;llm_tokens_total"), 19);
+    }
+}

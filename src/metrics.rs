@@ -1,0 +1,204 @@
+//! Metric names and how labels are encoded into Envoy stat names.
+//!
+//! Wasm filters can only define flat stat names. Labels are encoded Istio-style as
+//! `key=.=value;.;` segments in front of the metric name:
+//! `model=.=gpt-4o;.;app=.=web;.;llm_requests_total`. The `stats_tags` in `envoy/envoy.yaml`
+//! (regex `(key=\.=(.*?);\.;)` per key) cut each segment out of the name and turn it into a tag, so
+//! `/stats/prometheus` prints `llm_requests_total{model="gpt-4o",app="web"}`. Envoy adds the
+//! `wasmcustom.` namespace when the filter defines the stat and strips it again for Prometheus.
+//!
+//! Label values are re-checked here, whatever the caller did: a byte outside the label character
+//! set ([`crate::labels::is_label_byte`]) becomes `_`, so no stat name can break the tag regexes or
+//! the Prometheus text format.
+
+use crate::labels::is_label_byte;
+
+/// Kind of an Envoy stat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Monotonic counter.
+    Counter,
+    /// Gauge, may go up and down.
+    Gauge,
+    /// Histogram (Envoy buckets set by `histogram_bucket_settings`).
+    Histogram,
+}
+
+/// Every metric the filter exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    /// `requests_total{model,app,operation,status,error_type}`
+    RequestsTotal,
+    /// `tokens_total{model,app,token_type}`
+    TokensTotal,
+    /// `cost_microusd_total{model,app}`
+    CostMicrousdTotal,
+    /// `request_duration_ms{model}`
+    RequestDurationMs,
+    /// `time_to_first_token_ms{model}`
+    TimeToFirstTokenMs,
+    /// `tokens_per_request{model,token_type}`
+    TokensPerRequest,
+    /// `active_requests{model}`
+    ActiveRequests,
+    /// `usage_missing_total{model}`
+    UsageMissingTotal,
+    /// `meter_skips_total{reason}`: input the filter could not meter (counted, never fatal).
+    MeterSkipsTotal,
+    /// `meter_errors_total{kind}`: internal failures the filter survived (fail-open).
+    MeterErrorsTotal,
+    /// `ratelimit_rejected_total{model,rule}`: requests this filter rejected.
+    RatelimitRejectedTotal,
+    /// `ratelimit_key_overflow_total{rule}`: requests charged to a rule's shared overflow bucket
+    /// because the rule already tracks `max_limit_keys` keys.
+    RatelimitKeyOverflowTotal,
+    /// `upstream_ratelimit_remaining{model,kind}`: what the upstream says is left of its quota.
+    UpstreamRatelimitRemaining,
+    /// `upstream_ratelimit_limit{model,kind}`: the upstream's quota.
+    UpstreamRatelimitLimit,
+}
+
+impl Metric {
+    /// Every metric, for documentation and configuration checks.
+    pub const ALL: [Metric; 14] = [
+        Metric::RequestsTotal,
+        Metric::TokensTotal,
+        Metric::CostMicrousdTotal,
+        Metric::RequestDurationMs,
+        Metric::TimeToFirstTokenMs,
+        Metric::TokensPerRequest,
+        Metric::ActiveRequests,
+        Metric::UsageMissingTotal,
+        Metric::MeterSkipsTotal,
+        Metric::MeterErrorsTotal,
+        Metric::RatelimitRejectedTotal,
+        Metric::RatelimitKeyOverflowTotal,
+        Metric::UpstreamRatelimitRemaining,
+        Metric::UpstreamRatelimitLimit,
+    ];
+
+    /// Name after the prefix (`requests_total`).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Metric::RequestsTotal => "requests_total",
+            Metric::TokensTotal => "tokens_total",
+            Metric::CostMicrousdTotal => "cost_microusd_total",
+            Metric::RequestDurationMs => "request_duration_ms",
+            Metric::TimeToFirstTokenMs => "time_to_first_token_ms",
+            Metric::TokensPerRequest => "tokens_per_request",
+            Metric::ActiveRequests => "active_requests",
+            Metric::UsageMissingTotal => "usage_missing_total",
+            Metric::MeterSkipsTotal => "meter_skips_total",
+            Metric::MeterErrorsTotal => "meter_errors_total",
+            Metric::RatelimitRejectedTotal => "ratelimit_rejected_total",
+            Metric::RatelimitKeyOverflowTotal => "ratelimit_key_overflow_total",
+            Metric::UpstreamRatelimitRemaining => "upstream_ratelimit_remaining",
+            Metric::UpstreamRatelimitLimit => "upstream_ratelimit_limit",
+        }
+    }
+
+    /// Stat kind.
+    pub fn kind(self) -> Kind {
+        match self {
+            Metric::RequestDurationMs | Metric::TimeToFirstTokenMs | Metric::TokensPerRequest => Kind::Histogram,
+            Metric::ActiveRequests | Metric::UpstreamRatelimitRemaining | Metric::UpstreamRatelimitLimit => Kind::Gauge,
+            _ => Kind::Counter,
+        }
+    }
+
+    /// Label keys, in encoding order.
+    pub fn label_keys(self) -> &'static [&'static str] {
+        match self {
+            Metric::RequestsTotal => &["model", "app", "operation", "status", "error_type"],
+            Metric::TokensTotal => &["model", "app", "token_type"],
+            Metric::CostMicrousdTotal => &["model", "app"],
+            Metric::TokensPerRequest => &["model", "token_type"],
+            Metric::RequestDurationMs
+            | Metric::TimeToFirstTokenMs
+            | Metric::ActiveRequests
+            | Metric::UsageMissingTotal => &["model"],
+            Metric::MeterSkipsTotal => &["reason"],
+            Metric::MeterErrorsTotal => &["kind"],
+            Metric::RatelimitRejectedTotal => &["model", "rule"],
+            Metric::RatelimitKeyOverflowTotal => &["rule"],
+            Metric::UpstreamRatelimitRemaining | Metric::UpstreamRatelimitLimit => &["model", "kind"],
+        }
+    }
+}
+
+/// Every label key used by any metric: each needs a `stats_tags` entry in `envoy.yaml`.
+pub const LABEL_KEYS: [&str; 9] =
+    ["model", "app", "operation", "status", "error_type", "token_type", "reason", "kind", "rule"];
+
+/// Builds the Envoy stat name of `metric` with label `values` (in [`Metric::label_keys`] order).
+///
+/// `values` must have one entry per key; extra values are ignored and missing ones are encoded as
+/// `unknown`, so a caller bug shows up as a visible label rather than a broken name.
+pub fn stat_name(prefix: &str, metric: Metric, values: &[&str]) -> String {
+    let keys = metric.label_keys();
+    let mut name = String::with_capacity(prefix.len() + 32 + keys.len() * 24);
+    for (i, key) in keys.iter().enumerate() {
+        name.push_str(key);
+        name.push_str("=.=");
+        match values.get(i) {
+            Some(v) if !v.is_empty() => {
+                name.extend(v.bytes().map(|b| if is_label_byte(b) { b as char } else { '_' }));
+            }
+            _ => name.push_str(crate::labels::UNKNOWN),
+        }
+        name.push_str(";.;");
+    }
+    name.push_str(prefix);
+    name.push('_');
+    name.push_str(metric.suffix());
+    name
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    use super::*;
+
+    #[test]
+    fn encodes_labels_in_order() {
+        assert_eq!(
+            stat_name("llm", Metric::TokensTotal, &["gpt-4.1", "web", "input"]),
+            "model=.=gpt-4.1;.;app=.=web;.;token_type=.=input;.;llm_tokens_total"
+        );
+        assert_eq!(stat_name("ai", Metric::ActiveRequests, &["m"]), "model=.=m;.;ai_active_requests");
+    }
+
+    #[test]
+    fn hostile_values_cannot_break_the_name() {
+        let n = stat_name("llm", Metric::CostMicrousdTotal, &["a;.;app=.=x", "\"\n"]);
+        assert_eq!(n, "model=.=a_._app_._x;.;app=.=__;.;llm_cost_microusd_total");
+        assert_eq!(
+            stat_name("llm", Metric::CostMicrousdTotal, &["m"]),
+            "model=.=m;.;app=.=unknown;.;llm_cost_microusd_total"
+        );
+    }
+
+    #[test]
+    fn every_label_key_is_listed() {
+        for m in Metric::ALL {
+            for k in m.label_keys() {
+                assert!(LABEL_KEYS.contains(k), "{k} of {m:?} missing from LABEL_KEYS");
+            }
+        }
+    }
+
+    #[test]
+    fn shipped_envoy_config_extracts_every_label_and_buckets_every_histogram() {
+        let yaml = include_str!("../envoy/envoy.yaml");
+        for key in LABEL_KEYS {
+            let entry = format!("- tag_name: {key}\n    regex: '({key}=\\.=(.*?);\\.;)'");
+            assert!(yaml.contains(&entry), "envoy.yaml lacks the stats_tags entry {entry}");
+        }
+        for m in Metric::ALL.into_iter().filter(|m| m.kind() == Kind::Histogram) {
+            let matcher = format!("match: {{ suffix: \"_{}\" }}", m.suffix());
+            assert!(yaml.contains(&matcher), "envoy.yaml lacks histogram_bucket_settings for {}", m.suffix());
+        }
+    }
+}

@@ -1,0 +1,433 @@
+//! proxy-wasm glue: adapts Envoy's callbacks to [`crate::filter`].
+//!
+//! Only this module touches the proxy-wasm SDK, and it calls `hostcalls::*` directly rather than
+//! the SDK's trait helpers: those `unwrap()` every hostcall result (and `get_http_request_header`
+//! unwraps `String::from_utf8`), so a header value that is not UTF-8 would abort the VM. Every
+//! hostcall failure here is handled and counted instead (`meter_errors_total{kind="hostcall"}`).
+
+use crate::config::Config;
+use crate::filter::{Exchange, Flow, Host, InternalError, Worker};
+use crate::hold;
+use crate::labels::{SharedStore, StoreError};
+use crate::metrics::{stat_name, Metric};
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
+use std::rc::Rc;
+use std::time::{Duration, UNIX_EPOCH};
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+}}
+
+/// Per-VM (per Envoy worker) state behind the root context.
+struct State {
+    worker: Worker,
+    metrics: MetricIds,
+    /// Contexts whose stalled hold the timer released; their exchange learns it on its next
+    /// callback.
+    released: BTreeSet<u32>,
+}
+
+/// Envoy metric ids by stat name. Defining a metric is a hostcall that allocates a new id each
+/// time, so ids are defined once per VM and reused. The names are bounded by the label bounds.
+#[derive(Default)]
+struct MetricIds {
+    ids: HashMap<String, u32>,
+    hostcall_errors: Option<u32>,
+    failures_logged: std::cell::Cell<u64>,
+}
+
+impl MetricIds {
+    fn get(&mut self, kind: MetricType, name: &str) -> Option<u32> {
+        if let Some(&id) = self.ids.get(name) {
+            return Some(id);
+        }
+        match hostcalls::define_metric(kind, name) {
+            Ok(id) => {
+                self.ids.insert(name.to_string(), id);
+                Some(id)
+            }
+            Err(status) => {
+                self.hostcall_failed("define_metric", status);
+                None
+            }
+        }
+    }
+
+    /// Counts a failed hostcall and logs it (the 1st, 2nd, 4th, 8th… time on this worker).
+    fn hostcall_failed(&self, call: &str, status: Status) {
+        if let Some(id) = self.hostcall_errors {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+        let n = self.failures_logged.get() + 1;
+        self.failures_logged.set(n);
+        if n.is_power_of_two() {
+            log(LogLevel::Warn, &format!("llm-meter: hostcall {call} failed: {status:?} ({n} failures so far)"));
+        }
+    }
+}
+
+fn log(level: LogLevel, message: &str) {
+    let _ = hostcalls::log(level, message);
+}
+
+#[derive(Default)]
+struct Root {
+    state: Option<Rc<RefCell<State>>>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _configuration_size: usize) -> bool {
+        let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
+            Ok(bytes) => bytes.unwrap_or_default(),
+            Err(status) => {
+                log(LogLevel::Critical, &format!("llm-meter: cannot read the plugin configuration: {status:?}"));
+                return false;
+            }
+        };
+        let config = match Config::parse(&bytes) {
+            Ok(config) => config,
+            Err(e) => {
+                log(LogLevel::Critical, &format!("llm-meter: invalid configuration: {e}"));
+                return false;
+            }
+        };
+        let mut metrics = MetricIds::default();
+        let errors_name =
+            stat_name(&config.metrics.prefix, Metric::MeterErrorsTotal, &[InternalError::Hostcall.as_str()]);
+        metrics.hostcall_errors = hostcalls::define_metric(MetricType::Counter, &errors_name).ok();
+        let worker = Worker::new(config);
+        let mut host = WasmHost { metrics: &mut metrics, request_body_size: 0 };
+        worker.init_shared(&mut host);
+        log(LogLevel::Info, "llm-meter: configured");
+        if worker.config().request.model_lookahead_bytes > 0 {
+            set_tick(hold::CHECK_EVERY_MS);
+        }
+        self.state = Some(Rc::new(RefCell::new(State { worker, metrics, released: BTreeSet::new() })));
+        true
+    }
+
+    /// Releases held requests that never got a body callback (see [`crate::hold`]).
+    fn on_tick(&mut self) {
+        let Some(state) = self.state.as_ref() else { return };
+        let Ok(mut guard) = state.try_borrow_mut() else { return };
+        let State { worker, metrics, released } = &mut *guard;
+        if worker.holds.waiting() == 0 {
+            return;
+        }
+        let mut host = WasmHost { metrics, request_body_size: 0 };
+        let stalled = worker.holds.stalled(host.now_nanos());
+        for context in stalled.contexts {
+            worker.count_error(&mut host, InternalError::HoldStalled);
+            let resumed = hostcalls::set_effective_context(context).and_then(|()| hostcalls::resume_http_request());
+            host.check("resume_http_request", resumed);
+            released.insert(context);
+        }
+        if stalled.disabled_now {
+            log(
+                LogLevel::Error,
+                "llm-meter: a held request got no body callback; set `allow_on_headers_stop_iteration: true` in \
+                 the Wasm filter's config (Envoy >= 1.35). Holding requests for the model is off on this worker.",
+            );
+            set_tick(0);
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Http {
+            state: self.state.clone(),
+            context_id,
+            exchange: Exchange::new(),
+            request_buffered: 0,
+            request_body_size: 0,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+fn set_tick(ms: u64) {
+    if let Err(status) = hostcalls::set_tick_period(Duration::from_millis(ms)) {
+        log(LogLevel::Warn, &format!("llm-meter: cannot set the timer: {status:?}"));
+    }
+}
+
+/// One HTTP stream. Callbacks forward traffic, except that request headers are held until the
+/// model is read (bounded by `request.model_lookahead_bytes` and the [`crate::hold`] watchdog).
+struct Http {
+    state: Option<Rc<RefCell<State>>>,
+    context_id: u32,
+    exchange: Exchange,
+    /// Request body bytes Envoy holds for us (buffered while the request is held), already
+    /// scanned: each body callback then sees the whole buffer, of which only the tail is new.
+    request_buffered: usize,
+    /// `body_size` of the current request body callback.
+    request_body_size: usize,
+}
+
+impl Http {
+    /// Runs `f` with the worker state. The state is only borrowed for the duration of one
+    /// callback and callbacks do not nest, so the borrow cannot fail in practice; if it ever
+    /// did, the event is dropped (fail-open) rather than panicking.
+    fn with<R>(&mut self, f: impl FnOnce(&mut Exchange, &mut WasmHost<'_>, &mut Worker) -> R) -> Option<R> {
+        let state = self.state.as_ref()?;
+        let Ok(mut guard) = state.try_borrow_mut() else {
+            log(LogLevel::Error, "llm-meter: worker state busy; event not metered");
+            return None;
+        };
+        let State { worker, metrics, released } = &mut *guard;
+        // The watchdog may have released this request since the last callback.
+        if released.remove(&self.context_id) {
+            self.exchange.stop_holding();
+        }
+        let was_holding = self.exchange.is_holding();
+        let mut host = WasmHost { metrics, request_body_size: self.request_body_size };
+        let result = f(&mut self.exchange, &mut host, worker);
+        match (was_holding, self.exchange.is_holding()) {
+            (false, true) => worker.holds.started(self.context_id, host.now_nanos()),
+            (true, false) => worker.holds.ended(self.context_id),
+            _ => {}
+        }
+        Some(result)
+    }
+
+    fn body(kind: BufferType, start: usize, size: usize) -> Option<Vec<u8>> {
+        if size <= start {
+            return None;
+        }
+        hostcalls::get_buffer(kind, start, size - start).ok().flatten()
+    }
+
+    /// Hold or forward; anything but a clear hold forwards (fail-open).
+    fn action(flow: Option<Flow>) -> Action {
+        match flow {
+            Some(Flow::Hold | Flow::Respond) => Action::Pause,
+            _ => Action::Continue,
+        }
+    }
+}
+
+impl Context for Http {}
+
+impl HttpContext for Http {
+    fn on_http_request_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
+        // Pausing the headers makes Envoy buffer the body chunks we pause too, until a body
+        // callback continues: then headers and buffered body are forwarded together.
+        Self::action(self.with(|x, host, worker| x.on_request_headers(host, worker, end_of_stream)))
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.request_body_size = body_size;
+        if !self.exchange.wants_request_body() {
+            return Action::Continue;
+        }
+        // A body callback on a held request proves holding works on this worker (unless the
+        // watchdog released it already: `with` below then stops holding before reading it).
+        if let Some(state) = self.state.as_ref().and_then(|s| s.try_borrow_mut().ok()).as_mut() {
+            if state.released.remove(&self.context_id) {
+                self.exchange.stop_holding();
+            } else if self.exchange.is_holding() {
+                state.worker.holds.body_seen(self.context_id);
+            }
+        }
+        let start = if self.exchange.is_holding() { self.request_buffered } else { 0 };
+        let chunk = Self::body(BufferType::HttpRequestBody, start, body_size).unwrap_or_default();
+        let action = Self::action(self.with(|x, host, worker| x.on_request_body(host, worker, &chunk, end_of_stream)));
+        self.request_buffered = if action == Action::Pause { body_size } else { 0 };
+        action
+    }
+
+    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        self.with(|x, host, worker| x.on_response_headers(host, worker));
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.exchange.wants_response_body() {
+            let chunk = if self.exchange.scans_response() || self.exchange.rewrites_response() {
+                Self::body(BufferType::HttpResponseBody, 0, body_size).unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            let rewritten = self.with(|x, host, _| x.on_response_body(host, &chunk, end_of_stream)).flatten();
+            if let Some(out) = rewritten {
+                if let Err(status) = hostcalls::set_buffer(BufferType::HttpResponseBody, 0, body_size, &out) {
+                    log(LogLevel::Warn, &format!("llm-meter: cannot rewrite the response body: {status:?}"));
+                }
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        self.with(|x, host, worker| {
+            x.stop_holding();
+            x.on_log(host, worker);
+        });
+    }
+}
+
+/// [`Host`] over proxy-wasm hostcalls.
+struct WasmHost<'a> {
+    metrics: &'a mut MetricIds,
+    /// Size of the request body Envoy holds in the current callback (0 outside body callbacks).
+    request_body_size: usize,
+}
+
+impl WasmHost<'_> {
+    fn header(&self, map: MapType, name: &str) -> Option<Vec<u8>> {
+        match hostcalls::get_map_value_bytes(map, name) {
+            Ok(value) => value,
+            Err(status) => {
+                self.metrics.hostcall_failed("get_map_value", status);
+                None
+            }
+        }
+    }
+
+    fn int_property(&self, path: &[&str]) -> Option<u64> {
+        let bytes = hostcalls::get_property(path.to_vec()).ok().flatten()?;
+        let raw: [u8; 8] = bytes.get(..8)?.try_into().ok()?;
+        Some(u64::from_le_bytes(raw))
+    }
+
+    fn check(&self, call: &str, result: Result<(), Status>) {
+        if let Err(status) = result {
+            self.metrics.hostcall_failed(call, status);
+        }
+    }
+}
+
+impl SharedStore for WasmHost<'_> {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        match hostcalls::get_shared_data(key) {
+            // An empty value comes back as no bytes with a CAS token.
+            Ok((bytes, Some(cas))) => Some((bytes.unwrap_or_default(), cas)),
+            Ok((_, None)) => None,
+            Err(status) => {
+                self.metrics.hostcall_failed("get_shared_data", status);
+                None
+            }
+        }
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+        match hostcalls::set_shared_data(key, Some(value), cas) {
+            Ok(()) => Ok(()),
+            Err(Status::CasMismatch) => Err(StoreError::CasMismatch),
+            Err(_) => Err(StoreError::Other),
+        }
+    }
+}
+
+impl Host for WasmHost<'_> {
+    fn request_header(&self, name: &str) -> Option<Vec<u8>> {
+        self.header(MapType::HttpRequestHeaders, name)
+    }
+
+    fn response_header(&self, name: &str) -> Option<Vec<u8>> {
+        self.header(MapType::HttpResponseHeaders, name)
+    }
+
+    fn now_nanos(&self) -> u64 {
+        hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+    }
+
+    fn response_code(&self) -> Option<u16> {
+        self.int_property(&["response", "code"]).and_then(|c| u16::try_from(c).ok())
+    }
+
+    fn response_flags(&self) -> Option<u64> {
+        self.int_property(&["response", "flags"])
+    }
+
+    fn counter_add(&mut self, name: &str, value: u64) {
+        // Defining the counter creates it at 0; Envoy rejects increments that are not positive.
+        if let Some(id) = self.metrics.get(MetricType::Counter, name) {
+            if value > 0 {
+                self.check(
+                    "increment_metric",
+                    hostcalls::increment_metric(id, i64::try_from(value).unwrap_or(i64::MAX)),
+                );
+            }
+        }
+    }
+
+    fn gauge_add(&mut self, name: &str, delta: i64) {
+        if let Some(id) = self.metrics.get(MetricType::Gauge, name) {
+            self.check("increment_metric", hostcalls::increment_metric(id, delta));
+        }
+    }
+
+    fn gauge_set(&mut self, name: &str, value: u64) {
+        if let Some(id) = self.metrics.get(MetricType::Gauge, name) {
+            self.check("record_metric", hostcalls::record_metric(id, value));
+        }
+    }
+
+    fn histogram_record(&mut self, name: &str, value: u64) {
+        if let Some(id) = self.metrics.get(MetricType::Histogram, name) {
+            self.check("record_metric", hostcalls::record_metric(id, value));
+        }
+    }
+
+    fn log_warn(&self, message: &str) {
+        log(LogLevel::Warn, message);
+    }
+
+    fn client_address(&self) -> Option<Vec<u8>> {
+        hostcalls::get_property(vec!["source", "address"]).ok().flatten()
+    }
+
+    fn send_response(&mut self, status: u16, headers: &[(String, String)], body: &[u8]) {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.check("send_http_response", hostcalls::send_http_response(u32::from(status), headers, Some(body)));
+    }
+
+    fn remove_response_header(&mut self, name: &str) {
+        self.check("set_map_value", hostcalls::set_map_value_bytes(MapType::HttpResponseHeaders, name, None));
+    }
+
+    fn set_request_header(&mut self, name: &str, value: &str) {
+        self.check(
+            "set_map_value",
+            hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, Some(value.as_bytes())),
+        );
+    }
+
+    fn remove_request_header(&mut self, name: &str) {
+        self.check("set_map_value", hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, None));
+    }
+
+    fn request_body(&self) -> Option<Vec<u8>> {
+        match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, self.request_body_size) {
+            Ok(body) => body,
+            Err(status) => {
+                self.metrics.hostcall_failed("get_buffer", status);
+                None
+            }
+        }
+    }
+
+    fn set_request_body(&mut self, body: &[u8]) {
+        self.check("set_buffer", hostcalls::set_buffer(BufferType::HttpRequestBody, 0, self.request_body_size, body));
+    }
+
+    fn set_response_header(&mut self, name: &str, value: &str) {
+        self.check(
+            "set_map_value",
+            hostcalls::set_map_value_bytes(MapType::HttpResponseHeaders, name, Some(value.as_bytes())),
+        );
+    }
+}

@@ -1,0 +1,397 @@
+//! Harness for the integration tests: the real Envoy (`.venv/bin/envoy`, installed by
+//! `just envoy`) running the release filter in front of the mock gateway
+//! (`target/release/mock-llm`), both on ephemeral ports, and a small reader for Envoy's
+//! `/stats/prometheus`.
+//!
+//! Envoy's configuration is the shipped `envoy/envoy.yaml` with only the ports, the `.wasm` path,
+//! the stats flush interval and the filter configuration block swapped, so the tests exercise the
+//! stats tags and histogram buckets users get.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn require(path: &Path, how: &str) -> PathBuf {
+    assert!(path.exists(), "{} is missing: run `{how}` first (or `just test`)", path.display());
+    path.to_path_buf()
+}
+
+fn scratch_dir() -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir =
+        std::env::temp_dir().join(format!("llm-meter-it-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The mock OpenAI-compatible gateway, on an ephemeral port.
+pub struct Mock {
+    child: Child,
+    pub port: u16,
+}
+
+impl Mock {
+    pub fn start() -> Mock {
+        let bin = require(&root().join("target/release/mock-llm"), "just mock");
+        let mut child = Command::new(bin)
+            .args(["--host", "127.0.0.1", "--port", "0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mock-llm");
+        let stdout = child.stdout.take().expect("mock stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("read mock banner");
+        let port = line
+            .trim()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected mock banner {line:?}"));
+        Mock { child, port }
+    }
+}
+
+impl Drop for Mock {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The default filter configuration of these tests: app label from `x-app-id`, gpt-4o priced.
+pub const DEFAULT_CONFIG: &str = r#"{
+  "metrics": {"app_header": "x-app-id"},
+  "pricing": {"gpt-4o": {"input": 2.5, "output": 10, "cached_input": 1.25},
+              "text-embedding-3-small": {"input": 0.02, "output": 0}}
+}"#;
+
+/// A real Envoy running the shipped configuration with `filter_config` as the filter's JSON.
+pub struct Envoy {
+    child: Child,
+    pub port: u16,
+    pub admin: u16,
+    dir: PathBuf,
+}
+
+/// Renders the shipped envoy.yaml for the given upstream port and filter configuration, with
+/// ephemeral listener and admin ports.
+pub fn render_config(upstream_port: u16, filter_config: &str) -> String {
+    let shipped = std::fs::read_to_string(root().join("envoy/envoy.yaml")).expect("read envoy/envoy.yaml");
+    let wasm = require(&root().join("target/wasm32-wasip1/release/llm_meter.wasm"), "just build");
+    let begin = shipped.find("# llm-meter configuration begin").expect("begin marker");
+    let end = shipped.find("# llm-meter configuration end").expect("end marker");
+    let indent = " ".repeat(18);
+    let block: String = std::iter::once(format!("# llm-meter configuration begin\n{indent}value: |\n"))
+        .chain(filter_config.lines().map(|l| format!("{indent}  {l}\n")))
+        .chain(std::iter::once(indent.clone()))
+        .collect();
+    let mut cfg = format!("{}{}{}", &shipped[..begin], block, &shipped[end..]);
+    for (from, to) in [
+        ("port_value: 10000", "port_value: 0".to_string()),
+        ("port_value: 9901", "port_value: 0".to_string()),
+        ("port_value: 8000", format!("port_value: {upstream_port}")),
+        ("filename: target/wasm32-wasip1/release/llm_meter.wasm", format!("filename: {}", wasm.display())),
+        // Histograms reach /stats/prometheus at each flush; flush often so tests are quick.
+        ("stats_flush_interval: 5s", "stats_flush_interval: 0.2s".to_string()),
+    ] {
+        assert!(cfg.contains(from), "envoy.yaml no longer contains {from:?}");
+        cfg = cfg.replace(from, &to);
+    }
+    cfg
+}
+
+impl Envoy {
+    pub fn start(upstream_port: u16, filter_config: &str) -> Envoy {
+        match Envoy::try_start(upstream_port, filter_config) {
+            Ok(e) => e,
+            Err(log) => panic!("Envoy did not start:\n{log}"),
+        }
+    }
+
+    /// Starts Envoy; `Err(log)` if it exits during start-up (e.g. it refused the configuration).
+    pub fn try_start(upstream_port: u16, filter_config: &str) -> Result<Envoy, String> {
+        Envoy::try_start_yaml(&render_config(upstream_port, filter_config))
+    }
+
+    /// Starts Envoy with a full configuration (see [`render_config`]).
+    pub fn try_start_yaml(yaml: &str) -> Result<Envoy, String> {
+        let envoy = require(&root().join(".venv/bin/envoy"), "just envoy");
+        let dir = scratch_dir();
+        let config = dir.join("envoy.yaml");
+        std::fs::write(&config, yaml).expect("write config");
+        let admin_path = dir.join("admin-address");
+        let log = std::fs::File::create(dir.join("envoy.log")).expect("create log");
+        let mut child = Command::new(envoy)
+            .arg("-c")
+            .arg(&config)
+            .args(["--concurrency", "2", "--disable-hot-restart", "--log-level", "info"])
+            .arg("--admin-address-path")
+            .arg(&admin_path)
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn envoy");
+        let start = Instant::now();
+        let admin = loop {
+            if let Some(status) = child.try_wait().expect("poll envoy") {
+                return Err(format!(
+                    "exit {status}\n{}",
+                    std::fs::read_to_string(dir.join("envoy.log")).unwrap_or_default()
+                ));
+            }
+            let addr = std::fs::read_to_string(&admin_path).unwrap_or_default();
+            if let Some(port) = addr.trim().rsplit(':').next().and_then(|p| p.parse::<u16>().ok()) {
+                if http_get(port, "/ready").is_some_and(|(code, _)| code == 200) {
+                    break port;
+                }
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                return Err(format!(
+                    "not ready after 30 s\n{}",
+                    std::fs::read_to_string(dir.join("envoy.log")).unwrap_or_default()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let (_, listeners) = http_get(admin, "/listeners?format=json").expect("listeners");
+        let v: serde_json::Value = serde_json::from_str(&listeners).expect("listeners json");
+        // 0 for a listener on a Unix socket.
+        let port =
+            v["listener_statuses"][0]["local_address"]["socket_address"]["port_value"].as_u64().unwrap_or(0) as u16;
+        Ok(Envoy { child, port, admin, dir })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("envoy.log")).unwrap_or_default()
+    }
+
+    /// Current `/stats/prometheus`.
+    pub fn metrics(&self) -> Metrics {
+        let (code, body) = http_get(self.admin, "/stats/prometheus").expect("scrape");
+        assert_eq!(code, 200);
+        Metrics::parse(&body)
+    }
+
+    /// Polls `/stats/prometheus` until `series` (with exactly these labels) has `value`.
+    pub fn wait_value(&self, series: &str, value: f64) -> Metrics {
+        let mut last = None;
+        let found = (0..200).find_map(|_| {
+            let m = self.metrics();
+            let v = m.value(series);
+            if v == Some(value) {
+                return Some(m);
+            }
+            last = Some((v, m.raw.clone()));
+            std::thread::sleep(Duration::from_millis(50));
+            None
+        });
+        found.unwrap_or_else(|| {
+            let (v, raw) = last.unwrap_or_default();
+            let llm: Vec<&str> = raw.lines().filter(|l| l.starts_with("llm_") && !l.contains("_bucket{")).collect();
+            panic!(
+                "{series} = {v:?}, want {value}; llm series:\n{}\nenvoy log tail:\n{}",
+                llm.join("\n"),
+                tail(&self.log(), 30)
+            )
+        })
+    }
+
+    /// True while the Envoy process is alive.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Minimal blocking GET over a fresh connection (for the admin interface).
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).ok()?;
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    let body =
+        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
+    Some((code, body))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A parsed Prometheus text exposition.
+#[derive(Debug, Default, Clone)]
+pub struct Metrics {
+    /// `name{labels}` (labels sorted by key) → value.
+    pub series: BTreeMap<String, f64>,
+    pub raw: String,
+}
+
+impl Metrics {
+    pub fn parse(text: &str) -> Metrics {
+        let mut series = BTreeMap::new();
+        for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+            let (key, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad line {line:?}"));
+            let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
+            series.insert(canonical(key), value);
+        }
+        Metrics { series, raw: text.to_string() }
+    }
+
+    /// Value of a series given as `name{k="v",…}` in any label order; `None` if absent.
+    pub fn value(&self, series: &str) -> Option<f64> {
+        self.series.get(&canonical(series)).copied()
+    }
+
+    /// Sum over all series of `name` whose labels include every `(key, value)` in `filter`.
+    pub fn sum(&self, name: &str, filter: &[(&str, &str)]) -> f64 {
+        self.series
+            .iter()
+            .filter(|(k, _)| {
+                let (n, labels) = split(k);
+                n == name && filter.iter().all(|(fk, fv)| labels.get(*fk).map(String::as_str) == Some(*fv))
+            })
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    /// Every series name (with labels) starting with `prefix`.
+    pub fn names_with_prefix(&self, prefix: &str) -> Vec<String> {
+        self.series.keys().filter(|k| k.starts_with(prefix)).cloned().collect()
+    }
+}
+
+fn split(key: &str) -> (&str, BTreeMap<String, String>) {
+    let Some((name, rest)) = key.split_once('{') else { return (key, BTreeMap::new()) };
+    let body = rest.trim_end_matches('}');
+    let labels = body
+        .split("\",")
+        .filter(|p| !p.is_empty())
+        .filter_map(|p| {
+            let (k, v) = p.split_once("=\"")?;
+            Some((k.to_string(), v.trim_end_matches('"').to_string()))
+        })
+        .collect();
+    (name, labels)
+}
+
+fn canonical(key: &str) -> String {
+    let (name, labels) = split(key);
+    if labels.is_empty() {
+        return name.to_string();
+    }
+    let inner: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    format!("{name}{{{}}}", inner.join(","))
+}
+
+/// A blocking HTTP client that returns every status as a value.
+pub fn client() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into()
+}
+
+/// A response: status, headers (names lower-case), body.
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    pub fn header_u64(&self, name: &str) -> u64 {
+        let v = self.header(name).unwrap_or_else(|| panic!("no {name} header in {:?}", self.headers));
+        v.parse().unwrap_or_else(|_| panic!("{name}: {v:?}"))
+    }
+}
+
+/// POSTs JSON through `agent`; returns the whole reply.
+pub fn send(agent: &ureq::Agent, url: &str, headers: &[(&str, &str)], body: &str) -> Reply {
+    let mut req = agent.post(url).header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let mut resp = req.send(body).unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    let status = resp.status().as_u16();
+    let headers = resp
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .collect();
+    let body = resp.body_mut().read_to_string().unwrap_or_default();
+    Reply { status, headers, body }
+}
+
+/// POSTs JSON with extra headers; returns status and body.
+pub fn post(url: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+    let mut req = client().post(url).header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let mut resp = req.send(body).unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    let status = resp.status().as_u16();
+    let body = resp.body_mut().read_to_string().unwrap_or_default();
+    (status, body)
+}

@@ -1,0 +1,243 @@
+//! The operations pack against real parts: a real Prometheus (Debian's `prometheus`) scraping a
+//! real Envoy running the filter in front of the mock gateway, loading the shipped alert rules.
+//! Every PromQL expression of the alert rules and of the Grafana dashboard must return data after
+//! a little realistic traffic, and key values must match the traffic sent.
+#![cfg(not(target_arch = "wasm32"))]
+
+mod common;
+
+use common::{client, eventually, render_config, root, send, Envoy, Mock};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+struct Prometheus {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Prometheus {
+    /// Scrapes Envoy's admin port every second, with the shipped alert rules.
+    fn start(envoy_admin: u16) -> Prometheus {
+        let bin = PathBuf::from("/usr/bin/prometheus");
+        assert!(bin.exists(), "prometheus is missing: install Debian's `prometheus` package (.ci/run does)");
+        let dir = std::env::temp_dir().join(format!("llm-meter-prom-{}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let rules = root().join("envoy/prometheus/alerts.yml");
+        let shipped = std::fs::read_to_string(root().join("envoy/prometheus/prometheus.yml")).unwrap();
+        // The shipped scrape job, pointed at this Envoy, scraping every second.
+        let config = shipped
+            .replace("scrape_interval: 15s", "scrape_interval: 1s")
+            .replace("evaluation_interval: 15s", "evaluation_interval: 1s")
+            .replace("- alerts.yml", &format!("- {}", rules.display()))
+            .replace("127.0.0.1:9901", &format!("127.0.0.1:{envoy_admin}"));
+        assert!(config.contains(&format!("127.0.0.1:{envoy_admin}")), "scrape target not found in prometheus.yml");
+        std::fs::write(dir.join("prometheus.yml"), config).unwrap();
+        let port = free_port();
+        let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+        let child = Command::new(bin)
+            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn prometheus");
+        let p = Prometheus { child, port, dir };
+        eventually(Duration::from_secs(30), "Prometheus ready", || {
+            common::http_get(p.port, "/-/ready").filter(|(c, _)| *c == 200)
+        });
+        p
+    }
+
+    fn api(&self, path: &str) -> Value {
+        let url = format!("http://127.0.0.1:{}{path}", self.port);
+        let mut resp = client().get(&url).call().unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        let body = resp.body_mut().read_to_string().unwrap();
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+    }
+
+    /// Instant query; the `data.result` array (panics on a query error, e.g. a PromQL typo).
+    fn query(&self, expr: &str) -> Vec<Value> {
+        let url = format!("http://127.0.0.1:{}/api/v1/query", self.port);
+        let mut resp = client().get(&url).query("query", expr).call().unwrap();
+        let body = resp.body_mut().read_to_string().unwrap();
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["status"], "success", "query {expr}: {body}");
+        v["data"]["result"].as_array().cloned().unwrap_or_default()
+    }
+
+    fn scalar(&self, expr: &str) -> Option<f64> {
+        let r = self.query(expr);
+        r.first()?["value"][1].as_str()?.parse().ok()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
+    }
+}
+
+/// Every alert expression of alerts.yml, without its threshold (the query part must return
+/// data; the comparison decides whether it fires).
+fn alert_queries() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(root().join("envoy/prometheus/alerts.yml")).unwrap();
+    let mut out = Vec::new();
+    let mut alert = String::new();
+    for line in text.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("- alert: ") {
+            alert = name.to_string();
+        } else if let Some(expr) = line.strip_prefix("expr: ") {
+            let cut = [" > ", " < ", " >= ", " <= "].iter().filter_map(|op| expr.rfind(op)).max();
+            let query = cut.map_or(expr, |i| &expr[..i]).trim().to_string();
+            out.push((format!("alert:{alert}"), query));
+        }
+    }
+    assert_eq!(out.len(), 14, "alerts.yml: every rule is one `expr:` line");
+    out
+}
+
+/// Every dashboard expression, with Grafana variables substituted, from tools/check_ops.py.
+fn dashboard_queries() -> Vec<(String, String, bool)> {
+    let out = Command::new("python3")
+        .arg(root().join("tools/check_ops.py"))
+        .arg("--exprs")
+        .arg(root().join("envoy/grafana/llm-meter.json"))
+        .output()
+        .expect("python3 tools/check_ops.py");
+    assert!(out.status.success(), "check_ops.py: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+            (
+                v["source"].as_str().unwrap().to_string(),
+                v["expr"].as_str().unwrap().to_string(),
+                v["may_be_empty"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect()
+}
+
+const CONFIG: &str = r#"{
+  "metrics": {"app_header": "x-app-id"},
+  "pricing": {"gpt-4o": {"input": 2.5, "output": 10, "cached_input": 1.25},
+              "claude-sonnet-4-5": {"input": 3, "output": 15}},
+  "limits": [{"name": "key-rph", "key": "header:x-api-key", "models": ["gpt-4o-mini"], "requests_per_hour": 3}]
+}"#;
+
+#[test]
+fn every_alert_and_dashboard_query_returns_data_from_a_real_prometheus() {
+    let mock = Mock::start();
+    // The shipped envoy.yaml with a short route timeout, so a timeout can be produced quickly.
+    let yaml = render_config(mock.port, CONFIG).replace("timeout: 300s", "timeout: 1s");
+    let envoy = Envoy::try_start_yaml(&yaml).unwrap();
+    let prom = Prometheus::start(envoy.admin);
+    eventually(Duration::from_secs(30), "Prometheus scraping Envoy", || {
+        prom.scalar(r#"up{job="envoy-llm-meter"}"#).filter(|&v| v == 1.0)
+    });
+
+    let agent = client();
+    let chat = |model: &str, stream: bool| {
+        let mut v = json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+        if stream {
+            v["stream"] = true.into();
+        }
+        v.to_string()
+    };
+    let url = envoy.url("/v1/chat/completions");
+    let usage = [("x-app-id", "web"), ("x-mock-prompt-tokens", "100"), ("x-mock-completion-tokens", "20")];
+    let mut sent = 0;
+    // Two rounds a few scrapes apart, so every counter has increased between samples.
+    for round in 0..2 {
+        for _ in 0..5 {
+            assert_eq!(send(&agent, &url, &usage, &chat("gpt-4o", false)).status, 200);
+            assert_eq!(send(&agent, &url, &usage, &chat("gpt-4o", true)).status, 200);
+            sent += 2;
+        }
+        for scenario in ["rate_limit", "server_error", "no_usage"] {
+            send(&agent, &url, &[("x-mock-scenario", scenario)], &chat("gpt-4o", false));
+            sent += 1;
+        }
+        // An upstream timeout (route timeout 1 s).
+        assert_eq!(send(&agent, &url, &[("x-mock-delay-ms", "1500")], &chat("gpt-4o", false)).status, 504);
+        sent += 1;
+        // Local rejections: 3 gpt-4o-mini requests per hour for this key.
+        let key = format!("sk-test-{}-{round}", std::process::id());
+        for _ in 0..5 {
+            send(&agent, &url, &[("x-api-key", key.as_str())], &chat("gpt-4o-mini", false));
+            sent += 1;
+        }
+        let anthropic = json!({"model": "claude-sonnet-4-5", "max_tokens": 100, "stream": true,
+            "messages": [{"role": "user", "content": "hi"}]});
+        let r =
+            send(&agent, &envoy.url("/v1/messages"), &[("x-mock-cache-creation-tokens", "7")], &anthropic.to_string());
+        assert_eq!(r.status, 200);
+        sent += 1;
+        std::thread::sleep(Duration::from_secs(3));
+    }
+
+    // Prometheus has the totals.
+    eventually(Duration::from_secs(30), "all requests in Prometheus", || {
+        prom.scalar("sum(llm_requests_total)").filter(|&v| v == sent as f64)
+    });
+    assert_eq!(prom.scalar(r#"sum(llm_ratelimit_rejected_total{model="gpt-4o-mini",rule="key-rph"})"#), Some(4.0));
+    assert_eq!(prom.scalar(r#"sum(llm_requests_total{error_type="timeout"})"#), Some(2.0));
+    assert_eq!(
+        prom.scalar(r#"sum(llm_tokens_total{model="gpt-4o",app="web",token_type="input"})"#),
+        Some(20.0 * 100.0)
+    );
+    assert_eq!(prom.scalar(r#"sum(llm_usage_missing_total)"#), Some(2.0));
+    assert_eq!(prom.scalar(r#"sum(llm_active_requests)"#), Some(0.0));
+    // Histograms reach Prometheus at Envoy's stats flush.
+    eventually(Duration::from_secs(30), "histograms in Prometheus", || {
+        prom.scalar(r#"sum(llm_request_duration_ms_count)"#).filter(|&v| v == sent as f64)
+    });
+
+    let mut empty = Vec::new();
+    let mut queries: Vec<(String, String, bool)> =
+        alert_queries().into_iter().map(|(source, expr)| (source, expr, false)).collect();
+    // Envoy's VM reload counter only exists with failure_policy FAIL_RELOAD crashes; it is
+    // defined (at 0) for every Wasm plugin, so it has data too.
+    queries.extend(dashboard_queries());
+    for (source, expr, may_be_empty) in &queries {
+        let result = prom.query(expr);
+        if result.is_empty() && !may_be_empty {
+            empty.push(format!("{source}: {expr}"));
+        }
+    }
+    assert!(empty.is_empty(), "queries without data:\n{}", empty.join("\n"));
+
+    // The rules loaded and evaluate without errors.
+    let rules = prom.api("/api/v1/rules");
+    let groups = rules["data"]["groups"].as_array().unwrap();
+    let all: Vec<&Value> = groups.iter().flat_map(|g| g["rules"].as_array().unwrap()).collect();
+    assert_eq!(all.len(), 14, "{rules}");
+    for r in &all {
+        assert_eq!(r["health"], "ok", "rule {} failed: {}\n{}", r["name"], r["lastError"], prom.log());
+    }
+    // The timeouts we caused are over the alert's 1 % threshold: it is at least pending.
+    eventually(Duration::from_secs(15), "LLMUpstreamTimeouts pending", || {
+        let alerts = prom.api("/api/v1/alerts");
+        alerts["data"]["alerts"]
+            .as_array()?
+            .iter()
+            .find(|a| a["labels"]["alertname"] == "LLMUpstreamTimeouts" && a["labels"]["model"] == "gpt-4o")
+            .cloned()
+    });
+}

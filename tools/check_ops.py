@@ -1,0 +1,705 @@
+#!/usr/bin/env python3
+"""Checks the operations pack: the Grafana dashboard and the Kubernetes manifests.
+
+Standard library only (Python >= 3.11); PyYAML is used when it is importable.
+
+  check_ops.py --dashboard envoy/grafana/llm-meter.json
+      Validates the dashboard: it parses, has no `__inputs` (so it can be provisioned as a file),
+      the `datasource`, `model` and `app` template variables exist, panel ids and titles are
+      unique, panels do not overlap, every panel and target uses the `${datasource}` variable,
+      every target has a refId and a PromQL `expr` that uses only known metric names, filters
+      `model=~"$model"` (and `app=~"$app"`) where the metric has that label, and is well formed.
+
+  check_ops.py --exprs envoy/grafana/llm-meter.json
+      Validates as above, then prints every expression with Grafana's variables substituted
+      (`$model`, `$app` -> `.*`, `$__rate_interval`, `$__interval` -> `1m`, `$__range` -> `1h`),
+      one JSON object per line: {"source": "grafana:<panel title>/<refId>", "expr": "..."}, plus
+      "may_be_empty": true for targets marked `"mayBeEmpty": true` in the dashboard (series that
+      only exist after rare events, e.g. rate-limit key overflow).
+
+  check_ops.py --yaml envoy/k8s/*.yaml [--structural]
+      Validates Kubernetes manifests: multi-document YAML (parsed with PyYAML when available and
+      --structural is not given, otherwise a structural check: no tabs in indentation, `---` separators, every document has
+      top-level `apiVersion`, `kind` and `metadata.name`). The llm-meter JSON configuration found
+      between the `# llm-meter configuration begin` / `end` markers must parse as JSON and have
+      the same keys as the one in envoy/envoy.yaml (with PyYAML, it must also be what the
+      manifest field actually holds); `stats_tags` and `histogram_bucket_settings` must match
+      envoy/envoy.yaml's.
+
+Exits 1 with one line per problem on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ENVOY_YAML = ROOT / "envoy" / "envoy.yaml"
+
+PANEL_TYPES = {"timeseries", "stat", "bargauge", "table"}
+DATASOURCE = "${datasource}"
+GRID_WIDTH = 24
+
+# llm-meter's metrics (prefix `llm`) and their labels, as /stats/prometheus prints them with the
+# shipped stats_tags (README, "Metrics reference"). Histograms also have `_bucket` (with `le`),
+# `_sum` and `_count` series.
+COUNTERS = {
+    "llm_requests_total": {"model", "app", "operation", "status", "error_type"},
+    "llm_tokens_total": {"model", "app", "token_type"},
+    "llm_cost_microusd_total": {"model", "app"},
+    "llm_usage_missing_total": {"model"},
+    "llm_meter_skips_total": {"reason"},
+    "llm_meter_errors_total": {"kind"},
+    "llm_ratelimit_rejected_total": {"model", "rule"},
+    "llm_ratelimit_key_overflow_total": {"rule"},
+}
+HISTOGRAMS = {
+    "llm_request_duration_ms": {"model"},
+    "llm_time_to_first_token_ms": {"model"},
+    "llm_tokens_per_request": {"model", "token_type"},
+}
+GAUGES = {
+    "llm_active_requests": {"model"},
+    "llm_upstream_ratelimit_remaining": {"model", "kind"},
+    "llm_upstream_ratelimit_limit": {"model", "kind"},
+}
+# Series that only exist after rare events: a query over nothing else must be marked mayBeEmpty
+# (or fall back to a value with `or vector(...)`).
+SPARSE = {"llm_meter_skips_total", "llm_ratelimit_key_overflow_total"}
+
+
+def llm_metric_labels(name: str) -> set[str] | None:
+    """Labels of an llm-meter series name, or None if the name is unknown."""
+    if name in COUNTERS:
+        return COUNTERS[name]
+    if name in GAUGES:
+        return GAUGES[name]
+    for base, labels in HISTOGRAMS.items():
+        if name == base + "_bucket":
+            return labels | {"le"}
+        if name in (base + "_sum", base + "_count"):
+            return labels
+    return None
+
+
+# Grafana variables and what a real query gets in their place (the `All` value of the model and
+# app variables is `.*`).
+SUBSTITUTIONS = {
+    "model": ".*",
+    "app": ".*",
+    "__rate_interval": "1m",
+    "__interval": "1m",
+    "__range": "1h",
+}
+VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)")
+
+
+def substitute(expr: str) -> tuple[str, list[str]]:
+    unknown: list[str] = []
+
+    def repl(m: re.Match[str]) -> str:
+        name = m.group(1) or m.group(2)
+        if name in SUBSTITUTIONS:
+            return SUBSTITUTIONS[name]
+        unknown.append("$" + name)
+        return m.group(0)
+
+    return VARIABLE.sub(repl, expr), unknown
+
+
+# ---------------------------------------------------------------------------------------------
+# PromQL well-formedness (the real parse happens in Prometheus, see tests/prometheus.rs)
+
+def strip_strings(expr: str) -> tuple[str, str | None]:
+    """The expression with string literals blanked out, or an error for an unterminated one."""
+    out = []
+    i = 0
+    while i < len(expr):
+        c = expr[i]
+        if c in "\"'`":
+            j = i + 1
+            while j < len(expr) and expr[j] != c:
+                j += 2 if expr[j] == "\\" and c != "`" else 1
+            if j >= len(expr):
+                return "", f"unterminated string starting at column {i + 1}"
+            out.append('""')
+            i = j + 1
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out), None
+
+
+def bracket_error(expr: str) -> str | None:
+    bare, err = strip_strings(expr)
+    if err:
+        return err
+    pairs = {")": "(", "]": "[", "}": "{"}
+    stack: list[str] = []
+    for c in bare:
+        if c in "([{":
+            stack.append(c)
+        elif c in pairs:
+            if not stack or stack[-1] != pairs[c]:
+                return f"unbalanced {c!r}"
+            stack.pop()
+    if stack:
+        return f"unclosed {stack[-1]!r}"
+    return None
+
+
+STRING = re.compile(r"""\"(?:[^\"\\]|\\.)*\"|'(?:[^'\\]|\\.)*'|`[^`]*`""")
+GROUPING = {"by", "without", "on", "ignoring", "group_left", "group_right"}
+AGGREGATIONS = {"sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values", "bottomk",
+                "topk", "quantile", "limitk", "limit_ratio"}
+KEYWORDS = GROUPING | AGGREGATIONS | {"and", "or", "unless", "bool", "offset", "inf", "nan"}
+TOKEN = re.compile(
+    r'(?P<string>"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`)'
+    r"|(?P<number>\d[\w.]*)"
+    r"|(?P<ident>[a-zA-Z_:][\w:]*)"
+    r"|(?P<space>\s+)"
+    r"|(?P<other>.)",
+    re.S,
+)
+
+
+def selectors(expr: str) -> list[tuple[str, str]]:
+    """(metric name, label matchers) of every vector selector of a PromQL expression; the name is
+    empty for a selector such as {__name__=~"..."}."""
+    tokens = [(m.lastgroup, m.group()) for m in TOKEN.finditer(expr) if m.lastgroup != "space"]
+    out = []
+    i = 0
+
+    def block(i: int, open_: str, close: str) -> tuple[str, int]:
+        """Text inside the bracket opening at tokens[i], and the index after its close."""
+        depth, j, parts = 0, i, []
+        while j < len(tokens):
+            kind, text = tokens[j]
+            if kind == "other" and text == open_:
+                depth += 1
+            elif kind == "other" and text == close:
+                depth -= 1
+                if depth == 0:
+                    return "".join(parts[1:]), j + 1
+            parts.append(text)
+            j += 1
+        return "".join(parts[1:]), j
+
+    while i < len(tokens):
+        kind, text = tokens[i]
+        nxt = tokens[i + 1] if i + 1 < len(tokens) else (None, "")
+        if kind == "ident":
+            if text in GROUPING and nxt == ("other", "("):
+                _, i = block(i + 1, "(", ")")  # a label list, not metrics
+                continue
+            if text.lower() in KEYWORDS or nxt == ("other", "("):
+                i += 1  # keyword, function or aggregation
+                continue
+            if nxt == ("other", "{"):
+                matchers, i = block(i + 1, "{", "}")
+                out.append((text, matchers))
+                continue
+            out.append((text, ""))
+            i += 1
+        elif kind == "other" and text == "{":
+            matchers, i = block(i, "{", "}")
+            out.append(("", matchers))
+        elif kind == "other" and text == "[":
+            _, i = block(i, "[", "]")  # range or subquery duration
+        else:
+            i += 1
+    return out
+
+
+def check_expr(expr: str, where: str, errors: list[str]) -> None:
+    if not isinstance(expr, str) or not expr.strip():
+        errors.append(f"{where}: empty or missing expr")
+        return
+    err = bracket_error(expr)
+    if err:
+        errors.append(f"{where}: malformed PromQL ({err}): {expr}")
+    _, unknown = substitute(expr)
+    if unknown:
+        errors.append(f"{where}: unknown Grafana variable(s) {', '.join(sorted(set(unknown)))}")
+    sels = selectors(expr)
+    if not sels:
+        errors.append(f"{where}: no metric selector in {expr}")
+    llm = [(n, m) for n, m in sels if n.startswith("llm_")]
+    app_everywhere = all("app" in (llm_metric_labels(n) or set()) for n, _ in llm)
+    for name, matchers in sels:
+        if not name:
+            if "__name__" not in matchers:
+                errors.append(f"{where}: selector without a metric name: {{{matchers}}}")
+            continue
+        if name.startswith("envoy_"):
+            continue
+        labels = llm_metric_labels(name)
+        if labels is None:
+            errors.append(f"{where}: unknown metric {name} (not an llm-meter metric of the README's Metrics reference)")
+            continue
+        if "model" in labels and 'model=~"$model"' not in matchers:
+            errors.append(f'{where}: {name} has a model label but the selector does not filter model=~"$model"')
+        if "app" in labels and app_everywhere and 'app=~"$app"' not in matchers:
+            errors.append(f'{where}: {name} has an app label but the selector does not filter app=~"$app"')
+        bare_matchers = STRING.sub('""', matchers)
+        for label in re.findall(r"([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)", bare_matchers):
+            if label != "__name__" and label not in labels:
+                errors.append(f"{where}: {name} has no label {label!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Dashboard
+
+def all_panels(panels: list[dict]) -> list[dict]:
+    out = []
+    for p in panels:
+        out.append(p)
+        out.extend(all_panels(p.get("panels") or []))
+    return out
+
+
+def overlaps(a: dict, b: dict) -> bool:
+    return a["x"] < b["x"] + b["w"] and b["x"] < a["x"] + a["w"] and a["y"] < b["y"] + b["h"] and b["y"] < a["y"] + a["h"]
+
+
+def panel_label(p: dict) -> str:
+    return f'panel {p.get("id")} "{p.get("title", "")}"'
+
+
+def uses_datasource_var(ds: object) -> bool:
+    if isinstance(ds, dict):
+        return ds.get("uid") == DATASOURCE and ds.get("type", "prometheus") == "prometheus"
+    return ds == DATASOURCE
+
+
+def check_variables(dash: dict, errors: list[str]) -> None:
+    variables = {v.get("name"): v for v in (dash.get("templating") or {}).get("list") or []}
+    ds = variables.get("datasource")
+    if not ds or ds.get("type") != "datasource" or ds.get("query") != "prometheus":
+        errors.append('template variable "datasource" must be of type datasource with query "prometheus"')
+    for name in ("model", "app"):
+        v = variables.get(name)
+        if not v:
+            errors.append(f'template variable "{name}" is missing')
+            continue
+        q = v.get("query")
+        q = q.get("query") if isinstance(q, dict) else q
+        want = f"label_values(llm_requests_total, {name})"
+        if v.get("type") != "query" or not isinstance(q, str) or q.replace(" ", "") != want.replace(" ", ""):
+            errors.append(f'template variable "{name}" must be a query variable with {want}')
+        if not v.get("multi") or not v.get("includeAll") or v.get("allValue") != ".*":
+            errors.append(f'template variable "{name}" must be multi-select with include-all and allValue ".*"')
+        if not uses_datasource_var(v.get("datasource")):
+            errors.append(f'template variable "{name}" must query {DATASOURCE}')
+
+
+def check_dashboard(path: Path) -> tuple[list[dict], list[str]]:
+    """Validates the dashboard; returns its expressions (source, expr, may_be_empty) and errors."""
+    errors: list[str] = []
+    try:
+        text = path.read_text()
+        dash = json.loads(text)
+    except (OSError, ValueError) as e:
+        return [], [f"cannot read the dashboard: {e}"]
+    if not isinstance(dash, dict):
+        return [], ["the dashboard is not a JSON object"]
+    if "__inputs" in dash or "${DS_" in text:
+        errors.append("the dashboard has __inputs / ${DS_...} placeholders: it must be provisionable as a file")
+    for key in ("uid", "title"):
+        if not isinstance(dash.get(key), str) or not dash[key]:
+            errors.append(f"dashboard {key} is missing")
+    if not isinstance(dash.get("schemaVersion"), int) or dash["schemaVersion"] < 39:
+        errors.append("schemaVersion must be 39 or later")
+    check_variables(dash, errors)
+
+    top = dash.get("panels")
+    if not isinstance(top, list) or not top:
+        return [], errors + ["the dashboard has no panels"]
+    panels = all_panels(top)
+    ids: dict[object, dict] = {}
+    titles: set[str] = set()
+    exprs: list[dict] = []
+    for p in panels:
+        label = panel_label(p)
+        pid = p.get("id")
+        if not isinstance(pid, int):
+            errors.append(f"{label}: id must be an integer")
+        elif pid in ids:
+            errors.append(f"{label}: id {pid} is also used by {panel_label(ids[pid])}")
+        else:
+            ids[pid] = p
+        gp = p.get("gridPos")
+        if not isinstance(gp, dict) or not all(isinstance(gp.get(k), int) for k in "xywh"):
+            errors.append(f"{label}: gridPos needs integer x, y, w, h")
+        elif gp["x"] < 0 or gp["y"] < 0 or gp["w"] <= 0 or gp["h"] <= 0 or gp["x"] + gp["w"] > GRID_WIDTH:
+            errors.append(f"{label}: gridPos {gp} is outside the {GRID_WIDTH}-column grid")
+        ptype = p.get("type")
+        if ptype == "row":
+            continue
+        if ptype not in PANEL_TYPES:
+            errors.append(f"{label}: type {ptype!r} is not one of {sorted(PANEL_TYPES)}")
+        title = p.get("title")
+        if not isinstance(title, str) or not title:
+            errors.append(f"{label}: no title")
+        elif title in titles:
+            errors.append(f"{label}: title used twice")
+        else:
+            titles.add(title)
+        if not uses_datasource_var(p.get("datasource")):
+            errors.append(f"{label}: datasource must be {DATASOURCE}")
+        targets = p.get("targets")
+        if not isinstance(targets, list) or not targets:
+            errors.append(f"{label}: no targets")
+            continue
+        refs: set[str] = set()
+        for t in targets:
+            ref = t.get("refId")
+            where = f"{label}/{ref}"
+            if not isinstance(ref, str) or not ref:
+                errors.append(f"{label}: a target has no refId")
+                continue
+            if ref in refs:
+                errors.append(f"{where}: refId used twice")
+            refs.add(ref)
+            if "datasource" in t and not uses_datasource_var(t["datasource"]):
+                errors.append(f"{where}: target datasource must be {DATASOURCE}")
+            expr = t.get("expr")
+            check_expr(expr, where, errors)
+            if not isinstance(expr, str):
+                continue
+            may_be_empty = t.get("mayBeEmpty") is True
+            names = {n for n, _ in selectors(expr) if n}
+            if names and names <= SPARSE and "vector(" not in expr and not may_be_empty:
+                errors.append(f'{where}: {", ".join(sorted(names))} only exist after rare events: mark the target "mayBeEmpty": true')
+            exprs.append({"source": f"grafana:{title}/{ref}", "expr": substitute(expr)[0], "may_be_empty": may_be_empty})
+
+    # Overlaps among the panels laid out together: the top level, and each collapsed row's own.
+    def layout_groups(ps: list[dict]) -> list[list[dict]]:
+        groups = [ps]
+        for p in ps:
+            if p.get("panels"):
+                groups.extend(layout_groups(p["panels"]))
+        return groups
+
+    for group in layout_groups(top):
+        placed = [p for p in group if isinstance(p.get("gridPos"), dict) and all(isinstance(p["gridPos"].get(k), int) for k in "xywh")]
+        for i, a in enumerate(placed):
+            for b in placed[i + 1:]:
+                if overlaps(a["gridPos"], b["gridPos"]):
+                    errors.append(f"{panel_label(a)} overlaps {panel_label(b)}")
+    return exprs, errors
+
+
+# ---------------------------------------------------------------------------------------------
+# Kubernetes manifests
+
+BEGIN = "# llm-meter configuration begin"
+END = "# llm-meter configuration end"
+
+
+def embedded_config(text: str) -> tuple[str | None, str | None]:
+    """The JSON text between the llm-meter configuration markers, or an error."""
+    b = text.find(BEGIN)
+    if b < 0:
+        return None, None
+    e = text.find(END, b)
+    if e < 0:
+        return None, f"{BEGIN!r} without {END!r}"
+    block = text[b + len(BEGIN):e]
+    lines = [l for l in block.splitlines() if not l.strip().startswith("#")]
+    block = "\n".join(lines)
+    start, stop = block.find("{"), block.rfind("}")
+    if start < 0 or stop < start:
+        return None, "no JSON object between the configuration markers"
+    if text.find(BEGIN, e) >= 0:
+        return None, "more than one llm-meter configuration block"
+    return block[start:stop + 1], None
+
+
+def key_shape(value: object) -> object:
+    """The keys of a JSON value, recursively (values themselves are ignored)."""
+    if isinstance(value, dict):
+        return {k: key_shape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [key_shape(v) for v in value]
+    return None
+
+
+def shape_diff(a: object, b: object, path: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            p = f"{path}.{k}" if path else k
+            if k not in a:
+                out.append(f"{p} missing")
+            elif k not in b:
+                out.append(f"{p} not in envoy/envoy.yaml")
+            else:
+                out.extend(shape_diff(a[k], b[k], p))
+        return out
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{path or '.'}: {len(a)} entries, envoy/envoy.yaml has {len(b)}"]
+        out = []
+        for i, (x, y) in enumerate(zip(a, b)):
+            out.extend(shape_diff(x, y, f"{path}[{i}]"))
+        return out
+    if isinstance(a, (dict, list)) != isinstance(b, (dict, list)) or type(a) is not type(b):
+        return [f"{path or '.'}: a different kind of value than in envoy/envoy.yaml"]
+    return []
+
+
+TAG = re.compile(r"tag_name:\s*['\"]?(\w+)['\"]?\s*\n\s*regex:\s*(\S+)")
+BUCKETS = re.compile(r"match:\s*\{\s*suffix:\s*['\"]?([\w.]+)['\"]?\s*\}\s*\n\s*buckets:\s*(\[[^\]]*\])")
+BUCKETS_BLOCK = re.compile(r"match:\s*\n\s*suffix:\s*['\"]?([\w.]+)['\"]?\s*\n\s*buckets:\s*(\[[^\]]*\])")
+
+
+def unquote(s: str) -> str:
+    s = s.strip()
+    if len(s) >= 2 and s[0] == s[-1] == "'":
+        return s[1:-1].replace("''", "'")
+    if len(s) >= 2 and s[0] == s[-1] == '"':
+        return json.loads(s)
+    return s
+
+
+def stats_settings(text: str) -> tuple[dict[str, str], dict[str, list[float]]]:
+    tags = {name: unquote(rx) for name, rx in TAG.findall(text)}
+    buckets = {}
+    for suffix, values in BUCKETS.findall(text) + BUCKETS_BLOCK.findall(text):
+        buckets[suffix] = [float(v) for v in values.strip("[]").split(",") if v.strip()]
+    return tags, buckets
+
+
+def reference() -> tuple[object, dict[str, str], dict[str, list[float]], list[str]]:
+    errors = []
+    text = ENVOY_YAML.read_text()
+    raw, err = embedded_config(text)
+    config = None
+    if err or raw is None:
+        errors.append(f"{ENVOY_YAML}: {err or 'no llm-meter configuration block'}")
+    else:
+        try:
+            config = json.loads(raw)
+        except ValueError as e:
+            errors.append(f"{ENVOY_YAML}: the llm-meter configuration is not JSON: {e}")
+    tags, buckets = stats_settings(text)
+    if not tags or not buckets:
+        errors.append(f"{ENVOY_YAML}: no stats_tags / histogram_bucket_settings found")
+    return config, tags, buckets, errors
+
+
+TOP_KEY = re.compile(r"^([A-Za-z_][\w.-]*)\s*:(.*)$")
+
+
+def structural_documents(text: str, where: str, errors: list[str]) -> list[dict[str, str]]:
+    """Documents of a multi-document YAML file, checked without a YAML parser."""
+    docs: list[list[str]] = [[]]
+    for line in text.splitlines():
+        if re.match(r"^---\s*(#.*)?$", line):
+            docs.append([])
+        elif line.startswith("---"):
+            errors.append(f"{where}: content after '---' on the separator line")
+        elif line.startswith("..."):
+            docs.append([])
+        else:
+            docs[-1].append(line)
+    out = []
+    for lines in docs:
+        content = [l for l in lines if l.strip() and not l.lstrip().startswith("#")]
+        if not content:
+            continue
+        top: dict[str, str] = {}
+        metadata_name = None
+        in_metadata = False
+        child_indent = None
+        for line in content:
+            m = TOP_KEY.match(line)
+            if m:
+                top[m.group(1)] = m.group(2).strip()
+                in_metadata = m.group(1) == "metadata"
+                child_indent = None
+                continue
+            if in_metadata:
+                indent = len(line) - len(line.lstrip(" "))
+                if child_indent is None:
+                    child_indent = indent
+                nm = re.match(r"^\s+name:\s*(\S+)", line)
+                if nm and indent == child_indent:
+                    metadata_name = nm.group(1)
+        for key in ("apiVersion", "kind"):
+            if not top.get(key):
+                errors.append(f"{where}: a document has no top-level {key}")
+        if "metadata" not in top or not metadata_name:
+            errors.append(f"{where}: document {top.get('kind', '?')} has no metadata.name")
+        out.append({"apiVersion": top.get("apiVersion", ""), "kind": top.get("kind", ""), "name": metadata_name or ""})
+    return out
+
+
+def find_config_fields(doc: object) -> list[object]:
+    """The llm-meter configuration a manifest document carries (WasmPlugin / EnvoyExtensionPolicy)."""
+    if not isinstance(doc, dict):
+        return []
+    spec = doc.get("spec") or {}
+    if doc.get("kind") == "WasmPlugin" and "pluginConfig" in spec:
+        return [spec["pluginConfig"]]
+    if doc.get("kind") == "EnvoyExtensionPolicy":
+        return [w.get("config") for w in spec.get("wasm") or [] if isinstance(w, dict) and "config" in w]
+    return []
+
+
+def check_yaml(paths: list[Path], structural: bool = False) -> list[str]:
+    errors: list[str] = []
+    yaml = None
+    if not structural:
+        try:
+            import yaml  # type: ignore
+        except ImportError:
+            pass
+    ref_config, ref_tags, ref_buckets, ref_errors = reference()
+    errors.extend(ref_errors)
+    for path in paths:
+        where = str(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            errors.append(f"{where}: {e}")
+            continue
+        for n, line in enumerate(text.splitlines(), 1):
+            if "\t" in line[: len(line) - len(line.lstrip(" \t"))]:
+                errors.append(f"{where}:{n}: tab character in indentation")
+        docs: list[object] = []
+        if yaml is not None:
+            try:
+                docs = [d for d in yaml.safe_load_all(text) if d is not None]
+            except yaml.YAMLError as e:
+                errors.append(f"{where}: invalid YAML: {e}")
+                continue
+            for d in docs:
+                if not isinstance(d, dict):
+                    errors.append(f"{where}: a document is not a mapping")
+                    continue
+                for key in ("apiVersion", "kind"):
+                    if not isinstance(d.get(key), str) or not d.get(key):
+                        errors.append(f"{where}: a document has no {key}")
+                if not isinstance(d.get("metadata"), dict) or not d["metadata"].get("name"):
+                    errors.append(f"{where}: document {d.get('kind', '?')} has no metadata.name")
+        else:
+            structural_documents(text, where, errors)
+
+        raw, err = embedded_config(text)
+        if err:
+            errors.append(f"{where}: {err}")
+        elif raw is not None:
+            try:
+                config = json.loads(raw)
+            except ValueError as e:
+                errors.append(f"{where}: the llm-meter configuration is not valid JSON: {e}")
+                config = None
+            if config is not None and ref_config is not None:
+                for d in shape_diff(key_shape(config), key_shape(ref_config)):
+                    errors.append(f"{where}: llm-meter configuration: {d}")
+            if config is not None and yaml is not None:
+                fields = [f for d in docs for f in find_config_fields(d)]
+                if not fields:
+                    errors.append(f"{where}: no WasmPlugin pluginConfig / EnvoyExtensionPolicy wasm config holds the configuration")
+                for f in fields:
+                    if f != config:
+                        errors.append(f"{where}: the manifest field differs from the JSON between the configuration markers")
+
+        if "stats_tags" in text:
+            tags, buckets = stats_settings(text)
+            if tags != ref_tags:
+                missing = sorted(set(ref_tags) - set(tags))
+                extra = sorted(set(tags) - set(ref_tags))
+                changed = sorted(k for k in set(tags) & set(ref_tags) if tags[k] != ref_tags[k])
+                errors.append(f"{where}: stats_tags differ from envoy/envoy.yaml (missing {missing}, extra {extra}, different regex {changed})")
+            if buckets != ref_buckets:
+                errors.append(f"{where}: histogram_bucket_settings differ from envoy/envoy.yaml")
+            if yaml is not None:
+                check_bootstrap_structure(yaml, docs, ref_tags, where, errors)
+    return errors
+
+
+def check_bootstrap_structure(yaml, docs: list[object], ref_tags: dict[str, str], where: str, errors: list[str]) -> None:
+    """With PyYAML: the stats_tags sit where Istio / Envoy Gateway read them."""
+    for d in docs:
+        if not isinstance(d, dict):
+            continue
+        stats = None
+        if d.get("kind") == "EnvoyFilter":
+            for patch in (d.get("spec") or {}).get("configPatches") or []:
+                if patch.get("applyTo") == "BOOTSTRAP":
+                    stats = ((patch.get("patch") or {}).get("value") or {}).get("stats_config")
+        elif d.get("kind") == "EnvoyProxy":
+            boot = (d.get("spec") or {}).get("bootstrap") or {}
+            try:
+                stats = (yaml.safe_load(boot.get("value") or "") or {}).get("stats_config")
+            except yaml.YAMLError as e:
+                errors.append(f"{where}: EnvoyProxy spec.bootstrap.value is not YAML: {e}")
+                continue
+        else:
+            continue
+        if not isinstance(stats, dict):
+            errors.append(f"{where}: {d.get('kind')} {d.get('metadata', {}).get('name')}: no stats_config in the bootstrap")
+            continue
+        got = {t.get("tag_name"): t.get("regex") for t in stats.get("stats_tags") or []}
+        if got != ref_tags:
+            errors.append(f"{where}: {d.get('kind')}: bootstrap stats_config.stats_tags differ from envoy/envoy.yaml")
+        if not stats.get("histogram_bucket_settings"):
+            errors.append(f"{where}: {d.get('kind')}: bootstrap has no histogram_bucket_settings")
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _have_pyyaml() -> bool:
+    try:
+        import yaml  # type: ignore  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def fail(errors: list[str]) -> None:
+    for e in errors:
+        print(f"check_ops.py: {e}", file=sys.stderr)
+    print(f"check_ops.py: {len(errors)} problem(s)", file=sys.stderr)
+    sys.exit(1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--dashboard", metavar="FILE", type=Path, help="validate a Grafana dashboard")
+    mode.add_argument("--exprs", metavar="FILE", type=Path, help="validate a dashboard and print its PromQL expressions as JSON lines")
+    mode.add_argument("--yaml", metavar="FILE", type=Path, nargs="+", help="validate Kubernetes manifests")
+    ap.add_argument("--structural", action="store_true", help="with --yaml: do not use PyYAML even if it is importable")
+    args = ap.parse_args()
+
+    if args.yaml:
+        errors = check_yaml(args.yaml, structural=args.structural)
+        if errors:
+            fail(errors)
+        how = "structural check" if args.structural else "PyYAML" if _have_pyyaml() else "structural check, PyYAML not importable"
+        print(f"check_ops.py: {len(args.yaml)} manifest file(s) OK ({how})", file=sys.stderr)
+        return
+    path = args.dashboard or args.exprs
+    exprs, errors = check_dashboard(path)
+    if errors:
+        fail([f"{path}: {e}" for e in errors])
+    if args.exprs:
+        for e in exprs:
+            line = {"source": e["source"], "expr": e["expr"]}
+            if e["may_be_empty"]:
+                line["may_be_empty"] = True
+            print(json.dumps(line))
+    else:
+        print(f"check_ops.py: {path}: {len(exprs)} expressions OK", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
