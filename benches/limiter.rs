@@ -140,15 +140,17 @@ mod native {
         let host = Host { store: MemStore::default(), api_key: b"sk-proj-0123456789abcdefABCDEF".to_vec(), now: NOW };
         let facts = RequestFacts { model: Some("gpt-4o-mini"), body_bytes: 2048, max_output: Some(1024) };
         let usage = Usage { input: 400, output: 300, ..Usage::default() };
+        // A worker's memory of admitted buckets, as the filter keeps it.
+        let mut admitted = llm_meter::limiter::AdmittedKeys::default();
         let mut group = c.benchmark_group("enforce");
         group.bench_function("check/2_rules", |b| {
-            b.iter(|| match enforce::check(&host, &config, black_box(facts)).0 {
+            b.iter(|| match enforce::check(&host, &config, black_box(facts), &mut admitted).0 {
                 Verdict::Admit(r) => r,
                 Verdict::Reject(r) => panic!("rejected: {r:?}"),
             })
         });
         group.bench_function("check_release/2_rules", |b| {
-            b.iter(|| match enforce::check(&host, &config, black_box(facts)).0 {
+            b.iter(|| match enforce::check(&host, &config, black_box(facts), &mut admitted).0 {
                 Verdict::Admit(r) => enforce::release(&host, &config, Some("gpt-4o-mini"), &r, Some(&usage), false),
                 Verdict::Reject(r) => panic!("rejected: {r:?}"),
             })

@@ -7,7 +7,7 @@
 use crate::body::{Skip, Skips};
 use crate::config::{Config, FailureMode, KeySource, Limit, TokenType};
 use crate::labels::{sanitize, SharedStore};
-use crate::limiter::{Acquire, BucketKind, Charge, Held, Limiter};
+use crate::limiter::{Acquire, AdmittedKeys, BucketKind, Charge, Held, Limiter};
 use crate::usage::Usage;
 use sha2::{Digest, Sha256};
 
@@ -89,7 +89,13 @@ pub fn estimate_input(config: &Config, body_bytes: u64) -> u64 {
 
 /// Checks a request against `max_input_tokens` and every rule that applies, charging the rules'
 /// buckets if it fits.
-pub fn check<H: LimitHost>(host: &H, config: &Config, facts: RequestFacts<'_>) -> (Verdict, Notes) {
+/// `admitted`: this worker's memory of admitted buckets (see [`AdmittedKeys`]).
+pub fn check<H: LimitHost>(
+    host: &H,
+    config: &Config,
+    facts: RequestFacts<'_>,
+    admitted: &mut AdmittedKeys,
+) -> (Verdict, Notes) {
     let mut notes = Notes::default();
     let limits = &config.limits;
     let input = estimate_input(config, facts.body_bytes);
@@ -113,6 +119,8 @@ pub fn check<H: LimitHost>(host: &H, config: &Config, facts: RequestFacts<'_>) -
 
     let mut charges = Vec::new();
     let mut meters = Vec::new();
+    // Rules usually share a key (rpm and tpm per API key): read and hash it once.
+    let mut key_ids: Vec<(&KeySource, Option<String>)> = Vec::new();
     for (i, rule) in limits.rules.iter().enumerate() {
         if let Some(models) = &rule.models {
             if !facts.model.is_some_and(|m| models.contains(m)) {
@@ -144,7 +152,15 @@ pub fn check<H: LimitHost>(host: &H, config: &Config, facts: RequestFacts<'_>) -
             Limit::Concurrent { .. } => 0,
         };
         let base = format!("llm_meter.{}.rl.{}.{window_secs}", config.metrics.prefix, rule.name);
-        let Some(mut id) = key_id(host, &rule.key) else {
+        let id = match key_ids.iter().find(|(k, _)| *k == &rule.key) {
+            Some((_, id)) => id.clone(),
+            None => {
+                let id = key_id(host, &rule.key);
+                key_ids.push((&rule.key, id.clone()));
+                id
+            }
+        };
+        let Some(mut id) = id else {
             notes.failures += 1;
             return (on_failure(config, &rule.name), notes);
         };
@@ -156,15 +172,22 @@ pub fn check<H: LimitHost>(host: &H, config: &Config, facts: RequestFacts<'_>) -
             format!("{base}.global")
         } else {
             let bucket = format!("{base}.{id}");
-            match Limiter::admit(host, &format!("{base}#keys"), &bucket, limits.max_keys as u64) {
-                Ok(true) => bucket,
-                Ok(false) => {
-                    notes.overflowed.push(rule.name.clone());
-                    format!("{base}#overflow")
-                }
-                Err(_) => {
-                    notes.failures += 1;
-                    return (on_failure(config, &rule.name), notes);
+            if admitted.contains(&bucket) {
+                bucket
+            } else {
+                match Limiter::admit(host, &format!("{base}#keys"), &bucket, limits.max_keys as u64) {
+                    Ok(true) => {
+                        admitted.insert(&bucket);
+                        bucket
+                    }
+                    Ok(false) => {
+                        notes.overflowed.push(rule.name.clone());
+                        format!("{base}#overflow")
+                    }
+                    Err(_) => {
+                        notes.failures += 1;
+                        return (on_failure(config, &rule.name), notes);
+                    }
                 }
             }
         };
@@ -414,6 +437,11 @@ mod tests {
         Config::parse(json.as_bytes()).unwrap()
     }
 
+    /// A check by a worker that remembers no admitted bucket.
+    fn check<H: LimitHost>(h: &H, c: &Config, f: RequestFacts<'_>) -> (Verdict, Notes) {
+        super::check(h, c, f, &mut AdmittedKeys::default())
+    }
+
     fn facts(model: &str, body_bytes: u64, max_output: Option<u64>) -> RequestFacts<'_> {
         RequestFacts { model: Some(model), body_bytes, max_output }
     }
@@ -562,6 +590,33 @@ mod tests {
             assert_eq!(notes.overflowed.len(), usize::from(i >= 2), "key {i}");
         }
         assert_eq!(h.store.data.borrow().len(), 4, "2 keys, the overflow bucket and the key count");
+    }
+
+    #[test]
+    fn a_worker_that_remembers_admitted_keys_admits_and_overflows_the_same_with_fewer_reads() {
+        let c = config(
+            r#"{"max_limit_keys":2,"limits":[{"name":"rpm","key":"header:x-api-key","requests_per_minute":1000},
+                {"name":"tpm","key":"header:x-api-key","tokens_per_minute":100000}]}"#,
+        );
+        let (mut fresh, mut remembering) = (H::default(), H::default());
+        let mut admitted = AdmittedKeys::default();
+        for round in 0..3 {
+            for i in 0..4 {
+                let key = format!("key-{i}").into_bytes();
+                fresh.headers.insert("x-api-key".into(), key.clone());
+                remembering.headers.insert("x-api-key".into(), key);
+                let (_, a) = check(&fresh, &c, facts("m", 40, None));
+                let reads = remembering.store.reads.get();
+                let (_, b) = super::check(&remembering, &c, facts("m", 40, None), &mut admitted);
+                assert_eq!(a.overflowed, b.overflowed, "round {round} key {i}");
+                assert_eq!(b.overflowed.len(), if i >= 2 { 2 } else { 0 });
+                if round > 0 && i < 2 {
+                    // Known keys: only the two bucket updates read shared data.
+                    assert_eq!(remembering.store.reads.get() - reads, 2, "round {round} key {i}");
+                }
+            }
+        }
+        assert_eq!(*fresh.store.data.borrow(), *remembering.store.data.borrow());
     }
 
     #[test]

@@ -22,33 +22,40 @@ use crate::enforce::{self, LimitHost, Rejection, RequestFacts, Reservation, Verd
 use crate::hold::HoldWatch;
 use crate::inject::{rewrite_request, UsageChunkStripper};
 use crate::labels::{sanitize, LabelSet, SharedStore, OTHER, UNKNOWN};
+use crate::limiter::AdmittedKeys;
+pub use crate::metrics::Kind as MetricKind;
 use crate::metrics::{stat_name, Metric};
 use crate::operation::Operation;
 use crate::pricing::CostCarry;
-use crate::upstream::{usage_from_headers, RateLimits};
+use crate::upstream::{usage_from_headers, QuotaKind, RateLimits};
 use crate::usage::{Usage, UsageFormat};
+use std::collections::HashMap;
 
 /// What the filter needs from Envoy. Header values are bytes: clients can send any bytes, and
 /// the filter must not fail on a value that is not UTF-8.
+///
+/// Every method is one hostcall in the wasm glue, and a hostcall (a VM exit, often a copy into
+/// the VM) costs about as much as a page of the filter's own code, so the exchange asks for
+/// little: response headers come in one call, and metrics are defined once per name and then
+/// updated by id.
 pub trait Host: SharedStore {
     /// A request header (`:path` included), if present.
     fn request_header(&self, name: &str) -> Option<Vec<u8>>;
-    /// A response header (`:status` included), if present.
-    fn response_header(&self, name: &str) -> Option<Vec<u8>>;
+    /// Every response header (`:status` included), names in lower case as Envoy keeps them.
+    fn response_headers(&self) -> Vec<(String, Vec<u8>)>;
     /// Wall-clock time in nanoseconds.
     fn now_nanos(&self) -> u64;
     /// Envoy's `response.code` property (0 or `None` when no response was sent).
     fn response_code(&self) -> Option<u16>;
     /// Envoy's `response.flags` property.
     fn response_flags(&self) -> Option<u64>;
-    /// Adds to a counter, defining it on first use (adding 0 only defines it).
-    fn counter_add(&mut self, name: &str, value: u64);
-    /// Adds to a gauge (negative to decrease), defining it on first use.
-    fn gauge_add(&mut self, name: &str, delta: i64);
-    /// Sets a gauge, defining it on first use.
-    fn gauge_set(&mut self, name: &str, value: u64);
-    /// Records a histogram value, defining the histogram on first use.
-    fn histogram_record(&mut self, name: &str, value: u64);
+    /// The id of the metric `name`, defining it (at 0) if it does not exist yet. The same name
+    /// always gives the same id; `None` when the host refused (counted by the host).
+    fn define_metric(&mut self, kind: MetricKind, name: &str) -> Option<u32>;
+    /// Adds `delta` to a counter (only positive deltas) or a gauge.
+    fn metric_add(&mut self, id: u32, delta: i64);
+    /// Sets a gauge, or records a histogram value.
+    fn metric_record(&mut self, id: u32, value: u64);
     /// Logs a warning.
     fn log_warn(&self, message: &str);
     /// The client's address (`source.address`: `ip:port`).
@@ -67,6 +74,32 @@ pub trait Host: SharedStore {
     fn request_body(&self) -> Option<Vec<u8>>;
     /// Replaces the buffered request body (while the request is held).
     fn set_request_body(&mut self, body: &[u8]);
+
+    /// Adds to a counter by name, defining it on first use (adding 0 only defines it: Envoy
+    /// rejects increments that are not positive).
+    fn counter_add(&mut self, name: &str, value: u64) {
+        if let Some(id) = self.define_metric(MetricKind::Counter, name) {
+            add_to_counter(self, id, value);
+        }
+    }
+    /// Sets a gauge by name, defining it on first use.
+    fn gauge_set(&mut self, name: &str, value: u64) {
+        if let Some(id) = self.define_metric(MetricKind::Gauge, name) {
+            self.metric_record(id, value);
+        }
+    }
+}
+
+/// Adds `value` to counter `id`; 0 is not sent (Envoy rejects it, and the counter exists).
+fn add_to_counter<H: Host + ?Sized>(host: &mut H, id: u32, value: u64) {
+    if value > 0 {
+        host.metric_add(id, i64::try_from(value).unwrap_or(i64::MAX));
+    }
+}
+
+/// A header's value from a list of headers.
+fn header_value<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
+    headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_slice())
 }
 
 /// A [`Host`] seen as the [`LimitHost`] the rate limits need.
@@ -132,12 +165,100 @@ pub struct Worker {
     config: Config,
     models: ModelLabeler,
     apps: Option<LabelSet>,
-    cost: CostCarry,
     skips_logged: [u64; Skip::ALL.len()],
     /// Held requests of this worker; driven by the glue, which knows context ids and timers.
     pub holds: HoldWatch,
-    /// Rate-limiter failures on this worker, for log throttling.
+    /// Rate-limit failures on this worker, for log throttling.
     limit_failures: u64,
+    /// Stat ids per `(model, app)` label pair, so that an exchange neither builds stat names
+    /// nor hashes them after the first exchange of its pair. Bounded like the labels:
+    /// `(max_models + 2) × (max_apps + 2)` pairs at most.
+    series: Vec<Series>,
+    series_index: HashMap<String, HashMap<String, usize>>,
+    /// Rate-limit buckets known to be admitted (see [`AdmittedKeys`]).
+    admitted: AdmittedKeys,
+}
+
+/// The `token_type` values of `tokens_total`, in [`Usage`] field order.
+const TOKEN_TYPES: [&str; 5] = ["input", "output", "cached_input", "reasoning", "cache_creation_input"];
+
+/// One stat of a [`Series`] (besides `requests_total`, which also has per-exchange labels).
+#[derive(Debug, Clone, Copy)]
+enum Stat {
+    Active,
+    Duration,
+    Ttft,
+    UsageMissing,
+    Cost,
+    /// `tokens_total` of [`TOKEN_TYPES`]`[i]`.
+    Tokens(usize),
+    /// `tokens_per_request`, input (0) or output (1).
+    PerRequest(usize),
+    UpstreamRemaining(QuotaKind),
+    UpstreamLimit(QuotaKind),
+}
+
+impl Stat {
+    const COUNT: usize = 5 + TOKEN_TYPES.len() + 2 + 4;
+
+    fn slot(self) -> usize {
+        let kind = |k: QuotaKind| match k {
+            QuotaKind::Requests => 0,
+            QuotaKind::Tokens => 1,
+        };
+        match self {
+            Stat::Active => 0,
+            Stat::Duration => 1,
+            Stat::Ttft => 2,
+            Stat::UsageMissing => 3,
+            Stat::Cost => 4,
+            Stat::Tokens(i) => 5 + i,
+            Stat::PerRequest(i) => 5 + TOKEN_TYPES.len() + i,
+            Stat::UpstreamRemaining(k) => 5 + TOKEN_TYPES.len() + 2 + kind(k),
+            Stat::UpstreamLimit(k) => 5 + TOKEN_TYPES.len() + 4 + kind(k),
+        }
+    }
+
+    fn name(self, prefix: &str, model: &str, app: &str) -> String {
+        let token = |i: usize| TOKEN_TYPES.get(i).copied().unwrap_or(UNKNOWN);
+        match self {
+            Stat::Active => stat_name(prefix, Metric::ActiveRequests, &[model]),
+            Stat::Duration => stat_name(prefix, Metric::RequestDurationMs, &[model]),
+            Stat::Ttft => stat_name(prefix, Metric::TimeToFirstTokenMs, &[model]),
+            Stat::UsageMissing => stat_name(prefix, Metric::UsageMissingTotal, &[model]),
+            Stat::Cost => stat_name(prefix, Metric::CostMicrousdTotal, &[model, app]),
+            Stat::Tokens(i) => stat_name(prefix, Metric::TokensTotal, &[model, app, token(i)]),
+            Stat::PerRequest(i) => stat_name(prefix, Metric::TokensPerRequest, &[model, token(i)]),
+            Stat::UpstreamRemaining(k) => stat_name(prefix, Metric::UpstreamRatelimitRemaining, &[model, k.as_str()]),
+            Stat::UpstreamLimit(k) => stat_name(prefix, Metric::UpstreamRatelimitLimit, &[model, k.as_str()]),
+        }
+    }
+
+    fn metric(self) -> Metric {
+        match self {
+            Stat::Active => Metric::ActiveRequests,
+            Stat::Duration => Metric::RequestDurationMs,
+            Stat::Ttft => Metric::TimeToFirstTokenMs,
+            Stat::UsageMissing => Metric::UsageMissingTotal,
+            Stat::Cost => Metric::CostMicrousdTotal,
+            Stat::Tokens(_) => Metric::TokensTotal,
+            Stat::PerRequest(_) => Metric::TokensPerRequest,
+            Stat::UpstreamRemaining(_) => Metric::UpstreamRatelimitRemaining,
+            Stat::UpstreamLimit(_) => Metric::UpstreamRatelimitLimit,
+        }
+    }
+}
+
+/// The stat ids of one `(model, app)` label pair, each defined on its first use (defining a
+/// stat creates it, so a stat never used is never shown), and the pair's cost remainder.
+#[derive(Debug)]
+struct Series {
+    model: String,
+    app: String,
+    ids: [Option<u32>; Stat::COUNT],
+    /// `requests_total` ids by (operation, status, error_type).
+    requests: Vec<(&'static str, u16, ErrorType, u32)>,
+    cost: CostCarry,
 }
 
 impl Worker {
@@ -159,10 +280,12 @@ impl Worker {
             config,
             models,
             apps,
-            cost: CostCarry::default(),
             skips_logged: [0; Skip::ALL.len()],
             holds: HoldWatch::default(),
             limit_failures: 0,
+            series: Vec::new(),
+            series_index: HashMap::new(),
+            admitted: AdmittedKeys::default(),
         }
     }
 
@@ -191,6 +314,72 @@ impl Worker {
 
     fn name(&self, metric: Metric, values: &[&str]) -> String {
         stat_name(&self.config.metrics.prefix, metric, values)
+    }
+
+    /// The series of a `(model, app)` label pair (both already bounded label values).
+    fn series(&mut self, model: &str, app: &str) -> usize {
+        if let Some(&i) = self.series_index.get(model).and_then(|apps| apps.get(app)) {
+            return i;
+        }
+        let i = self.series.len();
+        self.series.push(Series {
+            model: model.to_string(),
+            app: app.to_string(),
+            ids: [None; Stat::COUNT],
+            requests: Vec::new(),
+            cost: CostCarry::default(),
+        });
+        self.series_index.entry(model.to_string()).or_default().insert(app.to_string(), i);
+        i
+    }
+
+    /// The id of `stat` in `series`, defined on first use.
+    fn stat<H: Host>(&mut self, host: &mut H, series: usize, stat: Stat) -> Option<u32> {
+        let s = self.series.get_mut(series)?;
+        let slot = s.ids.get_mut(stat.slot())?;
+        if slot.is_none() {
+            let name = stat.name(&self.config.metrics.prefix, &s.model, &s.app);
+            *slot = host.define_metric(stat.metric().kind(), &name);
+        }
+        *slot
+    }
+
+    /// The id of `requests_total` in `series` for these per-exchange labels.
+    fn requests_stat<H: Host>(
+        &mut self,
+        host: &mut H,
+        series: usize,
+        operation: &'static str,
+        status: u16,
+        error: ErrorType,
+    ) -> Option<u32> {
+        let s = self.series.get_mut(series)?;
+        if let Some(&(_, _, _, id)) = s.requests.iter().find(|r| r.0 == operation && r.1 == status && r.2 == error) {
+            return Some(id);
+        }
+        let status_label = status.to_string();
+        let name = stat_name(
+            &self.config.metrics.prefix,
+            Metric::RequestsTotal,
+            &[&s.model, &s.app, operation, &status_label, error.as_str()],
+        );
+        let id = host.define_metric(MetricKind::Counter, &name)?;
+        s.requests.push((operation, status, error, id));
+        Some(id)
+    }
+
+    /// Adds to a counter of `series`.
+    fn add<H: Host>(&mut self, host: &mut H, series: usize, stat: Stat, value: u64) {
+        if let Some(id) = self.stat(host, series, stat) {
+            add_to_counter(host, id, value);
+        }
+    }
+
+    /// Sets a gauge or records a histogram value of `series`.
+    fn record<H: Host>(&mut self, host: &mut H, series: usize, stat: Stat, value: u64) {
+        if let Some(id) = self.stat(host, series, stat) {
+            host.metric_record(id, value);
+        }
     }
 
     /// Counts an internal error.
@@ -275,7 +464,10 @@ pub struct Exchange {
     request: RequestScanner,
     app: String,
     model_label: Option<String>,
-    active: Option<String>,
+    /// The `active_requests` gauge this exchange incremented.
+    active: Option<u32>,
+    /// The stat series of `model_label` and `app`.
+    series: Option<usize>,
     response: Option<ResponseScanner>,
     response_skips: Skips,
     status: u16,
@@ -457,7 +649,7 @@ impl Exchange {
             body_bytes: content_length.max(self.request.bytes()),
             max_output: self.request.max_output_tokens(),
         };
-        let (verdict, notes) = enforce::check(&Limits(&*host), &worker.config, facts);
+        let (verdict, notes) = enforce::check(&Limits(&*host), &worker.config, facts, &mut worker.admitted);
         for rule in &notes.overflowed {
             let name = worker.name(Metric::RatelimitKeyOverflowTotal, &[rule]);
             host.counter_add(&name, 1);
@@ -519,18 +711,24 @@ impl Exchange {
         self.limits_checked = true;
         // The upstream may answer before the request body ended (e.g. an early 4xx).
         self.start_active(host, worker);
+        // One hostcall for all of them: the lookups below are many (rate-limit header families).
+        let headers = host.response_headers();
+        let header = |name: &str| header_value(&headers, name).map(<[u8]>::to_vec);
         let label = self.model_label.clone().unwrap_or_else(|| UNKNOWN.to_string());
-        for (kind, quota) in RateLimits::from_headers(|n| host.response_header(n)).reported() {
-            for (metric, value) in
-                [(Metric::UpstreamRatelimitRemaining, quota.remaining), (Metric::UpstreamRatelimitLimit, quota.limit)]
-            {
-                if let Some(v) = value {
-                    host.gauge_set(&worker.name(metric, &[&label, kind.as_str()]), v);
-                }
+        let series = match self.series {
+            Some(series) => series,
+            None => worker.series(&label, &self.app),
+        };
+        for (kind, quota) in RateLimits::from_headers(header).reported() {
+            if let Some(v) = quota.remaining {
+                worker.record(host, series, Stat::UpstreamRemaining(kind), v);
+            }
+            if let Some(v) = quota.limit {
+                worker.record(host, series, Stat::UpstreamLimit(kind), v);
             }
         }
         if !worker.config.usage_headers.is_empty() {
-            match usage_from_headers(&worker.config.usage_headers, |n| host.response_header(n)) {
+            match usage_from_headers(&worker.config.usage_headers, header) {
                 Ok(u) => self.header_usage = u,
                 Err(_) => self.response_skips.add(Skip::UsageInvalid),
             }
@@ -539,7 +737,7 @@ impl Exchange {
             for (name, value) in &r.headers {
                 // Keep the upstream's own limit headers when they are the tighter ones.
                 if name.starts_with("x-ratelimit-remaining-") {
-                    let theirs = host.response_header(name).and_then(|v| parse_u64(&v));
+                    let theirs = header_value(&headers, name).and_then(parse_u64);
                     if theirs.is_some_and(|t| value.parse::<u64>().is_ok_and(|ours| t < ours)) {
                         continue;
                     }
@@ -547,11 +745,11 @@ impl Exchange {
                 host.set_response_header(name, value);
             }
         }
-        self.status = host.response_header(":status").map_or(0, |s| parse_status(&s));
+        self.status = header_value(&headers, ":status").map_or(0, parse_status);
         if !(200..300).contains(&self.status) {
             return;
         }
-        match Encoding::from_header(&host.response_header("content-encoding").unwrap_or_default()) {
+        match Encoding::from_header(header_value(&headers, "content-encoding").unwrap_or_default()) {
             Ok(None) => {}
             // A copy is decoded for the scanners; the client gets the bytes as they are.
             Ok(Some(encoding)) => self.decoder = Some(Decoder::new(encoding)),
@@ -560,7 +758,7 @@ impl Exchange {
                 return;
             }
         }
-        let format = BodyFormat::from_content_type(&host.response_header("content-type").unwrap_or_default());
+        let format = BodyFormat::from_content_type(header_value(&headers, "content-type").unwrap_or_default());
         let usage_format = self.operation.map_or(UsageFormat::OpenAiChat, Operation::usage_format);
         self.response = Some(ResponseScanner::new(format, usage_format));
         if self.injected && format == BodyFormat::Sse && self.decoder.is_none() {
@@ -612,7 +810,7 @@ impl Exchange {
         self.finished = true;
         // First, so that a scrape that sees this request counted also sees it no longer active.
         if let Some(active) = self.active.take() {
-            host.gauge_add(&active, -1);
+            host.metric_add(active, -1);
         }
         let end = self.response_end_nanos.unwrap_or_else(|| host.now_nanos());
         if let Some(r) = self.response.as_mut() {
@@ -627,9 +825,24 @@ impl Exchange {
             // No model in the request: fall back to the one the response names.
             _ => worker.model_label(host, request_model.as_deref().or(response_model.as_deref())),
         };
-        let status = host.response_code().filter(|&c| c != 0).unwrap_or(self.status);
-        let error = classify(status, host.response_flags().unwrap_or(0), self.rejected_by.is_some());
-        self.record(host, worker, &label, status, error, usage);
+        let series = match self.series {
+            Some(series) if self.model_label.as_deref() == Some(label.as_str()) => series,
+            _ => worker.series(&label, &self.app),
+        };
+        // Response headers that passed through the filter carry the final status; the property
+        // is only needed when none did (e.g. the client went away first).
+        let status = match self.status {
+            0 => host.response_code().unwrap_or(0),
+            status => status,
+        };
+        // Flags explain failures and interruptions. A 1xx-3xx response whose end passed through
+        // the filter was completed by the upstream and is counted as such (one property read
+        // less per request); a client that leaves while Envoy writes its last bytes does not
+        // make it `canceled`.
+        let completed = self.response_end_nanos.is_some() && (100..400).contains(&status);
+        let flags = if completed { 0 } else { host.response_flags().unwrap_or(0) };
+        let error = classify(status, flags, self.rejected_by.is_some());
+        self.record(host, worker, series, status, error, usage);
 
         if let Some(reservation) = self.reservation.take() {
             let failed = error != ErrorType::None;
@@ -653,16 +866,17 @@ impl Exchange {
                 .get(model)
                 .or_else(|| response_model.as_deref().and_then(|m| worker.config.pricing.get(m)));
             if let Some(price) = price.copied() {
-                let name = worker.name(Metric::CostMicrousdTotal, &[&label, &self.app]);
-                let micro = worker.cost.add(&name, price.cost_pico(&usage));
-                host.counter_add(&name, micro);
+                if let Some(s) = worker.series.get_mut(series) {
+                    let micro = s.cost.add(price.cost_pico(&usage));
+                    worker.add(host, series, Stat::Cost, micro);
+                }
             }
         }
 
         let ms = |nanos: u64| nanos.saturating_sub(self.started_nanos) / 1_000_000;
-        host.histogram_record(&worker.name(Metric::RequestDurationMs, &[&label]), ms(end));
+        worker.record(host, series, Stat::Duration, ms(end));
         if let Some(first) = self.first_data_nanos {
-            host.histogram_record(&worker.name(Metric::TimeToFirstTokenMs, &[&label]), ms(first));
+            worker.record(host, series, Stat::Ttft, ms(first));
         }
 
         let mut skips = *self.request.skips();
@@ -677,36 +891,26 @@ impl Exchange {
     fn record<H: Host>(
         &self,
         host: &mut H,
-        worker: &Worker,
-        label: &str,
+        worker: &mut Worker,
+        series: usize,
         status: u16,
         error: ErrorType,
         usage: Option<Usage>,
     ) {
         let operation = self.operation.map_or(UNKNOWN, Operation::as_str);
-        let app = self.app.as_str();
-        let status_label = status.to_string();
-        host.counter_add(
-            &worker.name(Metric::RequestsTotal, &[label, app, operation, &status_label, error.as_str()]),
-            1,
-        );
+        if let Some(id) = worker.requests_stat(host, series, operation, status, error) {
+            host.metric_add(id, 1);
+        }
         match usage {
             Some(u) => {
-                for (token_type, n) in [
-                    ("input", u.input),
-                    ("output", u.output),
-                    ("cached_input", u.cached_input),
-                    ("reasoning", u.reasoning),
-                    ("cache_creation_input", u.cache_creation_input),
-                ] {
-                    host.counter_add(&worker.name(Metric::TokensTotal, &[label, app, token_type]), n);
+                let counts = [u.input, u.output, u.cached_input, u.reasoning, u.cache_creation_input];
+                for (i, n) in counts.into_iter().enumerate() {
+                    worker.add(host, series, Stat::Tokens(i), n);
                 }
-                host.histogram_record(&worker.name(Metric::TokensPerRequest, &[label, "input"]), u.input);
-                host.histogram_record(&worker.name(Metric::TokensPerRequest, &[label, "output"]), u.output);
+                worker.record(host, series, Stat::PerRequest(0), u.input);
+                worker.record(host, series, Stat::PerRequest(1), u.output);
             }
-            None if (200..300).contains(&status) => {
-                host.counter_add(&worker.name(Metric::UsageMissingTotal, &[label]), 1);
-            }
+            None if (200..300).contains(&status) => worker.add(host, series, Stat::UsageMissing, 1),
             None => {}
         }
     }
@@ -718,9 +922,12 @@ impl Exchange {
             return;
         }
         let label = worker.model_label(host, self.request_model());
-        let name = worker.name(Metric::ActiveRequests, &[&label]);
-        host.gauge_add(&name, 1);
-        self.active = Some(name);
+        let series = worker.series(&label, &self.app);
+        if let Some(id) = worker.stat(host, series, Stat::Active) {
+            host.metric_add(id, 1);
+            self.active = Some(id);
+        }
+        self.series = Some(series);
         self.model_label = Some(label);
     }
 }
@@ -752,6 +959,8 @@ mod tests {
         counters: BTreeMap<String, u64>,
         gauges: BTreeMap<String, i64>,
         histograms: BTreeMap<String, Vec<u64>>,
+        /// Defined metrics by id.
+        metric_names: Vec<(MetricKind, String)>,
         warnings: std::cell::RefCell<Vec<String>>,
         client_address: Option<Vec<u8>>,
         sent: Option<Sent>,
@@ -771,8 +980,8 @@ mod tests {
         fn request_header(&self, name: &str) -> Option<Vec<u8>> {
             self.request_headers.get(name).cloned()
         }
-        fn response_header(&self, name: &str) -> Option<Vec<u8>> {
-            self.response_headers.get(name).cloned()
+        fn response_headers(&self) -> Vec<(String, Vec<u8>)> {
+            self.response_headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
         }
         fn now_nanos(&self) -> u64 {
             self.now
@@ -783,14 +992,37 @@ mod tests {
         fn response_flags(&self) -> Option<u64> {
             self.flags
         }
-        fn counter_add(&mut self, name: &str, value: u64) {
-            *self.counters.entry(name.to_string()).or_default() += value;
+        fn define_metric(&mut self, kind: MetricKind, name: &str) -> Option<u32> {
+            if let Some(i) = self.metric_names.iter().position(|(_, n)| n == name) {
+                assert_eq!(self.metric_names[i].0, kind, "{name} defined as two kinds");
+                return Some(i as u32);
+            }
+            self.metric_names.push((kind, name.to_string()));
+            match kind {
+                MetricKind::Counter => drop(self.counters.entry(name.to_string()).or_default()),
+                MetricKind::Gauge => drop(self.gauges.entry(name.to_string()).or_default()),
+                MetricKind::Histogram => drop(self.histograms.entry(name.to_string()).or_default()),
+            }
+            Some(self.metric_names.len() as u32 - 1)
         }
-        fn gauge_add(&mut self, name: &str, delta: i64) {
-            *self.gauges.entry(name.to_string()).or_default() += delta;
+        fn metric_add(&mut self, id: u32, delta: i64) {
+            let (kind, name) = self.metric_names[id as usize].clone();
+            match kind {
+                MetricKind::Counter => {
+                    assert!(delta > 0, "Envoy rejects counter increments of {delta} ({name})");
+                    *self.counters.get_mut(&name).unwrap() += delta as u64;
+                }
+                MetricKind::Gauge => *self.gauges.get_mut(&name).unwrap() += delta,
+                MetricKind::Histogram => panic!("metric_add on histogram {name}"),
+            }
         }
-        fn gauge_set(&mut self, name: &str, value: u64) {
-            self.gauges.insert(name.to_string(), value as i64);
+        fn metric_record(&mut self, id: u32, value: u64) {
+            let (kind, name) = self.metric_names[id as usize].clone();
+            match kind {
+                MetricKind::Gauge => *self.gauges.get_mut(&name).unwrap() = value as i64,
+                MetricKind::Histogram => self.histograms.get_mut(&name).unwrap().push(value),
+                MetricKind::Counter => panic!("metric_record on counter {name}"),
+            }
         }
         fn client_address(&self) -> Option<Vec<u8>> {
             self.client_address.clone()
@@ -815,9 +1047,6 @@ mod tests {
         }
         fn set_request_body(&mut self, body: &[u8]) {
             self.request_body = Some(body.to_vec());
-        }
-        fn histogram_record(&mut self, name: &str, value: u64) {
-            self.histograms.entry(name.to_string()).or_default().push(value);
         }
         fn log_warn(&self, message: &str) {
             self.warnings.borrow_mut().push(message.to_string());

@@ -180,10 +180,13 @@ pub(crate) mod tests {
         pub data: RefCell<HashMap<String, (Vec<u8>, u32)>>,
         pub conflicts: Cell<usize>,
         pub broken: Cell<bool>,
+        /// Number of `get` calls (hostcalls in the filter).
+        pub reads: Cell<usize>,
     }
 
     impl SharedStore for FakeStore {
         fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+            self.reads.set(self.reads.get() + 1);
             self.data.borrow().get(key).cloned()
         }
         fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {

@@ -14,6 +14,7 @@ pub mod config;
 pub mod decode;
 pub mod enforce;
 pub mod filter;
+pub mod header_map;
 pub mod hold;
 pub mod inject;
 pub mod json_scan;

@@ -15,6 +15,35 @@
 //! distinct keys (a counter in shared data, CAS-incremented); later keys share one overflow bucket.
 
 use crate::labels::{SharedStore, StoreError};
+use std::collections::HashSet;
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+/// The buckets this worker has seen admitted. Admission is permanent (the bucket and the rule's
+/// key count live in shared data, which is never deleted), so a bucket known to exist needs no
+/// shared-data read to be admitted again: one hostcall less per rule and request. Holds 64-bit
+/// hashes of bucket keys, at most `max_keys` per rule.
+#[derive(Debug, Default)]
+pub struct AdmittedKeys {
+    seen: HashSet<u64>,
+}
+
+impl AdmittedKeys {
+    fn hash(bucket: &str) -> u64 {
+        let mut h = DefaultHasher::new();
+        bucket.hash(&mut h);
+        h.finish()
+    }
+
+    /// True when `bucket` was admitted before on this worker.
+    pub fn contains(&self, bucket: &str) -> bool {
+        self.seen.contains(&Self::hash(bucket))
+    }
+
+    /// Remembers that `bucket` is admitted.
+    pub fn insert(&mut self, bucket: &str) {
+        self.seen.insert(Self::hash(bucket));
+    }
+}
 
 /// How often a compare-and-swap is retried before the limiter gives up (a limiter failure,
 /// handled by `failure_mode`).

@@ -75,22 +75,19 @@ impl Pricing {
     }
 }
 
-/// Turns pico-USD costs into whole micro-USD counter increments, carrying the remainder per
-/// series. Holds one entry per cost series, which the label bounds already bound.
+/// Turns pico-USD costs into whole micro-USD counter increments for one cost series, carrying
+/// the remainder instead of rounding it away. The filter keeps one per `(model, app)` series,
+/// which the label bounds already bound.
 #[derive(Debug, Default)]
 pub struct CostCarry {
-    remainder: HashMap<String, u128>,
+    remainder: u128,
 }
 
 impl CostCarry {
-    /// Adds `pico` to `series` and returns the whole micro-USD now due to its counter.
-    pub fn add(&mut self, series: &str, pico: u128) -> u64 {
-        let rem = match self.remainder.get_mut(series) {
-            Some(r) => r,
-            None => self.remainder.entry(series.to_string()).or_insert(0),
-        };
-        let total = *rem + pico;
-        *rem = total % PICO_PER_MICRO;
+    /// Adds `pico` and returns the whole micro-USD now due to the series' counter.
+    pub fn add(&mut self, pico: u128) -> u64 {
+        let total = self.remainder.saturating_add(pico);
+        self.remainder = total % PICO_PER_MICRO;
         u64::try_from(total / PICO_PER_MICRO).unwrap_or(u64::MAX)
     }
 }
@@ -122,14 +119,15 @@ mod tests {
     }
 
     #[test]
-    fn carry_keeps_fractions_per_series() {
-        let mut c = CostCarry::default();
+    fn carry_keeps_fractions() {
+        let mut a = CostCarry::default();
         // 1.5 µUSD three times = 4.5 µUSD: increments 1, 2, 1 (remainder 0.5 kept).
-        assert_eq!(c.add("a", 1_500_000), 1);
-        assert_eq!(c.add("a", 1_500_000), 2);
-        assert_eq!(c.add("a", 1_500_000), 1);
-        assert_eq!(c.add("b", 999_999), 0);
-        assert_eq!(c.add("b", 1), 1);
+        assert_eq!(a.add(1_500_000), 1);
+        assert_eq!(a.add(1_500_000), 2);
+        assert_eq!(a.add(1_500_000), 1);
+        let mut b = CostCarry::default();
+        assert_eq!(b.add(999_999), 0);
+        assert_eq!(b.add(1), 1);
     }
 
     #[test]
@@ -137,6 +135,6 @@ mod tests {
         let p = Price::per_million(1e6, 1e6, 1e6);
         let u = Usage { input: u64::MAX, output: u64::MAX, cached_input: 0, reasoning: 0, cache_creation_input: 0 };
         let mut c = CostCarry::default();
-        assert_eq!(c.add("x", p.cost_pico(&u)), u64::MAX);
+        assert_eq!(c.add(p.cost_pico(&u)), u64::MAX);
     }
 }

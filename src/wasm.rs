@@ -6,7 +6,7 @@
 //! hostcall failure here is handled and counted instead (`meter_errors_total{kind="hostcall"}`).
 
 use crate::config::Config;
-use crate::filter::{Exchange, Flow, Host, InternalError, Worker};
+use crate::filter::{Exchange, Flow, Host, InternalError, MetricKind, Worker};
 use crate::hold;
 use crate::labels::{SharedStore, StoreError};
 use crate::metrics::{stat_name, Metric};
@@ -103,7 +103,7 @@ impl RootContext for Root {
             stat_name(&config.metrics.prefix, Metric::MeterErrorsTotal, &[InternalError::Hostcall.as_str()]);
         metrics.hostcall_errors = hostcalls::define_metric(MetricType::Counter, &errors_name).ok();
         let worker = Worker::new(config);
-        let mut host = WasmHost { metrics: &mut metrics, request_body_size: 0 };
+        let mut host = WasmHost::new(&mut metrics, 0);
         worker.init_shared(&mut host);
         log(LogLevel::Info, "llm-meter: configured");
         if worker.config().request.model_lookahead_bytes > 0 {
@@ -121,7 +121,7 @@ impl RootContext for Root {
         if worker.holds.waiting() == 0 {
             return;
         }
-        let mut host = WasmHost { metrics, request_body_size: 0 };
+        let mut host = WasmHost::new(metrics, 0);
         let stalled = worker.holds.stalled(host.now_nanos());
         for context in stalled.contexts {
             worker.count_error(&mut host, InternalError::HoldStalled);
@@ -189,7 +189,7 @@ impl Http {
             self.exchange.stop_holding();
         }
         let was_holding = self.exchange.is_holding();
-        let mut host = WasmHost { metrics, request_body_size: self.request_body_size };
+        let mut host = WasmHost::new(metrics, self.request_body_size);
         let result = f(&mut self.exchange, &mut host, worker);
         match (was_holding, self.exchange.is_holding()) {
             (false, true) => worker.holds.started(self.context_id, host.now_nanos()),
@@ -275,11 +275,48 @@ impl HttpContext for Http {
     }
 }
 
-/// [`Host`] over proxy-wasm hostcalls.
+/// [`Host`] over proxy-wasm hostcalls. One lives for one callback.
 struct WasmHost<'a> {
     metrics: &'a mut MetricIds,
     /// Size of the request body Envoy holds in the current callback (0 outside body callbacks).
     request_body_size: usize,
+    /// The time, read once per callback (a callback takes microseconds).
+    now: std::cell::Cell<Option<u64>>,
+}
+
+impl<'a> WasmHost<'a> {
+    fn new(metrics: &'a mut MetricIds, request_body_size: usize) -> Self {
+        Self { metrics, request_body_size, now: std::cell::Cell::new(None) }
+    }
+}
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    /// The SDK's wrapper panics on an unexpected status and unwraps while parsing.
+    fn proxy_get_header_map_pairs(map_type: u32, data: *mut *mut u8, size: *mut usize) -> u32;
+}
+
+/// All headers of `map` in one hostcall.
+fn header_pairs(map: MapType) -> Result<Vec<(String, Vec<u8>)>, Status> {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the host writes a pointer to `size` bytes it allocated through this module's
+    // `proxy_on_memory_allocate` (a `Vec` with capacity `size`), which we then own, as the SDK
+    // does for every returned buffer.
+    let bytes = unsafe {
+        let status = proxy_get_header_map_pairs(map as u32, &mut data, &mut size);
+        match status {
+            0 => {}
+            1 => return Err(Status::NotFound),
+            2 => return Err(Status::BadArgument),
+            _ => return Err(Status::InternalFailure),
+        }
+        if data.is_null() {
+            return Ok(Vec::new());
+        }
+        Vec::from_raw_parts(data, size, size)
+    };
+    crate::header_map::parse(&bytes).ok_or(Status::ParseFailure)
 }
 
 impl WasmHost<'_> {
@@ -333,15 +370,23 @@ impl Host for WasmHost<'_> {
         self.header(MapType::HttpRequestHeaders, name)
     }
 
-    fn response_header(&self, name: &str) -> Option<Vec<u8>> {
-        self.header(MapType::HttpResponseHeaders, name)
+    fn response_headers(&self) -> Vec<(String, Vec<u8>)> {
+        header_pairs(MapType::HttpResponseHeaders).unwrap_or_else(|status| {
+            self.metrics.hostcall_failed("get_header_map_pairs", status);
+            Vec::new()
+        })
     }
 
     fn now_nanos(&self) -> u64 {
-        hostcalls::get_current_time()
+        if let Some(now) = self.now.get() {
+            return now;
+        }
+        let now = hostcalls::get_current_time()
             .ok()
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        self.now.set(Some(now));
+        now
     }
 
     fn response_code(&self) -> Option<u16> {
@@ -352,34 +397,21 @@ impl Host for WasmHost<'_> {
         self.int_property(&["response", "flags"])
     }
 
-    fn counter_add(&mut self, name: &str, value: u64) {
-        // Defining the counter creates it at 0; Envoy rejects increments that are not positive.
-        if let Some(id) = self.metrics.get(MetricType::Counter, name) {
-            if value > 0 {
-                self.check(
-                    "increment_metric",
-                    hostcalls::increment_metric(id, i64::try_from(value).unwrap_or(i64::MAX)),
-                );
-            }
-        }
+    fn define_metric(&mut self, kind: MetricKind, name: &str) -> Option<u32> {
+        let kind = match kind {
+            MetricKind::Counter => MetricType::Counter,
+            MetricKind::Gauge => MetricType::Gauge,
+            MetricKind::Histogram => MetricType::Histogram,
+        };
+        self.metrics.get(kind, name)
     }
 
-    fn gauge_add(&mut self, name: &str, delta: i64) {
-        if let Some(id) = self.metrics.get(MetricType::Gauge, name) {
-            self.check("increment_metric", hostcalls::increment_metric(id, delta));
-        }
+    fn metric_add(&mut self, id: u32, delta: i64) {
+        self.check("increment_metric", hostcalls::increment_metric(id, delta));
     }
 
-    fn gauge_set(&mut self, name: &str, value: u64) {
-        if let Some(id) = self.metrics.get(MetricType::Gauge, name) {
-            self.check("record_metric", hostcalls::record_metric(id, value));
-        }
-    }
-
-    fn histogram_record(&mut self, name: &str, value: u64) {
-        if let Some(id) = self.metrics.get(MetricType::Histogram, name) {
-            self.check("record_metric", hostcalls::record_metric(id, value));
-        }
+    fn metric_record(&mut self, id: u32, value: u64) {
+        self.check("record_metric", hostcalls::record_metric(id, value));
     }
 
     fn log_warn(&self, message: &str) {

@@ -1,0 +1,254 @@
+//! What one whole exchange costs in the filter's own code, and how many hostcalls it makes.
+//!
+//! Runs [`Exchange`] through the events Envoy delivers for a non-streaming chat completion (the
+//! `just bench` workload: 208-byte request, 1 KB JSON response with usage) and for a streaming
+//! one (200 chunks + a usage chunk), over an in-memory host that behaves like the wasm glue
+//! (metric ids cached by name, headers in maps, the clock read once per callback). It counts
+//! the hostcalls the glue would make: one per host method call, plus the copy of each body
+//! chunk into the VM. Natively this is the logic's cost without V8; in Envoy the same code runs
+//! slower and every hostcall also costs a VM exit.
+//!
+//! `cargo bench -p llm-meter --bench exchange` (native only: on wasm32 this is an empty binary).
+
+#[cfg(not(target_arch = "wasm32"))]
+mod native {
+    use criterion::{Criterion, Throughput};
+    use llm_meter::config::Config;
+    use llm_meter::filter::{Exchange, Host, MetricKind, Worker};
+    use llm_meter::labels::{SharedStore, StoreError};
+    use std::cell::{Cell, RefCell};
+    use std::collections::HashMap;
+    use std::hint::black_box;
+
+    /// Envoy in memory, counting the hostcalls the glue would make.
+    #[derive(Default)]
+    struct BenchHost {
+        shared: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+        request_headers: Vec<(String, Vec<u8>)>,
+        response_headers: Vec<(String, Vec<u8>)>,
+        /// Stat ids by name, as the glue caches them (`define_metric` once per name).
+        ids: HashMap<String, u32>,
+        values: Vec<i64>,
+        now: Cell<u64>,
+        /// The glue reads the clock once per callback.
+        now_read: Cell<bool>,
+        hostcalls: Cell<u64>,
+    }
+
+    impl BenchHost {
+        fn call(&self) {
+            self.hostcalls.set(self.hostcalls.get() + 1);
+        }
+
+        /// A new callback from Envoy; `body`: the glue copies a body chunk into the VM first.
+        fn callback(&self, body: bool) {
+            self.now_read.set(false);
+            if body {
+                self.call();
+            }
+        }
+    }
+
+    impl SharedStore for BenchHost {
+        fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+            self.call();
+            self.shared.borrow().get(key).cloned()
+        }
+        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+            self.call();
+            let mut shared = self.shared.borrow_mut();
+            let entry = shared.entry(key.to_string()).or_insert_with(|| (Vec::new(), 0));
+            if cas.is_some_and(|c| c != entry.1) {
+                return Err(StoreError::CasMismatch);
+            }
+            entry.0 = value.to_vec();
+            entry.1 += 1;
+            Ok(())
+        }
+    }
+
+    fn find(headers: &[(String, Vec<u8>)], name: &str) -> Option<Vec<u8>> {
+        headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    }
+
+    impl Host for BenchHost {
+        fn request_header(&self, name: &str) -> Option<Vec<u8>> {
+            self.call();
+            find(&self.request_headers, name)
+        }
+        fn response_headers(&self) -> Vec<(String, Vec<u8>)> {
+            self.call();
+            self.response_headers.clone()
+        }
+        fn now_nanos(&self) -> u64 {
+            if !self.now_read.replace(true) {
+                self.call();
+                self.now.set(self.now.get() + 1_000_000);
+            }
+            self.now.get()
+        }
+        fn response_code(&self) -> Option<u16> {
+            self.call();
+            Some(200)
+        }
+        fn response_flags(&self) -> Option<u64> {
+            self.call();
+            Some(0)
+        }
+        fn define_metric(&mut self, _kind: MetricKind, name: &str) -> Option<u32> {
+            if let Some(&id) = self.ids.get(name) {
+                return Some(id);
+            }
+            self.call();
+            let id = u32::try_from(self.values.len()).ok()?;
+            self.ids.insert(name.to_string(), id);
+            self.values.push(0);
+            Some(id)
+        }
+        fn metric_add(&mut self, id: u32, delta: i64) {
+            self.call();
+            if let Some(v) = self.values.get_mut(id as usize) {
+                *v += delta;
+            }
+        }
+        fn metric_record(&mut self, id: u32, value: u64) {
+            self.call();
+            if let Some(v) = self.values.get_mut(id as usize) {
+                *v = value as i64;
+            }
+        }
+        fn log_warn(&self, _message: &str) {
+            self.call();
+        }
+        fn client_address(&self) -> Option<Vec<u8>> {
+            self.call();
+            Some(b"127.0.0.1:5000".to_vec())
+        }
+        fn send_response(&mut self, _status: u16, _headers: &[(String, String)], _body: &[u8]) {
+            self.call();
+        }
+        fn set_response_header(&mut self, name: &str, value: &str) {
+            self.call();
+            self.response_headers.retain(|(k, _)| k != name);
+            self.response_headers.push((name.to_string(), value.as_bytes().to_vec()));
+        }
+        fn remove_response_header(&mut self, name: &str) {
+            self.call();
+            self.response_headers.retain(|(k, _)| k != name);
+        }
+        fn set_request_header(&mut self, _name: &str, _value: &str) {
+            self.call();
+        }
+        fn remove_request_header(&mut self, _name: &str) {
+            self.call();
+        }
+        fn request_body(&self) -> Option<Vec<u8>> {
+            self.call();
+            None
+        }
+        fn set_request_body(&mut self, _body: &[u8]) {
+            self.call();
+        }
+    }
+
+    const REQUEST: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Say hello in one short sentence, please."}],"max_tokens":64}"#;
+
+    fn response_json() -> String {
+        let content = "Hello! ".repeat(120);
+        format!(
+            r#"{{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"gpt-4o-mini-2024-07-18","choices":[{{"index":0,"message":{{"role":"assistant","content":"{content}"}},"logprobs":null,"finish_reason":"stop"}}],"usage":{{"prompt_tokens":21,"completion_tokens":78,"total_tokens":99,"prompt_tokens_details":{{"cached_tokens":0}},"completion_tokens_details":{{"reasoning_tokens":0}}}},"system_fingerprint":"fp_bench"}}"#
+        )
+    }
+
+    fn response_sse() -> String {
+        let mut s = String::new();
+        for i in 0..200 {
+            s.push_str(&format!(
+                "data: {{\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"gpt-4o-mini-2024-07-18\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"token{i} \"}},\"finish_reason\":null}}],\"usage\":null}}\n\n"
+            ));
+        }
+        s.push_str("data: {\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"gpt-4o-mini-2024-07-18\",\"choices\":[],\"usage\":{\"prompt_tokens\":21,\"completion_tokens\":200,\"total_tokens\":221}}\n\ndata: [DONE]\n\n");
+        s
+    }
+
+    const CONFIG: &str = r#"{"metrics": {"app_header": "x-app-id"},
+        "pricing": {"gpt-4o-mini": {"input": 0.15, "output": 0.6, "cached_input": 0.075}}}"#;
+    const LIMITS: &str = r#"{"metrics": {"app_header": "x-app-id"},
+        "pricing": {"gpt-4o-mini": {"input": 0.15, "output": 0.6, "cached_input": 0.075}},
+        "limits": [{"name": "rpm", "key": "header:x-api-key", "requests_per_minute": 100000000},
+                   {"name": "tpm", "key": "header:x-api-key", "tokens_per_minute": 100000000000}]}"#;
+
+    fn host(content_type: &str) -> BenchHost {
+        let mut host = BenchHost::default();
+        for (k, v) in [
+            (":method", "POST"),
+            (":path", "/v1/chat/completions"),
+            (":authority", "localhost"),
+            ("content-type", "application/json"),
+            ("content-length", "208"),
+            ("x-app-id", "bench"),
+            ("x-api-key", "sk-bench-0123456789"),
+            ("user-agent", "wrk"),
+        ] {
+            host.request_headers.push((k.to_string(), v.as_bytes().to_vec()));
+        }
+        for (k, v) in [
+            (":status", "200"),
+            ("content-type", content_type),
+            ("date", "Mon, 23 Nov 2026 12:00:00 GMT"),
+            ("server", "envoy"),
+            ("x-envoy-upstream-service-time", "0"),
+        ] {
+            host.response_headers.push((k.to_string(), v.as_bytes().to_vec()));
+        }
+        host
+    }
+
+    /// One exchange as Envoy delivers it; the response arrives in `chunks`.
+    fn exchange(host: &mut BenchHost, worker: &mut Worker, chunks: &[&[u8]]) {
+        let mut x = Exchange::new();
+        host.callback(false);
+        x.on_request_headers(host, worker, false);
+        host.callback(true);
+        x.on_request_body(host, worker, REQUEST.as_bytes(), true);
+        host.callback(false);
+        x.on_response_headers(host, worker);
+        for (i, chunk) in chunks.iter().enumerate() {
+            host.callback(true);
+            black_box(x.on_response_body(host, chunk, i + 1 == chunks.len()));
+        }
+        host.callback(false);
+        x.on_log(host, worker);
+    }
+
+    fn case(c: &mut Criterion, name: &str, config: &str, content_type: &str, body: &str, chunk: usize) {
+        let mut worker = Worker::new(Config::parse(config.as_bytes()).expect("config"));
+        let mut host = host(content_type);
+        let chunks: Vec<&[u8]> = body.as_bytes().chunks(chunk).collect();
+        // Warm: labels admitted, metrics defined; then count one steady-state exchange.
+        exchange(&mut host, &mut worker, &chunks);
+        host.hostcalls.set(0);
+        exchange(&mut host, &mut worker, &chunks);
+        println!("{name}: {} hostcalls per exchange ({} response chunks)", host.hostcalls.get(), chunks.len());
+        let mut group = c.benchmark_group("exchange");
+        group.throughput(Throughput::Bytes((REQUEST.len() + body.len()) as u64));
+        group.bench_function(name, |b| b.iter(|| exchange(&mut host, &mut worker, &chunks)));
+        group.finish();
+    }
+
+    pub fn main() {
+        let mut c = Criterion::default().configure_from_args();
+        let json = response_json();
+        let sse = response_sse();
+        case(&mut c, "chat_json_metrics", CONFIG, "application/json", &json, 16384);
+        case(&mut c, "chat_json_metrics_2_limits", LIMITS, "application/json", &json, 16384);
+        // Envoy hands a 60 KB upstream body to filters in chunks of up to 16 KiB.
+        case(&mut c, "chat_sse_metrics", CONFIG, "text/event-stream", &sse, 16384);
+        c.final_summary();
+    }
+}
+
+fn main() {
+    #[cfg(not(target_arch = "wasm32"))]
+    native::main();
+}

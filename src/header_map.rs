@@ -1,0 +1,99 @@
+//! proxy-wasm's serialized header map, as `proxy_get_header_map_pairs` returns it.
+//!
+//! The filter reads all response headers in one hostcall instead of one call per name (it looks
+//! up over a dozen names: three families of rate-limit headers, status, encoding, type). The SDK
+//! has a parser for this format, but it indexes and unwraps: bytes the host got wrong would abort
+//! the VM. This one checks every length and returns `None` instead.
+//!
+//! Format (little-endian u32s): the number of pairs `n`; then `n` pairs of (name length, value
+//! length); then, for each pair, the name bytes, a NUL, the value bytes, a NUL.
+
+/// Header pairs from a serialized map; `None` if the bytes are not a well-formed map.
+pub fn parse(bytes: &[u8]) -> Option<Vec<(String, Vec<u8>)>> {
+    if bytes.is_empty() {
+        return Some(Vec::new());
+    }
+    let u32_at = |at: usize| -> Option<usize> {
+        let raw: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
+        usize::try_from(u32::from_le_bytes(raw)).ok()
+    };
+    let count = u32_at(0)?;
+    // Each pair takes at least 8 bytes of sizes and 2 NULs: a count beyond that is corrupt
+    // (and must not size an allocation).
+    if count > bytes.len() / 10 {
+        return None;
+    }
+    let mut pairs = Vec::with_capacity(count);
+    let mut at = 4usize.checked_add(count.checked_mul(8)?)?;
+    let mut take = |len: usize| -> Option<&[u8]> {
+        let end = at.checked_add(len)?;
+        let data = bytes.get(at..end)?;
+        if bytes.get(end) != Some(&0) {
+            return None;
+        }
+        at = end.checked_add(1)?;
+        Some(data)
+    };
+    for i in 0..count {
+        let sizes = 4 + i * 8;
+        let (name_len, value_len) = (u32_at(sizes)?, u32_at(sizes + 4)?);
+        let name = String::from_utf8(take(name_len)?.to_vec()).ok()?;
+        let value = take(value_len)?.to_vec();
+        pairs.push((name, value));
+    }
+    Some(pairs)
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    use super::*;
+
+    fn serialize(pairs: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
+        for (k, v) in pairs {
+            out.extend((k.len() as u32).to_le_bytes());
+            out.extend((v.len() as u32).to_le_bytes());
+        }
+        for (k, v) in pairs {
+            out.extend(k.as_bytes());
+            out.push(0);
+            out.extend(*v);
+            out.push(0);
+        }
+        out
+    }
+
+    #[test]
+    fn round_trips_headers_with_any_value_bytes() {
+        let pairs: [(&str, &[u8]); 3] = [(":status", b"200"), ("x-bin", b"\xff\x00\n"), ("empty", b"")];
+        let parsed = parse(&serialize(&pairs)).unwrap();
+        let expected: Vec<(String, Vec<u8>)> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_vec())).collect();
+        assert_eq!(parsed, expected);
+        assert_eq!(parse(b""), Some(Vec::new()));
+        assert_eq!(parse(&0u32.to_le_bytes()), Some(Vec::new()));
+    }
+
+    #[test]
+    fn malformed_maps_are_none_never_a_panic() {
+        let good = serialize(&[("content-type", b"application/json"), ("date", b"x")]);
+        // Every truncation and every single-byte corruption.
+        for end in 0..good.len() {
+            let _ = parse(&good[..end]);
+        }
+        for i in 0..good.len() {
+            for b in [0u8, 1, 0x7f, 0xff] {
+                let mut bad = good.clone();
+                bad[i] = b;
+                let _ = parse(&bad);
+            }
+        }
+        assert_eq!(parse(&good[..good.len() - 1]), None);
+        assert_eq!(parse(&u32::MAX.to_le_bytes()), None);
+        let mut huge_len = good.clone();
+        huge_len[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(parse(&huge_len), None);
+    }
+}
