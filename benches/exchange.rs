@@ -25,6 +25,8 @@ mod native {
     struct BenchHost {
         shared: RefCell<HashMap<String, (Vec<u8>, u32)>>,
         request_headers: Vec<(String, Vec<u8>)>,
+        /// What the upstream sends; `response_headers` starts from it in every exchange.
+        upstream_headers: Vec<(String, Vec<u8>)>,
         response_headers: Vec<(String, Vec<u8>)>,
         /// Stat ids by name, as the glue caches them (`define_metric` once per name).
         ids: HashMap<String, u32>,
@@ -33,29 +35,35 @@ mod native {
         /// The glue reads the clock once per callback.
         now_read: Cell<bool>,
         hostcalls: Cell<u64>,
+        /// Hostcalls by kind, while `tracing`.
+        trace: RefCell<std::collections::BTreeMap<&'static str, u64>>,
+        tracing: Cell<bool>,
     }
 
     impl BenchHost {
-        fn call(&self) {
+        fn call(&self, what: &'static str) {
             self.hostcalls.set(self.hostcalls.get() + 1);
+            if self.tracing.get() {
+                *self.trace.borrow_mut().entry(what).or_default() += 1;
+            }
         }
 
         /// A new callback from Envoy; `body`: the glue copies a body chunk into the VM first.
         fn callback(&self, body: bool) {
             self.now_read.set(false);
             if body {
-                self.call();
+                self.call("get_buffer_bytes");
             }
         }
     }
 
     impl SharedStore for BenchHost {
         fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-            self.call();
+            self.call("get_shared_data");
             self.shared.borrow().get(key).cloned()
         }
         fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
-            self.call();
+            self.call("set_shared_data");
             let mut shared = self.shared.borrow_mut();
             let entry = shared.entry(key.to_string()).or_insert_with(|| (Vec::new(), 0));
             if cas.is_some_and(|c| c != entry.1) {
@@ -73,81 +81,81 @@ mod native {
 
     impl Host for BenchHost {
         fn request_header(&self, name: &str) -> Option<Vec<u8>> {
-            self.call();
+            self.call("get_header_map_value");
             find(&self.request_headers, name)
         }
         fn response_headers(&self) -> Vec<(String, Vec<u8>)> {
-            self.call();
+            self.call("get_header_map_pairs");
             self.response_headers.clone()
         }
         fn now_nanos(&self) -> u64 {
             if !self.now_read.replace(true) {
-                self.call();
+                self.call("get_current_time_nanoseconds");
                 self.now.set(self.now.get() + 1_000_000);
             }
             self.now.get()
         }
         fn response_code(&self) -> Option<u16> {
-            self.call();
+            self.call("get_property");
             Some(200)
         }
         fn response_flags(&self) -> Option<u64> {
-            self.call();
+            self.call("get_property");
             Some(0)
         }
         fn define_metric(&mut self, _kind: MetricKind, name: &str) -> Option<u32> {
             if let Some(&id) = self.ids.get(name) {
                 return Some(id);
             }
-            self.call();
+            self.call("define_metric");
             let id = u32::try_from(self.values.len()).ok()?;
             self.ids.insert(name.to_string(), id);
             self.values.push(0);
             Some(id)
         }
         fn metric_add(&mut self, id: u32, delta: i64) {
-            self.call();
+            self.call("increment_metric");
             if let Some(v) = self.values.get_mut(id as usize) {
                 *v += delta;
             }
         }
         fn metric_record(&mut self, id: u32, value: u64) {
-            self.call();
+            self.call("record_metric");
             if let Some(v) = self.values.get_mut(id as usize) {
                 *v = value as i64;
             }
         }
         fn log_warn(&self, _message: &str) {
-            self.call();
+            self.call("log");
         }
         fn client_address(&self) -> Option<Vec<u8>> {
-            self.call();
+            self.call("get_property");
             Some(b"127.0.0.1:5000".to_vec())
         }
         fn send_response(&mut self, _status: u16, _headers: &[(String, String)], _body: &[u8]) {
-            self.call();
+            self.call("send_http_response");
         }
         fn set_response_header(&mut self, name: &str, value: &str) {
-            self.call();
+            self.call("replace_header_map_value");
             self.response_headers.retain(|(k, _)| k != name);
             self.response_headers.push((name.to_string(), value.as_bytes().to_vec()));
         }
         fn remove_response_header(&mut self, name: &str) {
-            self.call();
+            self.call("remove_header_map_value");
             self.response_headers.retain(|(k, _)| k != name);
         }
         fn set_request_header(&mut self, _name: &str, _value: &str) {
-            self.call();
+            self.call("replace_header_map_value");
         }
         fn remove_request_header(&mut self, _name: &str) {
-            self.call();
+            self.call("remove_header_map_value");
         }
         fn request_body(&self) -> Option<Vec<u8>> {
-            self.call();
+            self.call("get_buffer_bytes");
             None
         }
         fn set_request_body(&mut self, _body: &[u8]) {
-            self.call();
+            self.call("set_buffer_bytes");
         }
     }
 
@@ -199,13 +207,14 @@ mod native {
             ("server", "envoy"),
             ("x-envoy-upstream-service-time", "0"),
         ] {
-            host.response_headers.push((k.to_string(), v.as_bytes().to_vec()));
+            host.upstream_headers.push((k.to_string(), v.as_bytes().to_vec()));
         }
         host
     }
 
     /// One exchange as Envoy delivers it; the response arrives in `chunks`.
     fn exchange(host: &mut BenchHost, worker: &mut Worker, chunks: &[&[u8]]) {
+        host.response_headers.clone_from(&host.upstream_headers);
         let mut x = Exchange::new();
         host.callback(false);
         x.on_request_headers(host, worker, false);
@@ -228,8 +237,16 @@ mod native {
         // Warm: labels admitted, metrics defined; then count one steady-state exchange.
         exchange(&mut host, &mut worker, &chunks);
         host.hostcalls.set(0);
+        host.tracing.set(true);
         exchange(&mut host, &mut worker, &chunks);
-        println!("{name}: {} hostcalls per exchange ({} response chunks)", host.hostcalls.get(), chunks.len());
+        host.tracing.set(false);
+        let trace: Vec<String> = host.trace.borrow().iter().map(|(k, n)| format!("{k} {n}")).collect();
+        println!(
+            "{name}: {} hostcalls per exchange ({} response chunks): {}",
+            host.hostcalls.get(),
+            chunks.len(),
+            trace.join(", ")
+        );
         let mut group = c.benchmark_group("exchange");
         group.throughput(Throughput::Bytes((REQUEST.len() + body.len()) as u64));
         group.bench_function(name, |b| b.iter(|| exchange(&mut host, &mut worker, &chunks)));

@@ -100,9 +100,21 @@ fn json_string(raw: &[u8]) -> Option<String> {
     }
 }
 
-/// Top-level request fields read: the model, and the output caps token limits reserve for
-/// (`max_tokens` legacy, `max_completion_tokens` chat, `max_output_tokens` Responses API).
-static REQUEST_PATHS: &[&[&str]] = &[&["model"], &["max_tokens"], &["max_completion_tokens"], &["max_output_tokens"]];
+/// Request fields read: the model, the output caps token limits reserve for (`max_tokens`
+/// legacy, `max_completion_tokens` chat, `max_output_tokens` Responses API), and whether a
+/// stream asks for usage (so that only streams without it are rewritten, see
+/// [`crate::inject`]).
+static REQUEST_PATHS: &[&[&str]] = &[
+    &["model"],
+    &["max_tokens"],
+    &["max_completion_tokens"],
+    &["max_output_tokens"],
+    &["stream"],
+    &["stream_options", "include_usage"],
+];
+const PATH_MODEL: usize = 0;
+const PATH_STREAM: usize = 4;
+const PATH_INCLUDE_USAGE: usize = 5;
 
 /// Finds the top-level `model` (and output token cap) of a JSON request body, chunk by chunk.
 #[derive(Debug)]
@@ -110,6 +122,10 @@ pub struct RequestScanner {
     json: JsonScanner,
     model: Option<String>,
     max_output: Option<u64>,
+    /// `"stream": true` (the last `stream` key, as in a full parse).
+    stream: bool,
+    /// `"stream_options": {"include_usage": true}`.
+    include_usage: bool,
     bytes: u64,
     skips: Skips,
 }
@@ -120,6 +136,8 @@ impl Default for RequestScanner {
             json: JsonScanner::new(REQUEST_PATHS, MAX_MODEL_BYTES),
             model: None,
             max_output: None,
+            stream: false,
+            include_usage: false,
             bytes: 0,
             skips: Skips::default(),
         }
@@ -132,18 +150,21 @@ impl RequestScanner {
     pub fn feed(&mut self, chunk: &[u8]) {
         self.bytes = self.bytes.saturating_add(chunk.len() as u64);
         let (model, max_output, skips) = (&mut self.model, &mut self.max_output, &mut self.skips);
+        let (stream, include_usage) = (&mut self.stream, &mut self.include_usage);
         self.json.feed(chunk, |found| match found {
-            Found::Value { path: 0, raw } => match json_string(raw) {
+            Found::Value { path: PATH_MODEL, raw } => match json_string(raw) {
                 Some(m) => *model = Some(m),
                 None => skips.add(Skip::ModelInvalid),
             },
+            Found::Value { path: PATH_STREAM, raw } => *stream = raw == b"true",
+            Found::Value { path: PATH_INCLUDE_USAGE, raw } => *include_usage = raw == b"true",
             // An output cap that is not a plain count (null, -1, 1e3) reserves nothing.
             Found::Value { raw, .. } => {
                 if let Some(n) = std::str::from_utf8(raw).ok().and_then(|r| r.parse::<u64>().ok()) {
                     *max_output = Some(n);
                 }
             }
-            Found::TooLarge { path: 0 } => skips.add(Skip::ModelInvalid),
+            Found::TooLarge { path: PATH_MODEL } => skips.add(Skip::ModelInvalid),
             Found::TooLarge { .. } => {}
         });
     }
@@ -152,6 +173,12 @@ impl RequestScanner {
     /// `max_output_tokens`, whichever came last), if it was a count.
     pub fn max_output_tokens(&self) -> Option<u64> {
         self.max_output
+    }
+
+    /// True for a streaming request (`"stream": true`) that does not ask for usage
+    /// (`stream_options.include_usage`): the requests [`crate::inject`] rewrites.
+    pub fn stream_lacks_usage(&self) -> bool {
+        self.stream && !self.include_usage
     }
 
     /// Body bytes scanned so far.
@@ -606,6 +633,33 @@ pub(crate) mod tests {
             let mut r = RequestScanner::default();
             r.feed(body);
             assert_eq!(r.max_output_tokens(), want);
+        }
+    }
+
+    #[test]
+    fn request_stream_without_usage_is_recognised_like_a_full_parse() {
+        for (body, want) in [
+            (&br#"{"model":"m","stream":true,"messages":[]}"#[..], true),
+            (br#"{"stream":true,"stream_options":{"include_usage":false}}"#, true),
+            (br#"{"stream":true,"stream_options":null}"#, true),
+            (br#"{"stream":true,"stream_options":{"include_usage":true}}"#, false),
+            (br#"{"stream_options":{"include_usage":true},"stream":true}"#, false),
+            (br#"{"stream":false}"#, false),
+            (br#"{"stream":"true"}"#, false),
+            (br#"{"model":"m"}"#, false),
+            (br#"{"stream":true,"stream":false}"#, false),
+            (br#"{"messages":[{"stream":true,"content":""stream":true"}]}"#, false),
+            (br#"{"metadata":{"stream_options":{"include_usage":true}},"stream":true}"#, true),
+        ] {
+            for split in 1..body.len() {
+                let mut r = RequestScanner::default();
+                let (a, b) = body.split_at(split);
+                r.feed(a);
+                r.feed(b);
+                assert_eq!(r.stream_lacks_usage(), want, "{} split at {split}", String::from_utf8_lossy(body));
+            }
+            // The same decision as the rewrite, which parses the whole body.
+            assert_eq!(crate::inject::rewrite_request(body).is_ok(), want, "{}", String::from_utf8_lossy(body));
         }
     }
 

@@ -487,6 +487,8 @@ pub struct Exchange {
     /// A streaming chat/completions request may need `include_usage` added: the body is held to
     /// its end to decide (see [`crate::inject`]).
     inject_pending: bool,
+    /// The body was too large to hold whole for `include_usage` to be added.
+    inject_abandoned: bool,
     /// `include_usage` was added: the usage-only chunk is removed from the client's stream.
     injected: bool,
     stripper: Option<UsageChunkStripper>,
@@ -602,9 +604,10 @@ impl Exchange {
             return Flow::Hold;
         }
         if self.inject_pending {
-            // Too large to hold whole: a stream that lacks `include_usage` stays unmetered.
+            // Too large to hold whole: if it is a stream that lacks `include_usage`, it stays
+            // unmetered (counted at the end, when the scan knows).
             self.inject_pending = false;
-            self.limit_skips.add(Skip::NotInjected);
+            self.inject_abandoned = true;
         }
         if let Some(flow) = self.check_limits(host, worker) {
             return flow;
@@ -616,6 +619,11 @@ impl Exchange {
     /// request without it, and fixes `content-length`.
     fn inject_usage<H: Host>(&mut self, host: &mut H) {
         self.inject_pending = false;
+        if !self.request.stream_lacks_usage() {
+            // Not a stream, or one that asks for usage: nothing to add (the scan saw the whole
+            // body), so the body is neither copied nor parsed again.
+            return;
+        }
         if self.held_bytes.is_none() {
             // Part of the body was forwarded already (the hold was released).
             self.limit_skips.add(Skip::NotInjected);
@@ -880,6 +888,9 @@ impl Exchange {
         }
 
         let mut skips = *self.request.skips();
+        if self.inject_abandoned && self.request.stream_lacks_usage() {
+            skips.add(Skip::NotInjected);
+        }
         skips.merge(&self.response_skips);
         skips.merge(&self.limit_skips);
         if let Some(r) = &self.response {
@@ -965,6 +976,7 @@ mod tests {
         client_address: Option<Vec<u8>>,
         sent: Option<Sent>,
         request_body: Option<Vec<u8>>,
+        request_body_reads: std::cell::Cell<usize>,
     }
 
     impl SharedStore for FakeHost {
@@ -1043,6 +1055,7 @@ mod tests {
             self.request_headers.remove(name);
         }
         fn request_body(&self) -> Option<Vec<u8>> {
+            self.request_body_reads.set(self.request_body_reads.get() + 1);
             self.request_body.clone()
         }
         fn set_request_body(&mut self, body: &[u8]) {
@@ -1193,6 +1206,43 @@ mod tests {
             x.on_response_headers(&mut host, &mut w);
             assert!(!x.rewrites_response());
             assert_eq!(x.on_response_body(&mut host, CHAT_SSE.as_bytes(), true), None);
+        }
+    }
+
+    #[test]
+    fn only_streams_without_usage_are_read_again_or_counted_as_not_injected() {
+        let mut w = worker(r#"{"request":{"model_lookahead_bytes":64}}"#);
+        let mut host = FakeHost::default();
+        host.request_headers.insert(":path".into(), b"/v1/chat/completions".to_vec());
+        let mut skipped = 0;
+        for (body, streaming) in [
+            (br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hello"}]}"#.to_vec(), false),
+            (br#"{"model":"gpt-4o","stream":true,"messages":[]}"#.to_vec(), true),
+        ] {
+            // A body within the lookahead: only the stream's body is read back for the rewrite.
+            host.request_body = Some(body.clone());
+            let reads = host.request_body_reads.get();
+            let mut x = Exchange::new();
+            x.on_request_headers(&mut host, &mut w, false);
+            x.on_request_body(&mut host, &mut w, &body, true);
+            assert_eq!(host.request_body_reads.get() - reads, usize::from(streaming));
+            x.on_log(&mut host, &mut w);
+
+            // A body beyond the lookahead cannot be rewritten: a skip only if it is a stream.
+            let mut big = body.clone();
+            big.truncate(big.len() - 1);
+            big.extend(format!(r#","pad":"{}"}}"#, "x".repeat(100)).bytes());
+            let mut x = Exchange::new();
+            x.on_request_headers(&mut host, &mut w, false);
+            let (a, b) = big.split_at(70);
+            assert_eq!(x.on_request_body(&mut host, &mut w, a, false), Flow::Continue);
+            x.on_request_body(&mut host, &mut w, b, true);
+            host.response_headers.insert(":status".into(), b"200".to_vec());
+            x.on_response_headers(&mut host, &mut w);
+            x.on_log(&mut host, &mut w);
+            skipped += u64::from(streaming);
+            let skips = counter(&host, "reason=.=usage_not_injected;.;llm_meter_skips_total");
+            assert_eq!(skips, skipped, "{}", String::from_utf8_lossy(&big));
         }
     }
 
