@@ -439,6 +439,8 @@ def front_yaml(setup, listen, admin, upstream, shipped):
     filter_cfg = {} if setup == "n" else metrics_config(shipped)
     if setup == "c":
         filter_cfg["limits"] = LIMIT_RULES
+    if setup != "n":
+        merge(filter_cfg, FILTER_EXTRA)
     begin = cfg.find("# llm-meter configuration begin")
     end = cfg.find("# llm-meter configuration end")
     indent = " " * 18
@@ -446,6 +448,18 @@ def front_yaml(setup, listen, admin, upstream, shipped):
              + "".join(f"{indent}  {line}\n" for line in json.dumps(filter_cfg, indent=2).split("\n"))
              + indent)
     return cfg[:begin] + block + cfg[end:]
+
+
+# --filter-extra: JSON merged into the (b) and (c) filter configurations (an experiment's knob).
+FILTER_EXTRA = {}
+
+
+def merge(into, extra):
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            merge(into[k], v)
+        else:
+            into[k] = v
 
 
 def metrics_config(shipped):
@@ -1067,6 +1081,9 @@ def parse_args():
                          "(0: never wait, never repeat)")
     ap.add_argument("--retries", type=int, default=int(os.environ.get("BENCH_RETRIES", 3)),
                     help="repeat a measurement disturbed by other processes at most this many times")
+    ap.add_argument("--filter-extra", default=os.environ.get("BENCH_FILTER_EXTRA", ""),
+                    help="JSON object merged into the llm-meter configuration of (b) and (c), e.g. "
+                         "'{\"request\":{\"model_lookahead_bytes\":0}}' to measure a configuration's cost")
     ap.add_argument("--perf", action="store_true", default=env_flag("BENCH_PERF", False),
                     help="after each workload's rounds, profile each Envoy setup with perf (cpu-clock) "
                          "and print where its CPU goes")
@@ -1124,6 +1141,13 @@ def machine():
 def main():
     global PROCS
     args = parse_args()
+    if args.filter_extra:
+        try:
+            FILTER_EXTRA.update(json.loads(args.filter_extra))
+        except (ValueError, TypeError) as e:
+            sys.exit(f"--filter-extra: not a JSON object: {e}")
+        if not isinstance(FILTER_EXTRA, dict):
+            sys.exit("--filter-extra: not a JSON object")
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     atexit.register(cleanup)
@@ -1148,6 +1172,8 @@ def main():
             log("LiteLLM skipped: its install failed or took more than 5 minutes")
 
     log(f"just bench{' --smoke (timings meaningless)' if args.smoke else ''}: {machine()}")
+    if FILTER_EXTRA:
+        log(f"--filter-extra merged into the (b) and (c) configurations: {json.dumps(FILTER_EXTRA)}")
     log(f"front Envoys: --concurrency {args.concurrency}; "
         + (f"pinned: proxies under test on CPU {CPU_PROXY}, wrk and the upstream Envoy on CPU {CPU_LOAD}"
            if args.pin else "unpinned"))

@@ -102,8 +102,11 @@ fn header_value<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a 
     headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_slice())
 }
 
-/// A [`Host`] seen as the [`LimitHost`] the rate limits need.
-struct Limits<'a, H>(&'a H);
+/// A [`Host`] seen as the [`LimitHost`] the rate limits need, with the request headers they
+/// read copied when the request headers arrived: Envoy lets a filter read request headers only
+/// until it forwards them, and without a hold the limits are checked after that, at the end of
+/// the body.
+struct Limits<'a, H>(&'a H, &'a [(String, Vec<u8>)]);
 
 impl<H: Host> SharedStore for Limits<'_, H> {
     fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
@@ -116,7 +119,7 @@ impl<H: Host> SharedStore for Limits<'_, H> {
 
 impl<H: Host> LimitHost for Limits<'_, H> {
     fn request_header(&self, name: &str) -> Option<Vec<u8>> {
-        self.0.request_header(name)
+        header_value(self.1, name).map(<[u8]>::to_vec)
     }
     fn client_address(&self) -> Option<Vec<u8>> {
         self.0.client_address()
@@ -478,6 +481,8 @@ pub struct Exchange {
     limits_checked: bool,
     /// Charges to release when the exchange ends.
     reservation: Option<Reservation>,
+    /// The request headers the limits read (see [`Limits`]).
+    limit_headers: Vec<(String, Vec<u8>)>,
     /// The rule that rejected the request, when this filter answered it.
     rejected_by: Option<String>,
     /// Skips found while checking limits.
@@ -547,6 +552,13 @@ impl Exchange {
             && matches!(self.operation, Some(Operation::Chat | Operation::Completion));
         self.started_nanos = host.now_nanos();
         self.app = worker.app_label(host);
+        if worker.config.limits.is_active() {
+            for name in worker.config.limits.request_headers() {
+                if let Some(value) = host.request_header(name) {
+                    self.limit_headers.push((name.to_string(), value));
+                }
+            }
+        }
         if end_of_stream {
             if let Some(flow) = self.check_limits(host, worker) {
                 return flow;
@@ -648,16 +660,14 @@ impl Exchange {
             return None;
         }
         self.limits_checked = true;
-        let content_length = host
-            .request_header("content-length")
-            .and_then(|v| std::str::from_utf8(&v).ok().and_then(|s| s.trim().parse::<u64>().ok()))
-            .unwrap_or(0);
+        let content_length = header_value(&self.limit_headers, "content-length").and_then(parse_u64).unwrap_or(0);
         let facts = RequestFacts {
             model: self.request_model(),
             body_bytes: content_length.max(self.request.bytes()),
             max_output: self.request.max_output_tokens(),
         };
-        let (verdict, notes) = enforce::check(&Limits(&*host), &worker.config, facts, &mut worker.admitted);
+        let limits = Limits(&*host, &self.limit_headers);
+        let (verdict, notes) = enforce::check(&limits, &worker.config, facts, &mut worker.admitted);
         for rule in &notes.overflowed {
             let name = worker.name(Metric::RatelimitKeyOverflowTotal, &[rule]);
             host.counter_add(&name, 1);
@@ -855,7 +865,7 @@ impl Exchange {
         if let Some(reservation) = self.reservation.take() {
             let failed = error != ErrorType::None;
             let failures = enforce::release(
-                &Limits(&*host),
+                &Limits(&*host, &self.limit_headers),
                 &worker.config,
                 request_model.as_deref(),
                 &reservation,

@@ -2,8 +2,11 @@
 //!
 //! Only this module touches the proxy-wasm SDK, and it calls `hostcalls::*` directly rather than
 //! the SDK's trait helpers: those `unwrap()` every hostcall result (and `get_http_request_header`
-//! unwraps `String::from_utf8`), so a header value that is not UTF-8 would abort the VM. Every
-//! hostcall failure here is handled and counted instead (`meter_errors_total{kind="hostcall"}`).
+//! unwraps `String::from_utf8`), so a header value that is not UTF-8 would abort the VM. Hostcall
+//! errors are counted (`meter_errors_total{kind="hostcall"}`) and logged instead. Header reads
+//! use the raw imports: Envoy answers `BadArgument` to a read of request headers once they were
+//! forwarded, and the SDK's `hostcalls` wrappers panic on any status they do not expect (the
+//! other wrappers used here get only the statuses they handle in the callbacks that call them).
 
 use crate::config::Config;
 use crate::filter::{Exchange, Flow, Host, InternalError, MetricKind, Worker};
@@ -290,38 +293,80 @@ impl<'a> WasmHost<'a> {
     }
 }
 
+// The SDK's wrappers of these two panic on an unexpected status: Envoy answers `BadArgument` to a
+// read of request headers once they were forwarded, and the filter must not die of that.
 #[link(wasm_import_module = "env")]
 extern "C" {
-    /// The SDK's wrapper panics on an unexpected status and unwraps while parsing.
     fn proxy_get_header_map_pairs(map_type: u32, data: *mut *mut u8, size: *mut usize) -> u32;
+    fn proxy_get_header_map_value(
+        map_type: u32,
+        key: *const u8,
+        key_size: usize,
+        value: *mut *mut u8,
+        value_size: *mut usize,
+    ) -> u32;
+}
+
+fn status_of(code: u32) -> Status {
+    match code {
+        0 => Status::Ok,
+        1 => Status::NotFound,
+        2 => Status::BadArgument,
+        3 => Status::SerializationFailure,
+        4 => Status::ParseFailure,
+        7 => Status::Empty,
+        8 => Status::CasMismatch,
+        _ => Status::InternalFailure,
+    }
+}
+
+/// Takes ownership of a buffer the host allocated in this module for a returned value.
+///
+/// # Safety
+/// `data` is null or points to `size` bytes the host allocated through this module's
+/// `proxy_on_memory_allocate` (a `Vec` with capacity `size`), as proxy-wasm specifies for every
+/// returned buffer; the SDK takes them the same way.
+unsafe fn take_buffer(data: *mut u8, size: usize) -> Vec<u8> {
+    if data.is_null() {
+        Vec::new()
+    } else {
+        // SAFETY: as documented above.
+        unsafe { Vec::from_raw_parts(data, size, size) }
+    }
+}
+
+/// One header's value: `Ok(None)` when absent.
+fn header_value(map: MapType, name: &str) -> Result<Option<Vec<u8>>, Status> {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the key is a valid slice for the call; the returned buffer is taken as
+    // `take_buffer` requires.
+    unsafe {
+        match status_of(proxy_get_header_map_value(map as u32, name.as_ptr(), name.len(), &mut data, &mut size)) {
+            Status::Ok => Ok(Some(take_buffer(data, size))),
+            Status::NotFound => Ok(None),
+            status => Err(status),
+        }
+    }
 }
 
 /// All headers of `map` in one hostcall.
 fn header_pairs(map: MapType) -> Result<Vec<(String, Vec<u8>)>, Status> {
     let mut data: *mut u8 = std::ptr::null_mut();
     let mut size: usize = 0;
-    // SAFETY: the host writes a pointer to `size` bytes it allocated through this module's
-    // `proxy_on_memory_allocate` (a `Vec` with capacity `size`), which we then own, as the SDK
-    // does for every returned buffer.
+    // SAFETY: the returned buffer is taken as `take_buffer` requires.
     let bytes = unsafe {
-        let status = proxy_get_header_map_pairs(map as u32, &mut data, &mut size);
-        match status {
-            0 => {}
-            1 => return Err(Status::NotFound),
-            2 => return Err(Status::BadArgument),
-            _ => return Err(Status::InternalFailure),
+        match status_of(proxy_get_header_map_pairs(map as u32, &mut data, &mut size)) {
+            Status::Ok => take_buffer(data, size),
+            status => return Err(status),
         }
-        if data.is_null() {
-            return Ok(Vec::new());
-        }
-        Vec::from_raw_parts(data, size, size)
     };
     crate::header_map::parse(&bytes).ok_or(Status::ParseFailure)
 }
 
 impl WasmHost<'_> {
     fn header(&self, map: MapType, name: &str) -> Option<Vec<u8>> {
-        match hostcalls::get_map_value_bytes(map, name) {
+        match header_value(map, name) {
             Ok(value) => value,
             Err(status) => {
                 self.metrics.hostcall_failed("get_map_value", status);

@@ -444,3 +444,22 @@ fn debt_from_one_window_is_charged_to_the_next() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.header_u64("x-ratelimit-remaining-tokens"), 1000 - 600 - estimate);
 }
+
+#[test]
+fn limits_without_holding_requests_still_admit_and_reject() {
+    // `model_lookahead_bytes: 0`: headers are forwarded at once; the limits are checked when the
+    // body has been read, and a rejection is a local reply sent after the headers went upstream.
+    let mock = Mock::start();
+    let envoy = Envoy::start(
+        mock.port,
+        r#"{"inject_stream_usage":false,"request":{"model_lookahead_bytes":0},
+            "limits":[{"name":"rpm","key":"header:x-api-key","requests_per_minute":3},
+                      {"name":"tpm","key":"header:x-api-key","tokens_per_minute":100000000}]}"#,
+    );
+    room_in_window(60, 10);
+    let key = format!("sk-nohold-{}", std::process::id());
+    let statuses: Vec<u16> =
+        (0..5).map(|_| post(&envoy, &[("x-api-key", key.as_str())], &chat("gpt-4o")).status).collect();
+    assert_eq!(statuses, [200, 200, 200, 429, 429], "{}", envoy.log());
+    envoy.wait_value(&rejected("gpt-4o", "rpm"), 2.0);
+}

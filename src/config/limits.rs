@@ -148,6 +148,20 @@ impl LimitsConfig {
     pub fn is_active(&self) -> bool {
         !self.rules.is_empty() || self.max_input_tokens.is_some()
     }
+
+    /// The request headers a check reads: `content-length` (it sizes the estimate) and every
+    /// header a rule keys on, each once.
+    pub fn request_headers(&self) -> Vec<&str> {
+        let mut names = vec!["content-length"];
+        for rule in &self.rules {
+            if let KeySource::Header(name) = &rule.key {
+                if !names.contains(&name.as_str()) {
+                    names.push(name);
+                }
+            }
+        }
+        names
+    }
 }
 
 #[derive(Deserialize)]
