@@ -1081,6 +1081,9 @@ def parse_args():
                          "(0: never wait, never repeat)")
     ap.add_argument("--retries", type=int, default=int(os.environ.get("BENCH_RETRIES", 3)),
                     help="repeat a measurement disturbed by other processes at most this many times")
+    ap.add_argument("--filter", default=os.environ.get("BENCH_FILTER", ""),
+                    help="the llm-meter .wasm to measure in (b) and (c) (default: the `just build` output), "
+                         "e.g. another commit's build, to compare builds")
     ap.add_argument("--filter-extra", default=os.environ.get("BENCH_FILTER_EXTRA", ""),
                     help="JSON object merged into the llm-meter configuration of (b) and (c), e.g. "
                          "'{\"request\":{\"model_lookahead_bytes\":0}}' to measure a configuration's cost")
@@ -1139,8 +1142,10 @@ def machine():
 
 
 def main():
-    global PROCS
+    global PROCS, WASM
     args = parse_args()
+    if args.filter:
+        WASM = Path(args.filter).resolve()
     if args.filter_extra:
         try:
             FILTER_EXTRA.update(json.loads(args.filter_extra))
