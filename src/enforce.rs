@@ -5,7 +5,7 @@
 //! The bucket arithmetic is in [`crate::limiter`]; this module turns a request into charges.
 
 use crate::body::{Skip, Skips};
-use crate::config::{Config, FailureMode, KeySource, Limit, TokenType};
+use crate::config::{Config, FailureMode, KeySource, Limit, Rule, TokenType};
 use crate::labels::{sanitize, SharedStore};
 use crate::limiter::{Acquire, AdmittedKeys, BucketKind, Charge, Held, Limiter};
 use crate::usage::Usage;
@@ -147,11 +147,7 @@ pub fn check<H: LimitHost>(
             }
             Limit::Concurrent { max } => (BucketKind::Concurrent, max, 1, Meter::None),
         };
-        let window_secs = match rule.limit {
-            Limit::Requests { per, .. } | Limit::Tokens { per, .. } | Limit::Usd { per, .. } => per.secs(),
-            Limit::Concurrent { .. } => 0,
-        };
-        let base = format!("llm_meter.{}.rl.{}.{window_secs}", config.metrics.prefix, rule.name);
+        let base = rule_base(config, rule);
         let id = match key_ids.iter().find(|(k, _)| *k == &rule.key) {
             Some((_, id)) => id.clone(),
             None => {
@@ -210,6 +206,38 @@ pub fn check<H: LimitHost>(
             (on_failure(config, name), notes)
         }
     }
+}
+
+/// The shared-data key prefix of a rule's buckets.
+fn rule_base(config: &Config, rule: &Rule) -> String {
+    let window_secs = match rule.limit {
+        Limit::Requests { per, .. } | Limit::Tokens { per, .. } | Limit::Usd { per, .. } => per.secs(),
+        Limit::Concurrent { .. } => 0,
+    };
+    format!("llm_meter.{}.rl.{}.{window_secs}", config.metrics.prefix, rule.name)
+}
+
+/// Creates the shared-data keys every worker updates from the first request on: a global rule's
+/// bucket, a keyed rule's key count and overflow bucket. Run at configuration time, before
+/// traffic: proxy-wasm cannot express "create if absent", so two workers creating a key at
+/// the same moment would both succeed and one's count would be lost (a keyed rule would then
+/// admit one key too many). Once a key exists, every update is a compare-and-swap. Returns the
+/// number of store failures.
+pub fn create_buckets<S: SharedStore + ?Sized>(store: &S, config: &Config) -> u32 {
+    let mut failures = 0;
+    for rule in &config.limits.rules {
+        let base = rule_base(config, rule);
+        let keys = match (&rule.key, rule.per_model) {
+            (KeySource::Global, false) => vec![format!("{base}.global")],
+            _ => vec![format!("{base}#keys"), format!("{base}#overflow")],
+        };
+        for key in keys {
+            if Limiter::create(store, &key).is_err() {
+                failures += 1;
+            }
+        }
+    }
+    failures
 }
 
 /// Releases a reservation when the exchange ends. `usage`: the real usage, if any was reported;
@@ -590,6 +618,39 @@ mod tests {
             assert_eq!(notes.overflowed.len(), usize::from(i >= 2), "key {i}");
         }
         assert_eq!(h.store.data.borrow().len(), 4, "2 keys, the overflow bucket and the key count");
+    }
+
+    #[test]
+    fn buckets_every_worker_updates_exist_before_traffic() {
+        let c = config(
+            r#"{"limits":[{"name":"g","key":"global","requests_per_minute":10},
+                {"name":"k","key":"header:x-api-key","tokens_per_hour":10},
+                {"name":"m","key":"global","per_model":true,"max_concurrent":2}]}"#,
+        );
+        let h = H::default();
+        h.store.set("llm_meter.llm.rl.g.60.global", &[7; 16], None).unwrap();
+        assert_eq!(create_buckets(&h, &c), 0);
+        let mut keys: Vec<String> = h.store.data.borrow().keys().cloned().collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "llm_meter.llm.rl.g.60.global",
+                "llm_meter.llm.rl.k.3600#keys",
+                "llm_meter.llm.rl.k.3600#overflow",
+                "llm_meter.llm.rl.m.0#keys",
+                "llm_meter.llm.rl.m.0#overflow"
+            ]
+        );
+        // An existing bucket is left alone (another worker, or an earlier configuration).
+        assert_eq!(h.store.data.borrow()["llm_meter.llm.rl.g.60.global"].0, vec![7; 16]);
+        // And the first request's admission counts on the created key count.
+        let mut h = h;
+        h.headers.insert("x-api-key".into(), b"a".to_vec());
+        admit(check(&h, &c, facts("m", 4, None)));
+        assert_eq!(h.store.data.borrow()["llm_meter.llm.rl.k.3600#keys"].1, 2, "created, then one CAS update");
+        h.store.broken.set(true);
+        assert_eq!(create_buckets(&H { store: h.store, ..H::default() }, &c), 0, "existing keys need no write");
     }
 
     #[test]

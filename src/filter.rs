@@ -308,6 +308,9 @@ impl Worker {
                 self.count_error(host, InternalError::SharedData);
             }
         }
+        for _ in 0..enforce::create_buckets(&*host, &self.config) {
+            self.count_error(host, InternalError::RateLimit);
+        }
     }
 
     /// The configuration in force.

@@ -3,7 +3,8 @@
 //! The filter reads all response headers in one hostcall instead of one call per name (it looks
 //! up over a dozen names: three families of rate-limit headers, status, encoding, type). The SDK
 //! has a parser for this format, but it indexes and unwraps: bytes the host got wrong would abort
-//! the VM. This one checks every length and returns `None` instead.
+//! the VM. This one checks every length and returns `None` instead. [`serialize`] writes the same
+//! format, for the headers of a local reply.
 //!
 //! Format (little-endian u32s): the number of pairs `n`; then `n` pairs of (name length, value
 //! length); then, for each pair, the name bytes, a NUL, the value bytes, a NUL.
@@ -44,27 +45,31 @@ pub fn parse(bytes: &[u8]) -> Option<Vec<(String, Vec<u8>)>> {
     Some(pairs)
 }
 
+/// Serializes header pairs (for a local reply's headers).
+pub fn serialize(pairs: &[(&str, &[u8])]) -> Vec<u8> {
+    let len32 = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
+    let size = 4 + pairs.iter().map(|(k, v)| 8 + k.len() + v.len() + 2).sum::<usize>();
+    let mut out = Vec::with_capacity(size);
+    out.extend(len32(pairs.len()));
+    for (k, v) in pairs {
+        out.extend(len32(k.len()));
+        out.extend(len32(v.len()));
+    }
+    for (k, v) in pairs {
+        out.extend_from_slice(k.as_bytes());
+        out.push(0);
+        out.extend_from_slice(v);
+        out.push(0);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     use super::*;
-
-    fn serialize(pairs: &[(&str, &[u8])]) -> Vec<u8> {
-        let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
-        for (k, v) in pairs {
-            out.extend((k.len() as u32).to_le_bytes());
-            out.extend((v.len() as u32).to_le_bytes());
-        }
-        for (k, v) in pairs {
-            out.extend(k.as_bytes());
-            out.push(0);
-            out.extend(*v);
-            out.push(0);
-        }
-        out
-    }
 
     #[test]
     fn round_trips_headers_with_any_value_bytes() {
@@ -78,7 +83,8 @@ mod tests {
 
     #[test]
     fn malformed_maps_are_none_never_a_panic() {
-        let good = serialize(&[("content-type", b"application/json"), ("date", b"x")]);
+        let pairs: [(&str, &[u8]); 2] = [("content-type", b"application/json"), ("date", b"x")];
+        let good = serialize(&pairs);
         // Every truncation and every single-byte corruption.
         for end in 0..good.len() {
             let _ = parse(&good[..end]);

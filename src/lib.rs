@@ -29,3 +29,5 @@ pub mod usage;
 
 #[cfg(target_os = "wasi")]
 mod wasm;
+#[cfg(target_os = "wasi")]
+mod wasm_abi;

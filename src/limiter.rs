@@ -194,6 +194,12 @@ fn roll(state: Option<State>, window: u64, kind: BucketKind, max: u64) -> u64 {
 pub struct Limiter;
 
 impl Limiter {
+    /// Creates `key` as an empty bucket (or key count) unless it exists. See
+    /// [`crate::enforce::create_buckets`] for why this runs before traffic.
+    pub fn create<S: SharedStore + ?Sized>(store: &S, key: &str) -> Result<(), StoreFailed> {
+        update(store, key, |s| s.is_none().then_some(State::default())).map(|_| ())
+    }
+
     /// Makes sure `bucket` may exist: true if it exists or was admitted as a new key under the
     /// rule's bound (`count_key` counts admitted keys), false when the rule is full and the
     /// caller must use the overflow bucket.

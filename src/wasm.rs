@@ -1,25 +1,22 @@
 //! proxy-wasm glue: adapts Envoy's callbacks to [`crate::filter`].
 //!
-//! Only this module touches the proxy-wasm SDK, and it calls `hostcalls::*` directly rather than
-//! the SDK's trait helpers: those `unwrap()` every hostcall result (and `get_http_request_header`
-//! unwraps `String::from_utf8`), so a header value that is not UTF-8 would abort the VM. Hostcall
-//! errors are counted (`meter_errors_total{kind="hostcall"}`) and logged instead. Header reads
-//! use the raw imports: Envoy answers `BadArgument` to a read of request headers once they were
-//! forwarded, and the SDK's `hostcalls` wrappers panic on any status they do not expect (the
-//! other wrappers used here get only the statuses they handle in the callbacks that call them).
+//! Only this module and [`crate::wasm_abi`] touch proxy-wasm. The SDK provides the entry points
+//! (`proxy_on_*`, the context traits, the allocator); every hostcall goes through `wasm_abi`,
+//! which returns the host's status instead of panicking as the SDK's wrappers do (a panic kills
+//! the VM, and every later request on that worker passes unmetered). Hostcall errors are counted
+//! (`meter_errors_total{kind="hostcall"}`) and logged.
 
 use crate::config::Config;
 use crate::filter::{Exchange, Flow, Host, InternalError, MetricKind, Worker};
 use crate::hold;
 use crate::labels::{SharedStore, StoreError};
 use crate::metrics::{stat_name, Metric};
-use proxy_wasm::hostcalls;
+use crate::wasm_abi as abi;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::rc::Rc;
-use std::time::{Duration, UNIX_EPOCH};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -49,7 +46,7 @@ impl MetricIds {
         if let Some(&id) = self.ids.get(name) {
             return Some(id);
         }
-        match hostcalls::define_metric(kind, name) {
+        match abi::define_metric(kind, name) {
             Ok(id) => {
                 self.ids.insert(name.to_string(), id);
                 Some(id)
@@ -64,7 +61,7 @@ impl MetricIds {
     /// Counts a failed hostcall and logs it (the 1st, 2nd, 4th, 8th… time on this worker).
     fn hostcall_failed(&self, call: &str, status: Status) {
         if let Some(id) = self.hostcall_errors {
-            let _ = hostcalls::increment_metric(id, 1);
+            let _ = abi::increment_metric(id, 1);
         }
         let n = self.failures_logged.get() + 1;
         self.failures_logged.set(n);
@@ -75,7 +72,7 @@ impl MetricIds {
 }
 
 fn log(level: LogLevel, message: &str) {
-    let _ = hostcalls::log(level, message);
+    let _ = abi::log(level, message);
 }
 
 #[derive(Default)]
@@ -87,7 +84,7 @@ impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _configuration_size: usize) -> bool {
-        let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
+        let bytes = match abi::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
             Ok(bytes) => bytes.unwrap_or_default(),
             Err(status) => {
                 log(LogLevel::Critical, &format!("llm-meter: cannot read the plugin configuration: {status:?}"));
@@ -104,7 +101,7 @@ impl RootContext for Root {
         let mut metrics = MetricIds::default();
         let errors_name =
             stat_name(&config.metrics.prefix, Metric::MeterErrorsTotal, &[InternalError::Hostcall.as_str()]);
-        metrics.hostcall_errors = hostcalls::define_metric(MetricType::Counter, &errors_name).ok();
+        metrics.hostcall_errors = abi::define_metric(MetricType::Counter, &errors_name).ok();
         let worker = Worker::new(config);
         let mut host = WasmHost::new(&mut metrics, 0);
         worker.init_shared(&mut host);
@@ -128,7 +125,7 @@ impl RootContext for Root {
         let stalled = worker.holds.stalled(host.now_nanos());
         for context in stalled.contexts {
             worker.count_error(&mut host, InternalError::HoldStalled);
-            let resumed = hostcalls::set_effective_context(context).and_then(|()| hostcalls::resume_http_request());
+            let resumed = abi::set_effective_context(context).and_then(|()| abi::resume_http_request());
             host.check("resume_http_request", resumed);
             released.insert(context);
         }
@@ -158,7 +155,7 @@ impl RootContext for Root {
 }
 
 fn set_tick(ms: u64) {
-    if let Err(status) = hostcalls::set_tick_period(Duration::from_millis(ms)) {
+    if let Err(status) = abi::set_tick_period_ms(u32::try_from(ms).unwrap_or(u32::MAX)) {
         log(LogLevel::Warn, &format!("llm-meter: cannot set the timer: {status:?}"));
     }
 }
@@ -206,7 +203,7 @@ impl Http {
         if size <= start {
             return None;
         }
-        hostcalls::get_buffer(kind, start, size - start).ok().flatten()
+        abi::get_buffer(kind, start, size - start).ok().flatten()
     }
 
     /// Hold or forward; anything but a clear hold forwards (fail-open).
@@ -262,7 +259,7 @@ impl HttpContext for Http {
             };
             let rewritten = self.with(|x, host, _| x.on_response_body(host, &chunk, end_of_stream)).flatten();
             if let Some(out) = rewritten {
-                if let Err(status) = hostcalls::set_buffer(BufferType::HttpResponseBody, 0, body_size, &out) {
+                if let Err(status) = abi::set_buffer(BufferType::HttpResponseBody, 0, body_size, &out) {
                     log(LogLevel::Warn, &format!("llm-meter: cannot rewrite the response body: {status:?}"));
                 }
             }
@@ -293,80 +290,9 @@ impl<'a> WasmHost<'a> {
     }
 }
 
-// The SDK's wrappers of these two panic on an unexpected status: Envoy answers `BadArgument` to a
-// read of request headers once they were forwarded, and the filter must not die of that.
-#[link(wasm_import_module = "env")]
-extern "C" {
-    fn proxy_get_header_map_pairs(map_type: u32, data: *mut *mut u8, size: *mut usize) -> u32;
-    fn proxy_get_header_map_value(
-        map_type: u32,
-        key: *const u8,
-        key_size: usize,
-        value: *mut *mut u8,
-        value_size: *mut usize,
-    ) -> u32;
-}
-
-fn status_of(code: u32) -> Status {
-    match code {
-        0 => Status::Ok,
-        1 => Status::NotFound,
-        2 => Status::BadArgument,
-        3 => Status::SerializationFailure,
-        4 => Status::ParseFailure,
-        7 => Status::Empty,
-        8 => Status::CasMismatch,
-        _ => Status::InternalFailure,
-    }
-}
-
-/// Takes ownership of a buffer the host allocated in this module for a returned value.
-///
-/// # Safety
-/// `data` is null or points to `size` bytes the host allocated through this module's
-/// `proxy_on_memory_allocate` (a `Vec` with capacity `size`), as proxy-wasm specifies for every
-/// returned buffer; the SDK takes them the same way.
-unsafe fn take_buffer(data: *mut u8, size: usize) -> Vec<u8> {
-    if data.is_null() {
-        Vec::new()
-    } else {
-        // SAFETY: as documented above.
-        unsafe { Vec::from_raw_parts(data, size, size) }
-    }
-}
-
-/// One header's value: `Ok(None)` when absent.
-fn header_value(map: MapType, name: &str) -> Result<Option<Vec<u8>>, Status> {
-    let mut data: *mut u8 = std::ptr::null_mut();
-    let mut size: usize = 0;
-    // SAFETY: the key is a valid slice for the call; the returned buffer is taken as
-    // `take_buffer` requires.
-    unsafe {
-        match status_of(proxy_get_header_map_value(map as u32, name.as_ptr(), name.len(), &mut data, &mut size)) {
-            Status::Ok => Ok(Some(take_buffer(data, size))),
-            Status::NotFound => Ok(None),
-            status => Err(status),
-        }
-    }
-}
-
-/// All headers of `map` in one hostcall.
-fn header_pairs(map: MapType) -> Result<Vec<(String, Vec<u8>)>, Status> {
-    let mut data: *mut u8 = std::ptr::null_mut();
-    let mut size: usize = 0;
-    // SAFETY: the returned buffer is taken as `take_buffer` requires.
-    let bytes = unsafe {
-        match status_of(proxy_get_header_map_pairs(map as u32, &mut data, &mut size)) {
-            Status::Ok => take_buffer(data, size),
-            status => return Err(status),
-        }
-    };
-    crate::header_map::parse(&bytes).ok_or(Status::ParseFailure)
-}
-
 impl WasmHost<'_> {
     fn header(&self, map: MapType, name: &str) -> Option<Vec<u8>> {
-        match header_value(map, name) {
+        match abi::header(map, name) {
             Ok(value) => value,
             Err(status) => {
                 self.metrics.hostcall_failed("get_map_value", status);
@@ -376,7 +302,7 @@ impl WasmHost<'_> {
     }
 
     fn int_property(&self, path: &[&str]) -> Option<u64> {
-        let bytes = hostcalls::get_property(path.to_vec()).ok().flatten()?;
+        let bytes = abi::property(path).ok().flatten()?;
         let raw: [u8; 8] = bytes.get(..8)?.try_into().ok()?;
         Some(u64::from_le_bytes(raw))
     }
@@ -390,10 +316,8 @@ impl WasmHost<'_> {
 
 impl SharedStore for WasmHost<'_> {
     fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-        match hostcalls::get_shared_data(key) {
-            // An empty value comes back as no bytes with a CAS token.
-            Ok((bytes, Some(cas))) => Some((bytes.unwrap_or_default(), cas)),
-            Ok((_, None)) => None,
+        match abi::shared_data(key) {
+            Ok(value) => value,
             Err(status) => {
                 self.metrics.hostcall_failed("get_shared_data", status);
                 None
@@ -402,7 +326,7 @@ impl SharedStore for WasmHost<'_> {
     }
 
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
-        match hostcalls::set_shared_data(key, Some(value), cas) {
+        match abi::set_shared_data(key, value, cas) {
             Ok(()) => Ok(()),
             Err(Status::CasMismatch) => Err(StoreError::CasMismatch),
             Err(_) => Err(StoreError::Other),
@@ -416,7 +340,7 @@ impl Host for WasmHost<'_> {
     }
 
     fn response_headers(&self) -> Vec<(String, Vec<u8>)> {
-        header_pairs(MapType::HttpResponseHeaders).unwrap_or_else(|status| {
+        abi::header_pairs(MapType::HttpResponseHeaders).unwrap_or_else(|status| {
             self.metrics.hostcall_failed("get_header_map_pairs", status);
             Vec::new()
         })
@@ -426,10 +350,7 @@ impl Host for WasmHost<'_> {
         if let Some(now) = self.now.get() {
             return now;
         }
-        let now = hostcalls::get_current_time()
-            .ok()
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        let now = abi::now_nanos().unwrap_or(0);
         self.now.set(Some(now));
         now
     }
@@ -452,11 +373,11 @@ impl Host for WasmHost<'_> {
     }
 
     fn metric_add(&mut self, id: u32, delta: i64) {
-        self.check("increment_metric", hostcalls::increment_metric(id, delta));
+        self.check("increment_metric", abi::increment_metric(id, delta));
     }
 
     fn metric_record(&mut self, id: u32, value: u64) {
-        self.check("record_metric", hostcalls::record_metric(id, value));
+        self.check("record_metric", abi::record_metric(id, value));
     }
 
     fn log_warn(&self, message: &str) {
@@ -464,31 +385,27 @@ impl Host for WasmHost<'_> {
     }
 
     fn client_address(&self) -> Option<Vec<u8>> {
-        hostcalls::get_property(vec!["source", "address"]).ok().flatten()
+        abi::property(&["source", "address"]).ok().flatten()
     }
 
     fn send_response(&mut self, status: u16, headers: &[(String, String)], body: &[u8]) {
-        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        self.check("send_http_response", hostcalls::send_http_response(u32::from(status), headers, Some(body)));
+        self.check("send_http_response", abi::send_http_response(status, headers, body));
     }
 
     fn remove_response_header(&mut self, name: &str) {
-        self.check("set_map_value", hostcalls::set_map_value_bytes(MapType::HttpResponseHeaders, name, None));
+        self.check("remove_header_map_value", abi::remove_header(MapType::HttpResponseHeaders, name));
     }
 
     fn set_request_header(&mut self, name: &str, value: &str) {
-        self.check(
-            "set_map_value",
-            hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, Some(value.as_bytes())),
-        );
+        self.check("replace_header_map_value", abi::set_header(MapType::HttpRequestHeaders, name, value.as_bytes()));
     }
 
     fn remove_request_header(&mut self, name: &str) {
-        self.check("set_map_value", hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, None));
+        self.check("remove_header_map_value", abi::remove_header(MapType::HttpRequestHeaders, name));
     }
 
     fn request_body(&self) -> Option<Vec<u8>> {
-        match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, self.request_body_size) {
+        match abi::get_buffer(BufferType::HttpRequestBody, 0, self.request_body_size) {
             Ok(body) => body,
             Err(status) => {
                 self.metrics.hostcall_failed("get_buffer", status);
@@ -498,13 +415,10 @@ impl Host for WasmHost<'_> {
     }
 
     fn set_request_body(&mut self, body: &[u8]) {
-        self.check("set_buffer", hostcalls::set_buffer(BufferType::HttpRequestBody, 0, self.request_body_size, body));
+        self.check("set_buffer", abi::set_buffer(BufferType::HttpRequestBody, 0, self.request_body_size, body));
     }
 
     fn set_response_header(&mut self, name: &str, value: &str) {
-        self.check(
-            "set_map_value",
-            hostcalls::set_map_value_bytes(MapType::HttpResponseHeaders, name, Some(value.as_bytes())),
-        );
+        self.check("replace_header_map_value", abi::set_header(MapType::HttpResponseHeaders, name, value.as_bytes()));
     }
 }
