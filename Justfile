@@ -82,3 +82,20 @@ wasm-bindgen-cli:
 # Benchmark plain Envoy vs Envoy + llm-meter vs Python proxies (wrk) and memory on 10 MB streams (BENCHMARKS.md); `just bench --smoke` checks the harness in seconds
 bench *flags: build envoy
     python3 scripts/bench.py {{flags}}
+
+# Fuzz every target (fuzz/, cargo-fuzz on the nightly toolchain) for `seconds` each, starting from fuzz/seeds; a crash stops with the input in fuzz/artifacts/
+fuzz seconds="10":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+    rustup toolchain list | grep -q '^nightly' || { echo "just fuzz needs the nightly toolchain (rustup toolchain install nightly)" >&2; exit 1; }
+    cargo +nightly fuzz build
+    for t in sse response_scan request_scan decode config inject; do
+        mkdir -p fuzz/corpus/$t
+        echo "fuzz $t: {{seconds}} s"
+        log=fuzz/corpus/$t.log
+        if ! cargo +nightly fuzz run $t fuzz/corpus/$t fuzz/seeds/$t -- -max_total_time={{seconds}} -max_len=65536 > $log 2>&1; then
+            tail -40 $log; echo "fuzz $t found a crash (input in fuzz/artifacts/$t/)" >&2; exit 1
+        fi
+        grep -E '^Done' $log
+    done

@@ -495,6 +495,97 @@ pub(crate) mod tests {
         assert_eq!(r.usage(), Some(want.0));
     }
 
+    /// What a full parse finds: every document (the JSON body, each element of a top-level
+    /// array, or each SSE event's data) parsed whole with serde_json, the format's paths looked up
+    /// in it, the last usage winning (Anthropic: merged) and the last model string.
+    fn full_parse(framing: BodyFormat, format: UsageFormat, body: &str) -> (Option<Usage>, Option<String>) {
+        let docs: Vec<serde_json::Value> = match framing {
+            BodyFormat::Json => match serde_json::from_str(body).unwrap() {
+                serde_json::Value::Array(items) => items,
+                doc => vec![doc],
+            },
+            BodyFormat::Sse => body
+                .replace("\r\n", "\n")
+                .split("\n\n")
+                .filter_map(|event| {
+                    let data: Vec<&str> = event
+                        .lines()
+                        .filter_map(|l| l.strip_prefix("data:"))
+                        .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                        .collect();
+                    serde_json::from_str(&data.join("\n")).ok()
+                })
+                .collect(),
+        };
+        let (mut usage, mut anthropic, mut model) = (None, None::<AnthropicUsage>, None);
+        for doc in &docs {
+            for (i, path) in response_paths(format).iter().enumerate() {
+                let value = path.iter().fold(doc, |v, k| &v[*k]);
+                if value.is_null() {
+                    continue;
+                }
+                let raw = serde_json::to_vec(value).unwrap();
+                if !is_usage_path(i) {
+                    model = value.as_str().map(str::to_string);
+                } else if format == UsageFormat::Anthropic {
+                    if let Ok(Some(part)) = parse_anthropic(&raw) {
+                        let merged = anthropic.get_or_insert_with(AnthropicUsage::default);
+                        merged.merge(part);
+                        usage = Some(merged.to_usage());
+                    }
+                } else if let Ok(Some(u)) = parse_usage(format, &raw) {
+                    usage = Some(u);
+                }
+            }
+        }
+        (usage, model)
+    }
+
+    #[test]
+    fn the_streaming_scan_equals_a_full_parse_for_every_fixture_and_split() {
+        let fixtures: [(BodyFormat, UsageFormat, &str); 9] = [
+            (BodyFormat::Json, UsageFormat::OpenAiChat, CHAT_JSON),
+            (BodyFormat::Sse, UsageFormat::OpenAiChat, CHAT_SSE),
+            (BodyFormat::Sse, UsageFormat::Anthropic, ANTHROPIC_SSE),
+            (BodyFormat::Sse, UsageFormat::OpenAiResponses, RESPONSES_SSE),
+            (BodyFormat::Sse, UsageFormat::Gemini, GEMINI_SSE),
+            (
+                BodyFormat::Json,
+                UsageFormat::Anthropic,
+                r#"{"id":"msg_1","type":"message","model":"claude-3-5-haiku","content":[{"type":"text","text":"{\"usage\":{\"input_tokens\":5}}"}],"usage":{"input_tokens":10,"cache_creation_input_tokens":0,"cache_read_input_tokens":5,"output_tokens":20}}"#,
+            ),
+            (
+                BodyFormat::Json,
+                UsageFormat::OpenAiResponses,
+                r#"{"id":"resp_1","object":"response","model":"o4-mini","output":[],"usage":{"input_tokens":5,"input_tokens_details":{"cached_tokens":0},"output_tokens":9,"output_tokens_details":{"reasoning_tokens":6},"total_tokens":14}}"#,
+            ),
+            (
+                BodyFormat::Json,
+                UsageFormat::Gemini,
+                r#"[{"candidates":[],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":1,"totalTokenCount":4},"modelVersion":"gemini-2.0-flash"},
+                   {"candidates":[],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":2,"thoughtsTokenCount":7,"totalTokenCount":12},"modelVersion":"gemini-2.0-flash"}]"#,
+            ),
+            (
+                BodyFormat::Json,
+                UsageFormat::OpenAiChat,
+                r#"{"usage":{"prompt_tokens":1,"completion_tokens":1},"model":"a","usage":{"prompt_tokens":4,"completion_tokens":2},"model":"b"}"#,
+            ),
+        ];
+        for (framing, format, body) in fixtures {
+            let want = full_parse(framing, format, body);
+            assert!(want.0.is_some(), "{format:?}: the fixture has usage");
+            let bytes = body.as_bytes();
+            for i in 0..=bytes.len() {
+                let (a, b) = bytes.split_at(i);
+                let mut r = ResponseScanner::new(framing, format);
+                r.feed(a);
+                r.feed(b);
+                r.finish();
+                assert_eq!((r.usage(), r.model().map(str::to_string)), want, "{format:?} split at {i}");
+            }
+        }
+    }
+
     #[test]
     fn anthropic_responses_and_gemini_streams_at_every_split() {
         scan_format(UsageFormat::Anthropic, ANTHROPIC_SSE);
