@@ -1148,11 +1148,12 @@ def main():
         WASM = Path(args.filter).resolve()
     if args.filter_extra:
         try:
-            FILTER_EXTRA.update(json.loads(args.filter_extra))
-        except (ValueError, TypeError) as e:
-            sys.exit(f"--filter-extra: not a JSON object: {e}")
-        if not isinstance(FILTER_EXTRA, dict):
+            extra = json.loads(args.filter_extra)
+        except ValueError as e:
+            sys.exit(f"--filter-extra: not JSON: {e}")
+        if not isinstance(extra, dict):
             sys.exit("--filter-extra: not a JSON object")
+        FILTER_EXTRA.update(extra)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     atexit.register(cleanup)

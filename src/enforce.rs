@@ -165,25 +165,18 @@ pub fn check<H: LimitHost>(
             id.push_str(&facts.model.map_or_else(|| "unknown".to_string(), sanitize));
         }
         let key = if id == "global" {
-            format!("{base}.global")
+            global_bucket(&base)
         } else {
             let bucket = format!("{base}.{id}");
-            if admitted.contains(&bucket) {
-                bucket
-            } else {
-                match Limiter::admit(host, &format!("{base}#keys"), &bucket, limits.max_keys as u64) {
-                    Ok(true) => {
-                        admitted.insert(&bucket);
-                        bucket
-                    }
-                    Ok(false) => {
-                        notes.overflowed.push(rule.name.clone());
-                        format!("{base}#overflow")
-                    }
-                    Err(_) => {
-                        notes.failures += 1;
-                        return (on_failure(config, &rule.name), notes);
-                    }
+            match Limiter::admit(host, admitted, &key_count(&base), &bucket, limits.max_keys as u64) {
+                Ok(true) => bucket,
+                Ok(false) => {
+                    notes.overflowed.push(rule.name.clone());
+                    overflow_bucket(&base)
+                }
+                Err(_) => {
+                    notes.failures += 1;
+                    return (on_failure(config, &rule.name), notes);
                 }
             }
         };
@@ -217,6 +210,21 @@ fn rule_base(config: &Config, rule: &Rule) -> String {
     format!("llm_meter.{}.rl.{}.{window_secs}", config.metrics.prefix, rule.name)
 }
 
+/// The bucket of a rule keyed `global` (without `per_model`).
+fn global_bucket(base: &str) -> String {
+    format!("{base}.global")
+}
+
+/// The count of keys a keyed rule admitted.
+fn key_count(base: &str) -> String {
+    format!("{base}#keys")
+}
+
+/// The bucket keys beyond `max_limit_keys` share.
+fn overflow_bucket(base: &str) -> String {
+    format!("{base}#overflow")
+}
+
 /// Creates the shared-data keys every worker updates from the first request on: a global rule's
 /// bucket, a keyed rule's key count and overflow bucket. Run at configuration time, before
 /// traffic: proxy-wasm cannot express "create if absent", so two workers creating a key at
@@ -228,8 +236,8 @@ pub fn create_buckets<S: SharedStore + ?Sized>(store: &S, config: &Config) -> u3
     for rule in &config.limits.rules {
         let base = rule_base(config, rule);
         let keys = match (&rule.key, rule.per_model) {
-            (KeySource::Global, false) => vec![format!("{base}.global")],
-            _ => vec![format!("{base}#keys"), format!("{base}#overflow")],
+            (KeySource::Global, false) => vec![global_bucket(&base)],
+            _ => vec![key_count(&base), overflow_bucket(&base)],
         };
         for key in keys {
             if Limiter::create(store, &key).is_err() {

@@ -82,12 +82,6 @@ pub trait Host: SharedStore {
             add_to_counter(self, id, value);
         }
     }
-    /// Sets a gauge by name, defining it on first use.
-    fn gauge_set(&mut self, name: &str, value: u64) {
-        if let Some(id) = self.define_metric(MetricKind::Gauge, name) {
-            self.metric_record(id, value);
-        }
-    }
 }
 
 /// Adds `value` to counter `id`; 0 is not sent (Envoy rejects it, and the counter exists).
@@ -222,19 +216,25 @@ impl Stat {
         }
     }
 
+    /// The stat name: the metric's labels filled from the series and the stat's own label
+    /// (`token_type` or `kind`).
     fn name(self, prefix: &str, model: &str, app: &str) -> String {
-        let token = |i: usize| TOKEN_TYPES.get(i).copied().unwrap_or(UNKNOWN);
-        match self {
-            Stat::Active => stat_name(prefix, Metric::ActiveRequests, &[model]),
-            Stat::Duration => stat_name(prefix, Metric::RequestDurationMs, &[model]),
-            Stat::Ttft => stat_name(prefix, Metric::TimeToFirstTokenMs, &[model]),
-            Stat::UsageMissing => stat_name(prefix, Metric::UsageMissingTotal, &[model]),
-            Stat::Cost => stat_name(prefix, Metric::CostMicrousdTotal, &[model, app]),
-            Stat::Tokens(i) => stat_name(prefix, Metric::TokensTotal, &[model, app, token(i)]),
-            Stat::PerRequest(i) => stat_name(prefix, Metric::TokensPerRequest, &[model, token(i)]),
-            Stat::UpstreamRemaining(k) => stat_name(prefix, Metric::UpstreamRatelimitRemaining, &[model, k.as_str()]),
-            Stat::UpstreamLimit(k) => stat_name(prefix, Metric::UpstreamRatelimitLimit, &[model, k.as_str()]),
-        }
+        let own = match self {
+            Stat::Tokens(i) | Stat::PerRequest(i) => TOKEN_TYPES.get(i).copied().unwrap_or(UNKNOWN),
+            Stat::UpstreamRemaining(k) | Stat::UpstreamLimit(k) => k.as_str(),
+            _ => UNKNOWN,
+        };
+        let metric = self.metric();
+        let values: Vec<&str> = metric
+            .label_keys()
+            .iter()
+            .map(|key| match *key {
+                "model" => model,
+                "app" => app,
+                _ => own,
+            })
+            .collect();
+        stat_name(prefix, metric, &values)
     }
 
     fn metric(self) -> Metric {
@@ -736,10 +736,7 @@ impl Exchange {
         let headers = host.response_headers();
         let header = |name: &str| header_value(&headers, name).map(<[u8]>::to_vec);
         let label = self.model_label.clone().unwrap_or_else(|| UNKNOWN.to_string());
-        let series = match self.series {
-            Some(series) => series,
-            None => worker.series(&label, &self.app),
-        };
+        let series = self.series_of(worker, &label);
         for (kind, quota) in RateLimits::from_headers(header).reported() {
             if let Some(v) = quota.remaining {
                 worker.record(host, series, Stat::UpstreamRemaining(kind), v);
@@ -846,10 +843,7 @@ impl Exchange {
             // No model in the request: fall back to the one the response names.
             _ => worker.model_label(host, request_model.as_deref().or(response_model.as_deref())),
         };
-        let series = match self.series {
-            Some(series) if self.model_label.as_deref() == Some(label.as_str()) => series,
-            _ => worker.series(&label, &self.app),
-        };
+        let series = self.series_of(worker, &label);
         // Response headers that passed through the filter carry the final status; the property
         // is only needed when none did (e.g. the client went away first).
         let status = match self.status {
@@ -936,6 +930,15 @@ impl Exchange {
             }
             None if (200..300).contains(&status) => worker.add(host, series, Stat::UsageMissing, 1),
             None => {}
+        }
+    }
+
+    /// The stat series of model label `label` and this exchange's app: the one found when the
+    /// request became active, unless the label changed since (a model learnt from the response).
+    fn series_of(&self, worker: &mut Worker, label: &str) -> usize {
+        match self.series {
+            Some(series) if self.model_label.as_deref() == Some(label) => series,
+            _ => worker.series(label, &self.app),
         }
     }
 
