@@ -23,7 +23,9 @@ pub enum Skip {
     UsageInvalid,
     /// A usage object larger than the capture bound.
     UsageTooLarge,
-    /// A non-streaming 2xx response body that is not a JSON object.
+    /// A 2xx response body, or an event of a streamed one, that is not a JSON object or that
+    /// ends inside its JSON (a body cut short by a network failure is not counted: that is a
+    /// failed request).
     BodyMalformed,
     /// A `model` that is not a string or is longer than the capture bound.
     ModelInvalid,
@@ -206,7 +208,34 @@ pub enum BodyFormat {
     Sse,
 }
 
+/// The longest SSE field name a body may start with, plus its colon (`retry:`).
+const SNIFF_LEN: usize = 6;
+
 impl BodyFormat {
+    /// The framing of a body that starts with `head` (leading whitespace removed) when its
+    /// `content-type` says `hint`; `None` while `head` is too short to tell (`complete`: no more
+    /// bytes will come). Gateways mislabel bodies, so the first bytes overrule the label where
+    /// the label cannot be right: a body that starts with `{` or `[` is JSON, one that starts
+    /// with an SSE field (`data:`, `event:`, `id:`, `retry:`, or a `:` comment) is an event
+    /// stream. Anything else follows the label (so an HTML error page labelled JSON is still a
+    /// malformed JSON body).
+    pub fn sniff(hint: BodyFormat, head: &[u8], complete: bool) -> Option<BodyFormat> {
+        const FIELDS: [&[u8]; 5] = [b"data:", b"event:", b"id:", b"retry:", b":"];
+        match head.first() {
+            None if complete => return Some(hint),
+            None => return None,
+            Some(b'{' | b'[') => return Some(BodyFormat::Json),
+            Some(_) => {}
+        }
+        if FIELDS.iter().any(|f| head.starts_with(f)) {
+            return Some(BodyFormat::Sse);
+        }
+        if !complete && FIELDS.iter().any(|f| f.starts_with(head)) {
+            return None;
+        }
+        Some(hint)
+    }
+
     /// From the response `content-type`.
     pub fn from_content_type(content_type: &[u8]) -> Self {
         let essence = content_type.split(|&b| b == b';').next().unwrap_or_default();
@@ -271,13 +300,13 @@ impl Findings {
             },
             // Streams repeat the model in every event: decode it only when its bytes change.
             Found::Value { raw, .. } if raw == self.model_raw.as_slice() => {}
+            // The request's bound: a model name no real model has is no label either.
+            Found::Value { raw, .. } if raw.len() > MAX_MODEL_BYTES => self.skips.add(Skip::ModelInvalid),
             Found::Value { raw, .. } => match json_string(raw) {
                 Some(m) => {
                     self.model = Some(m);
                     self.model_raw.clear();
-                    if raw.len() <= MAX_MODEL_BYTES {
-                        self.model_raw.extend_from_slice(raw);
-                    }
+                    self.model_raw.extend_from_slice(raw);
                 }
                 None => self.skips.add(Skip::ModelInvalid),
             },
@@ -292,6 +321,9 @@ struct EventSink<'a> {
     json: &'a mut JsonScanner,
     findings: &'a mut Findings,
     saw_data: bool,
+    /// Whether an event whose JSON was cut short is counted: yes for events ended by a blank
+    /// line or by the end of the body, not for the last one of an interrupted stream.
+    count_truncated: bool,
 }
 
 impl SseSink for EventSink<'_> {
@@ -302,6 +334,9 @@ impl SseSink for EventSink<'_> {
     }
 
     fn dispatch(&mut self, _has_data: bool) {
+        if self.count_truncated && self.json.is_truncated() {
+            self.findings.skips.add(Skip::BodyMalformed);
+        }
         self.json.reset();
     }
 }
@@ -310,17 +345,22 @@ impl SseSink for EventSink<'_> {
 pub struct ResponseScanner {
     json: JsonScanner,
     sse: Option<SseScanner>,
+    /// Until the framing is known: what `content-type` says, and the body's first bytes (at
+    /// most [`SNIFF_LEN`], leading whitespace dropped). See [`BodyFormat::sniff`].
+    undecided: Option<(BodyFormat, Vec<u8>)>,
     findings: Findings,
     first_data_seen: bool,
     finished: bool,
 }
 
 impl ResponseScanner {
-    /// A scanner for a body framed as `format`, holding usage in `usage_format`.
+    /// A scanner for a body labelled as `format` (the framing is confirmed by the body's first
+    /// bytes), holding usage in `usage_format`.
     pub fn new(format: BodyFormat, usage_format: UsageFormat) -> Self {
         Self {
             json: JsonScanner::new(response_paths(usage_format), MAX_USAGE_BYTES),
-            sse: (format == BodyFormat::Sse).then(SseScanner::new),
+            sse: None,
+            undecided: Some((format, Vec::with_capacity(SNIFF_LEN))),
             findings: Findings {
                 usage_format,
                 usage: None,
@@ -337,9 +377,36 @@ impl ResponseScanner {
     /// Scans the next body chunk. Returns true when this chunk carried the first SSE data (the
     /// time-to-first-token mark); always false for JSON bodies.
     pub fn feed(&mut self, chunk: &[u8]) -> bool {
+        let Some((hint, head)) = self.undecided.as_mut() else { return self.scan(chunk) };
+        let rest = if head.is_empty() { chunk.trim_ascii_start() } else { chunk };
+        let take = rest.len().min(SNIFF_LEN.saturating_sub(head.len()));
+        let (start, rest) = rest.split_at(take);
+        head.extend_from_slice(start);
+        match BodyFormat::sniff(*hint, head, false) {
+            None => false,
+            Some(format) => {
+                let head = self.decide(format);
+                let first = self.scan(&head);
+                self.scan(rest) || first
+            }
+        }
+    }
+
+    /// Fixes the framing; returns the bytes read while it was unknown.
+    fn decide(&mut self, format: BodyFormat) -> Vec<u8> {
+        self.sse = (format == BodyFormat::Sse).then(SseScanner::new);
+        self.undecided.take().map(|(_, head)| head).unwrap_or_default()
+    }
+
+    fn scan(&mut self, chunk: &[u8]) -> bool {
         match &mut self.sse {
             Some(sse) => {
-                let mut sink = EventSink { json: &mut self.json, findings: &mut self.findings, saw_data: false };
+                let mut sink = EventSink {
+                    json: &mut self.json,
+                    findings: &mut self.findings,
+                    saw_data: false,
+                    count_truncated: true,
+                };
                 sse.feed(chunk, &mut sink);
                 let first = sink.saw_data && !self.first_data_seen;
                 self.first_data_seen |= sink.saw_data;
@@ -353,20 +420,40 @@ impl ResponseScanner {
         }
     }
 
-    /// End of body: flushes an SSE event left open and checks a JSON body was an object.
-    /// Idempotent.
+    /// The body ended: flushes an SSE event left open and checks that a JSON body was a whole
+    /// object. Idempotent.
     pub fn finish(&mut self) {
+        self.end(true);
+    }
+
+    /// The body was cut short (reset, client gone): like [`Self::finish`], but JSON left open
+    /// by the interruption is not counted as malformed.
+    pub fn abandon(&mut self) {
+        self.end(false);
+    }
+
+    fn end(&mut self, ended: bool) {
         if self.finished {
             return;
         }
         self.finished = true;
+        if let Some((hint, head)) = &self.undecided {
+            let format = BodyFormat::sniff(*hint, head, true).unwrap_or(*hint);
+            let head = self.decide(format);
+            self.scan(&head);
+        }
         match &mut self.sse {
             Some(sse) => {
-                let mut sink = EventSink { json: &mut self.json, findings: &mut self.findings, saw_data: false };
+                let mut sink = EventSink {
+                    json: &mut self.json,
+                    findings: &mut self.findings,
+                    saw_data: false,
+                    count_truncated: ended,
+                };
                 sse.finish(&mut sink);
             }
             None => {
-                if self.json.is_malformed() {
+                if self.json.is_malformed() || (ended && self.json.is_truncated()) {
                     self.findings.skips.add(Skip::BodyMalformed);
                 }
             }
@@ -395,7 +482,8 @@ impl ResponseScanner {
 
     /// Parser state held between chunks, in bytes (bounded whatever the body).
     pub fn carry_len(&self) -> usize {
-        self.json.carry_len() + self.sse.as_ref().map_or(0, SseScanner::carry_len)
+        let head = self.undecided.as_ref().map_or(0, |(_, head)| head.len());
+        head + self.json.carry_len() + self.sse.as_ref().map_or(0, SseScanner::carry_len)
     }
 }
 
@@ -660,6 +748,86 @@ pub(crate) mod tests {
         assert_eq!((u, s.count(Skip::UsageTooLarge)), (None, 1));
         let (_, m, s, _) = scan(BodyFormat::Json, &[br#"{"model":42}"#]);
         assert_eq!((m, s.count(Skip::ModelInvalid)), (None, 1));
+        let long = format!(r#"{{"model":"{}"}}"#, "m".repeat(MAX_MODEL_BYTES));
+        let (_, m, s, _) = scan(BodyFormat::Json, &[long.as_bytes()]);
+        assert_eq!((m, s.count(Skip::ModelInvalid)), (None, 1), "as long a model as the request may not have");
+    }
+
+    #[test]
+    fn bodies_cut_short_are_malformed_unless_the_exchange_was_interrupted() {
+        let truncated = br#"{"model":"gpt-4o","choices":[{"message":{"content":"hel"#;
+        assert_eq!(scan(BodyFormat::Json, &[truncated]).2.count(Skip::BodyMalformed), 1);
+        let deep = "[".repeat(100_000);
+        assert_eq!(scan(BodyFormat::Json, &[deep.as_bytes()]).2.count(Skip::BodyMalformed), 1);
+        let mut r = ResponseScanner::new(BodyFormat::Json, UsageFormat::OpenAiChat);
+        r.feed(truncated);
+        r.abandon();
+        assert_eq!(r.skips().count(Skip::BodyMalformed), 0, "a reset is a failed request, not a bad body");
+        // Whitespace only, or nothing: no document, nothing malformed.
+        assert_eq!(scan(BodyFormat::Json, &[b" \r\n"]).2.count(Skip::BodyMalformed), 0);
+        assert_eq!(scan(BodyFormat::Json, &[]).2.count(Skip::BodyMalformed), 0);
+        // An event whose JSON ends early counts; `[DONE]` and the events around it do not.
+        let sse = "data: {\"choices\":[]}\n\ndata: {\"usage\":{\"prompt_tokens\":\n\ndata: [DONE]\n\n";
+        let (u, _, s, _) = scan(BodyFormat::Sse, &[sse.as_bytes()]);
+        assert_eq!((u, s.count(Skip::BodyMalformed), s.count(Skip::UsageInvalid)), (None, 1, 0));
+        // The last event of an interrupted stream is not counted; of a finished one it is.
+        let open = "data: {\"choices\":[]}\n\ndata: {\"choi";
+        let mut r = ResponseScanner::new(BodyFormat::Sse, UsageFormat::OpenAiChat);
+        r.feed(open.as_bytes());
+        r.abandon();
+        assert_eq!(r.skips().count(Skip::BodyMalformed), 0);
+        assert_eq!(scan(BodyFormat::Sse, &[open.as_bytes()]).2.count(Skip::BodyMalformed), 1);
+    }
+
+    #[test]
+    fn the_first_bytes_overrule_a_wrong_content_type_at_every_split() {
+        let json = format!("\r\n {CHAT_JSON}");
+        let want_json = scan(BodyFormat::Json, &[CHAT_JSON.as_bytes()]);
+        let want_sse = scan(BodyFormat::Sse, &[CHAT_SSE.as_bytes()]);
+        assert!(want_json.0.is_some() && want_sse.0.is_some());
+        for (label, body, want) in [
+            (BodyFormat::Sse, json.as_str(), &want_json),
+            (BodyFormat::Json, CHAT_SSE, &want_sse),
+            (
+                BodyFormat::Json,
+                ": ping\n\nretry: 10\ndata: {\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":1}}\n\n",
+                &(Some(Usage { input: 2, output: 1, ..Usage::default() }), None, Skips::default(), 1),
+            ),
+        ] {
+            let bytes = body.as_bytes();
+            for i in 0..=bytes.len().min(64) {
+                for j in i..=bytes.len().min(i + 8) {
+                    let got = scan(label, &[&bytes[..i], &bytes[i..j], &bytes[j..]]);
+                    assert_eq!((&got.0, &got.1, got.2), (&want.0, &want.1, want.2), "{label:?} body split at {i}, {j}");
+                }
+            }
+        }
+        // What the label says stands when the first bytes cannot tell.
+        let (_, _, s, _) = scan(BodyFormat::Json, &[b"<html>bad gateway</html>"]);
+        assert_eq!(s.count(Skip::BodyMalformed), 1);
+        assert_eq!(scan(BodyFormat::Sse, &[b"\n\n"]).3, 0);
+    }
+
+    #[test]
+    fn sniffing_decides_as_soon_as_the_head_can_tell() {
+        use BodyFormat::{Json, Sse};
+        for (hint, head, complete, want) in [
+            (Sse, &b"{"[..], false, Some(Json)),
+            (Sse, b"[", false, Some(Json)),
+            (Json, b"d", false, None),
+            (Json, b"data", false, None),
+            (Json, b"data:", false, Some(Sse)),
+            (Json, b"datum", false, Some(Json)),
+            (Json, b"retry", false, None),
+            (Json, b"retry:", false, Some(Sse)),
+            (Json, b":", false, Some(Sse)),
+            (Json, b"ev", true, Some(Json)),
+            (Sse, b"<html", false, Some(Sse)),
+            (Json, b"", false, None),
+            (Sse, b"", true, Some(Sse)),
+        ] {
+            assert_eq!(BodyFormat::sniff(hint, head, complete), want, "{hint:?} {:?}", String::from_utf8_lossy(head));
+        }
     }
 
     #[test]

@@ -832,7 +832,11 @@ impl Exchange {
         }
         let end = self.response_end_nanos.unwrap_or_else(|| host.now_nanos());
         if let Some(r) = self.response.as_mut() {
-            r.finish();
+            if self.response_end_nanos.is_some() {
+                r.finish();
+            } else {
+                r.abandon();
+            }
         }
         let usage = self.response.as_ref().and_then(ResponseScanner::usage).or(self.header_usage);
         let response_model = self.response.as_ref().and_then(|r| r.model().map(str::to_string));

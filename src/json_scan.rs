@@ -204,6 +204,12 @@ impl JsonScanner {
         self.mode == Mode::Malformed
     }
 
+    /// True if a document was started (something other than whitespace or a byte order mark
+    /// was read) but neither closed nor found malformed: the input stopped inside it.
+    pub fn is_truncated(&self) -> bool {
+        !matches!(self.mode, Mode::Bom(_) | Mode::Start | Mode::Done | Mode::Malformed)
+    }
+
     /// Bytes currently held between chunks (capture buffer + key buffer), for bound tests.
     /// At most `max_capture` plus the longest target key.
     pub fn carry_len(&self) -> usize {

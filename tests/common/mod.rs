@@ -395,3 +395,27 @@ pub fn post(url: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
     let body = resp.body_mut().read_to_string().unwrap_or_default();
     (status, body)
 }
+
+/// Parses a `/stats/prometheus` text with Prometheus' own parser (`promtool check metrics`, from
+/// the Debian `prometheus` package). Lint findings (Envoy prints no HELP lines) are not errors;
+/// a text the parser rejects is `Err` with promtool's message.
+pub fn promtool_check(text: &str) -> Result<(), String> {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus) must be installed: .ci/run installs it");
+    let mut stdin = child.stdin.take().expect("promtool stdin");
+    let text = text.to_string();
+    let writer = std::thread::spawn(move || stdin.write_all(text.as_bytes()));
+    let out = child.wait_with_output().expect("run promtool");
+    let _ = writer.join();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    // Exit 3: lint problems only; 1: the text did not parse.
+    match out.status.code() {
+        Some(0) | Some(3) if !said.contains("error while") && !said.contains("parsing error") => Ok(()),
+        _ => Err(format!("promtool check metrics: {}: {}", out.status, tail(&said, 5))),
+    }
+}
