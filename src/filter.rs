@@ -752,13 +752,21 @@ impl Exchange {
             }
         }
         if let Some(r) = &self.reservation {
+            // Per family (`requests`, `tokens`): when the upstream's own remaining is the lower,
+            // its limit, remaining and reset stay, all three, so they describe one limit.
+            let theirs_tighter = |family: &str| {
+                r.headers.iter().any(|(name, ours)| {
+                    name.strip_prefix("x-ratelimit-remaining-") == Some(family)
+                        && header_value(&headers, name)
+                            .and_then(parse_u64)
+                            .is_some_and(|theirs| ours.parse::<u64>().is_ok_and(|ours| theirs < ours))
+                })
+            };
+            let keep = [theirs_tighter("requests"), theirs_tighter("tokens")];
             for (name, value) in &r.headers {
-                // Keep the upstream's own limit headers when they are the tighter ones.
-                if name.starts_with("x-ratelimit-remaining-") {
-                    let theirs = header_value(&headers, name).and_then(parse_u64);
-                    if theirs.is_some_and(|t| value.parse::<u64>().is_ok_and(|ours| t < ours)) {
-                        continue;
-                    }
+                let family = name.rsplit('-').next().unwrap_or_default();
+                if (family == "requests" && keep[0]) || (family == "tokens" && keep[1]) {
+                    continue;
                 }
                 host.set_response_header(name, value);
             }
@@ -1179,6 +1187,26 @@ mod tests {
         host.response_headers.insert(":status".into(), b"200".to_vec());
         z.on_response_headers(&mut host, &mut w);
         assert_eq!(h(&host, "x-ratelimit-remaining-tokens").as_deref(), Some("1000"));
+
+        // The upstream's own token limit is the tighter one: its three headers stay together;
+        // the request family is still this filter's.
+        host.response_headers.clear();
+        for (k, v) in [
+            (":status", "200"),
+            ("x-ratelimit-limit-tokens", "30000"),
+            ("x-ratelimit-remaining-tokens", "29"),
+            ("x-ratelimit-reset-tokens", "6ms"),
+        ] {
+            host.response_headers.insert(k.into(), v.as_bytes().to_vec());
+        }
+        host.now += 60_000 * MS;
+        let mut z = Exchange::new();
+        z.on_request_headers(&mut host, &mut w, true);
+        z.on_response_headers(&mut host, &mut w);
+        assert_eq!(h(&host, "x-ratelimit-limit-tokens").as_deref(), Some("30000"));
+        assert_eq!(h(&host, "x-ratelimit-remaining-tokens").as_deref(), Some("29"));
+        assert_eq!(h(&host, "x-ratelimit-reset-tokens").as_deref(), Some("6ms"));
+        assert_eq!(h(&host, "x-ratelimit-limit-requests").as_deref(), Some("1"));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{client, eventually, render_config, root, send, Envoy, Mock};
+use common::{client, eventually, free_port, render_config, root, send, Envoy, Mock};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -24,10 +24,6 @@ impl Drop for Prometheus {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl Prometheus {

@@ -54,11 +54,21 @@ pub struct Mock {
     pub port: u16,
 }
 
+/// A port that was free a moment ago (for servers that must listen on a port known in advance).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("local addr").port()
+}
+
 impl Mock {
     pub fn start() -> Mock {
+        Mock::start_on(0)
+    }
+
+    /// Starts the mock on `port` (0: any free port).
+    pub fn start_on(port: u16) -> Mock {
         let bin = require(&root().join("target/release/mock-llm"), "just mock");
         let mut child = Command::new(bin)
-            .args(["--host", "127.0.0.1", "--port", "0"])
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -123,6 +133,41 @@ pub fn render_config(upstream_port: u16, filter_config: &str) -> String {
         cfg = cfg.replace(from, &to);
     }
     cfg
+}
+
+/// The shipped configuration split for a listener served from a file (LDS from the filesystem),
+/// so a test can change the filter configuration of a running Envoy the way a control plane
+/// does: `(bootstrap, listener resources)`. The listener listens on `listen_port`; write the
+/// resources to `lds_path` before starting Envoy and replace the file (atomically, by rename)
+/// to reload.
+pub fn render_dynamic(upstream_port: u16, filter_config: &str, listen_port: u16, lds_path: &Path) -> (String, String) {
+    let full = render_config(upstream_port, filter_config);
+    let begin = full.find("  listeners:\n").expect("listeners section");
+    let end = full.find("\n  clusters:\n").expect("clusters section") + 1;
+    let listener: String = full[begin + "  listeners:\n".len()..end]
+        .lines()
+        .map(|l| l.strip_prefix("  ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(listener.starts_with("- name: llm\n"), "{listener}");
+    let listener = listener.replacen(
+        "- name: llm\n",
+        "- \"@type\": type.googleapis.com/envoy.config.listener.v3.Listener\n  name: llm\n",
+        1,
+    );
+    assert_eq!(listener.matches("port_value: 0").count(), 1);
+    let resources =
+        format!("resources:\n{}\n", listener.replace("port_value: 0", &format!("port_value: {listen_port}")));
+    let dir = lds_path.parent().expect("lds dir").display().to_string();
+    let bootstrap = format!(
+        "{}{}node: {{ id: llm-meter-test, cluster: llm-meter-test }}\n\
+         dynamic_resources:\n  lds_config:\n    resource_api_version: V3\n    path_config_source:\n      \
+         path: {}\n      watched_directory: {{ path: {dir} }}\n",
+        &full[..begin],
+        &full[end..],
+        lds_path.display()
+    );
+    (bootstrap, resources)
 }
 
 impl Envoy {
