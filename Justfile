@@ -83,6 +83,10 @@ wasm-bindgen-cli:
 bench *flags: build envoy
     python3 scripts/bench.py {{flags}}
 
+# Soak: mixed traffic (streaming and not, five API shapes, failures) at full speed through Envoy + the filter for `seconds`; asserts exact counters and flat memory (tests/soak.rs). `just test` runs 30 s of it
+soak seconds="600": build mock envoy
+    LLM_METER_SOAK_SECS={{seconds}} cargo test -p llm-meter --test soak -- --nocapture
+
 # Fuzz every target (fuzz/, cargo-fuzz on the nightly toolchain) for `seconds` each, starting from fuzz/seeds; a crash stops with the input in fuzz/artifacts/
 fuzz seconds="10":
     #!/usr/bin/env bash

@@ -271,6 +271,26 @@ impl Envoy {
         })
     }
 
+    /// Envoy's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Envoy's heap (`/memory` `allocated`) and the process' resident set (which also holds the
+    /// Wasm VMs' linear memory, allocated outside Envoy's heap), in bytes.
+    pub fn memory(&self) -> (u64, u64) {
+        let (_, body) = http_get(self.admin, "/memory").expect("/memory");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("/memory json");
+        let allocated = v["allocated"].as_str().and_then(|s| s.parse().ok()).expect("allocated");
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let rss_kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        (allocated, rss_kib * 1024)
+    }
+
     /// True while the Envoy process is alive.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
