@@ -42,6 +42,10 @@ struct Sent {
     count: [u64; 10],
 }
 
+/// What the meter must record for a request: operation, status, error_type, input and output
+/// tokens.
+type Expect = (&'static str, u16, &'static str, u64, u64);
+
 /// One request of `kind` (0–9); adds what the meter must record for it to `sent`.
 fn one(agent: &ureq::Agent, base: &str, kind: u64, thread: usize, sent: &mut Sent) {
     let i = kind;
@@ -53,7 +57,7 @@ fn one(agent: &ureq::Agent, base: &str, kind: u64, thread: usize, sent: &mut Sen
         }
         v.to_string()
     };
-    let (path, body, headers, expect): (&str, String, Vec<(&str, &str)>, (&'static str, u16, &'static str, u64, u64)) =
+    let (path, body, headers, expect): (&str, String, Vec<(&str, &str)>, Expect) =
         match kind {
             0 => ("/v1/chat/completions", chat(false, false), vec![("x-mock-prompt-tokens", "10"), ("x-mock-completion-tokens", "20")], ("chat", 200, "none", 10, 20)),
             1 => ("/v1/chat/completions", chat(true, true), vec![("x-mock-prompt-tokens", "5"), ("x-mock-completion-tokens", "7")], ("chat", 200, "none", 5, 7)),
