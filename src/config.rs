@@ -8,7 +8,8 @@
 mod limits;
 
 pub use limits::{
-    FailureMode, KeySource, Limit, LimitsConfig, Rule, TokenEstimate, TokenType, Window, DEFAULT_MAX_LIMIT_KEYS,
+    FailureMode, GlobalService, KeySource, Limit, LimitsConfig, Rule, TokenEstimate, TokenType, Window,
+    DEFAULT_MAX_LIMIT_KEYS, DEFAULT_SERVICE_TIMEOUT_MS,
 };
 
 use crate::pricing::{Price, Pricing};
@@ -540,5 +541,56 @@ mod tests {
         expect_err(r#"{"usage_headers":{"prompt":"x"}}"#, "usage_headers.prompt: unknown field");
         let c = Config::parse(br#"{"usage_headers":{"input":"X-Usage-Input-Tokens"}}"#).unwrap();
         assert_eq!(c.usage_headers.input.as_deref(), Some("x-usage-input-tokens"));
+    }
+
+    #[test]
+    fn global_rules_name_their_service() {
+        let c = Config::parse(
+            br#"{"failure_mode":"deny","limits":[
+                {"name":"g","key":"header:authorization","tokens_per_minute":1000,"scope":"global",
+                 "service":{"cluster":"rls","domain":"llm"}},
+                {"name":"h","key":"global","requests_per_second":5,"scope":"global",
+                 "service":{"cluster":"rls","domain":"llm","timeout_ms":50,"failure_mode":"allow"}},
+                {"name":"l","key":"global","max_concurrent":5,"scope":"local"}]}"#,
+        )
+        .unwrap();
+        let g = c.limits.rules[0].global.clone().unwrap();
+        assert_eq!(
+            g,
+            GlobalService {
+                cluster: "rls".into(),
+                domain: "llm".into(),
+                timeout_ms: DEFAULT_SERVICE_TIMEOUT_MS,
+                failure_mode: FailureMode::Deny
+            }
+        );
+        let h = c.limits.rules[1].global.clone().unwrap();
+        assert_eq!((h.timeout_ms, h.failure_mode), (50, FailureMode::Allow));
+        assert!(c.limits.rules[2].global.is_none() && c.limits.has_global());
+
+        let rule = |body: &str| format!(r#"{{"limits":[{{"name":"r","key":"global",{body}}}]}}"#);
+        let service = r#""service":{"cluster":"rls","domain":"llm"}"#;
+        expect_err(&rule(r#""requests_per_minute":1,"scope":"global""#), "limits[0].service: scope: global needs");
+        expect_err(&rule(&format!(r#""requests_per_minute":1,{service}"#)), "limits[0].service: only applies");
+        expect_err(&rule(&format!(r#""max_concurrent":1,"scope":"global",{service}"#)), "limits[0].scope:");
+        expect_err(&rule(&format!(r#""usd_per_day":1,"scope":"global",{service}"#)), "limits[0].scope:");
+        expect_err(&rule(&format!(r#""tokens_per_day":5000000000,"scope":"global",{service}"#)), "limits[0]: a global");
+        expect_err(&rule(r#""requests_per_minute":1,"scope":"everywhere""#), "limits[0].scope: unknown variant");
+        expect_err(
+            &rule(r#""requests_per_minute":1,"scope":"global","service":{"cluster":"","domain":"d"}"#),
+            "limits[0].service.cluster:",
+        );
+        expect_err(
+            &rule(r#""requests_per_minute":1,"scope":"global","service":{"cluster":"c","domain":"d","timeout_ms":0}"#),
+            "limits[0].service.timeout_ms:",
+        );
+        expect_err(
+            &rule(r#""requests_per_minute":1,"scope":"global","service":{"cluster":"c","domain":"d","port":1}"#),
+            "limits[0].service.port: unknown field",
+        );
+        expect_err(
+            &rule(r#""requests_per_minute":1,"scope":"global","service":{"cluster":"c"}"#),
+            "limits[0].service: missing field `domain`",
+        );
     }
 }

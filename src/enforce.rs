@@ -122,6 +122,10 @@ pub fn check<H: LimitHost>(
     // Rules usually share a key (rpm and tpm per API key): read and hash it once.
     let mut key_ids: Vec<(&KeySource, Option<String>)> = Vec::new();
     for (i, rule) in limits.rules.iter().enumerate() {
+        if rule.global.is_some() {
+            // Counted by the rate limit service (see `crate::global`).
+            continue;
+        }
         if let Some(models) = &rule.models {
             if !facts.model.is_some_and(|m| models.contains(m)) {
                 continue;
@@ -233,7 +237,7 @@ fn overflow_bucket(base: &str) -> String {
 /// number of store failures.
 pub fn create_buckets<S: SharedStore + ?Sized>(store: &S, config: &Config) -> u32 {
     let mut failures = 0;
-    for rule in &config.limits.rules {
+    for rule in config.limits.rules.iter().filter(|r| r.global.is_none()) {
         let base = rule_base(config, rule);
         let keys = match (&rule.key, rule.per_model) {
             (KeySource::Global, false) => vec![global_bucket(&base)],
@@ -280,7 +284,7 @@ pub fn release<H: LimitHost>(
     failures
 }
 
-fn tokens_of(u: &Usage, t: TokenType) -> u64 {
+pub(crate) fn tokens_of(u: &Usage, t: TokenType) -> u64 {
     match t {
         TokenType::Input => u.input,
         TokenType::Output => u.output,
@@ -291,7 +295,7 @@ fn tokens_of(u: &Usage, t: TokenType) -> u64 {
 /// The bucket id of a key: `global`, or a hash of the header value / client IP (never the raw
 /// value: API keys must not reach shared data, stats or logs). An absent header is its own
 /// bucket (`absent`). `None`: the key cannot be determined (no client address).
-fn key_id<H: LimitHost>(host: &H, key: &KeySource) -> Option<String> {
+pub(crate) fn key_id<H: LimitHost>(host: &H, key: &KeySource) -> Option<String> {
     match key {
         KeySource::Global => Some("global".into()),
         KeySource::Header(name) => match host.request_header(name).filter(|v| !v.is_empty()) {
@@ -325,30 +329,35 @@ fn hash_hex(value: &[u8]) -> String {
 fn on_failure(config: &Config, rule: &str) -> Verdict {
     match config.limits.failure_mode {
         FailureMode::Allow => Verdict::Admit(Reservation::default()),
-        FailureMode::Deny => Verdict::Reject(Rejection {
-            status: 503,
-            rule: "failure_mode".into(),
-            headers: vec![json_header(), ("retry-after".into(), "1".into())],
-            body: error_body(
-                &format!("The gateway's rate limiter could not check rule '{rule}'; try again shortly."),
-                "server_error",
-                None,
-                "rate_limiter_unavailable",
-            ),
-        }),
+        FailureMode::Deny => Verdict::Reject(unavailable(rule)),
     }
 }
 
-fn json_header() -> (String, String) {
+/// The 503 of `failure_mode: deny` when `rule` could not be checked.
+pub(crate) fn unavailable(rule: &str) -> Rejection {
+    Rejection {
+        status: 503,
+        rule: "failure_mode".into(),
+        headers: vec![json_header(), ("retry-after".into(), "1".into())],
+        body: error_body(
+            &format!("The gateway's rate limiter could not check rule '{rule}'; try again shortly."),
+            "server_error",
+            None,
+            "rate_limiter_unavailable",
+        ),
+    }
+}
+
+pub(crate) fn json_header() -> (String, String) {
     ("content-type".into(), "application/json".into())
 }
 
-fn error_body(message: &str, kind: &str, param: Option<&str>, code: &str) -> String {
+pub(crate) fn error_body(message: &str, kind: &str, param: Option<&str>, code: &str) -> String {
     serde_json::json!({"error": {"message": message, "type": kind, "param": param, "code": code}}).to_string()
 }
 
 /// Which `x-ratelimit-*` family a limit reports in.
-fn family(limit: &Limit) -> Option<&'static str> {
+pub(crate) fn family(limit: &Limit) -> Option<&'static str> {
     match limit {
         Limit::Requests { .. } => Some("requests"),
         Limit::Tokens { .. } => Some("tokens"),
@@ -356,7 +365,7 @@ fn family(limit: &Limit) -> Option<&'static str> {
     }
 }
 
-fn describe(limit: &Limit) -> String {
+pub(crate) fn describe(limit: &Limit) -> String {
     let per = |w: crate::config::Window| match w.secs() {
         1 => "second",
         60 => "minute",

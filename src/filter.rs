@@ -16,9 +16,11 @@
 
 use crate::body::{BodyFormat, RequestScanner, ResponseScanner, Skip, Skips};
 use crate::classify::{classify, ErrorType};
+use crate::config::FailureMode;
 use crate::config::{Config, ModelLabels};
 use crate::decode::{Decoder, Encoding};
 use crate::enforce::{self, LimitHost, Rejection, RequestFacts, Reservation, Verdict};
+use crate::global::{self, Answer};
 use crate::hold::HoldWatch;
 use crate::inject::{rewrite_request, UsageChunkStripper};
 use crate::labels::{sanitize, LabelSet, SharedStore, OTHER, UNKNOWN};
@@ -64,6 +66,18 @@ pub trait Host: SharedStore {
     fn send_response(&mut self, status: u16, headers: &[(String, String)], body: &[u8]);
     /// Sets (replaces) a response header.
     fn set_response_header(&mut self, name: &str, value: &str);
+    /// Starts a unary gRPC call of `method` of `service` on the Envoy cluster `grpc_service`
+    /// describes (a serialized `GrpcService`); returns the call's token (`None`: the call could
+    /// not be started, counted by the host). The answer comes back
+    /// through the glue ([`Exchange::on_global_answer`], or the root context for reports).
+    fn grpc_call(
+        &mut self,
+        grpc_service: &[u8],
+        service: &str,
+        method: &str,
+        message: &[u8],
+        timeout_ms: u64,
+    ) -> Option<u32>;
     /// Removes a response header.
     fn remove_response_header(&mut self, name: &str);
     /// Sets (replaces) a request header; only effective while the request is held.
@@ -174,7 +188,17 @@ pub struct Worker {
     series_index: HashMap<String, HashMap<String, usize>>,
     /// Rate-limit buckets known to be admitted (see [`AdmittedKeys`]).
     admitted: AdmittedKeys,
+    /// Per rule: the serialized `GrpcService` of a global rule's service and its timeout.
+    services: Vec<Option<(Vec<u8>, u64)>>,
+    /// Token usage reports for global rules, sent by the root context (see [`crate::global`]).
+    reports: Vec<global::Call>,
+    /// Failed rate limit service calls on this worker, for log throttling.
+    service_failures: u64,
 }
+
+/// Most token usage reports a worker queues between two timer ticks; beyond, a report is
+/// dropped and counted as a service error (the service is then far behind anyway).
+const MAX_QUEUED_REPORTS: usize = 10_000;
 
 /// The `token_type` values of `tokens_total`, in [`Usage`] field order.
 const TOKEN_TYPES: [&str; 5] = ["input", "output", "cached_input", "reasoning", "cache_creation_input"];
@@ -280,7 +304,6 @@ impl Worker {
             .as_ref()
             .map(|_| LabelSet::new(format!("llm_meter.{prefix}.apps"), config.metrics.max_apps));
         Self {
-            config,
             models,
             apps,
             skips_logged: [0; Skip::ALL.len()],
@@ -289,6 +312,15 @@ impl Worker {
             series: Vec::new(),
             series_index: HashMap::new(),
             admitted: AdmittedKeys::default(),
+            services: config
+                .limits
+                .rules
+                .iter()
+                .map(|r| r.global.as_ref().map(|g| (crate::rls::encode_grpc_service(&g.cluster), g.timeout_ms)))
+                .collect(),
+            reports: Vec::new(),
+            service_failures: 0,
+            config,
         }
     }
 
@@ -394,6 +426,48 @@ impl Worker {
         host.counter_add(&name, 1);
     }
 
+    /// True when some rule is counted by a rate limit service: the glue then ticks to send the
+    /// usage reports.
+    pub fn has_global_limits(&self) -> bool {
+        self.services.iter().any(Option::is_some)
+    }
+
+    /// Starts `call` on its rule's rate limit service.
+    pub fn call_service<H: Host>(&self, host: &mut H, call: &global::Call) -> Option<u32> {
+        let (service, timeout_ms) = self.services.get(call.rule).and_then(Option::as_ref)?;
+        host.grpc_call(service, crate::rls::SERVICE, crate::rls::METHOD, &call.message, *timeout_ms)
+    }
+
+    /// A call to `rule`'s rate limit service failed or gave no usable answer: counted in
+    /// `ratelimit_service_errors_total{rule}` and logged (1st, 2nd, 4th… time on this worker).
+    pub fn count_service_error<H: Host>(&mut self, host: &mut H, rule: usize) {
+        let Some(r) = self.config.limits.rules.get(rule) else { return };
+        let name = self.name(Metric::RatelimitServiceErrorsTotal, &[&r.name]);
+        host.counter_add(&name, 1);
+        self.service_failures = self.service_failures.saturating_add(1);
+        if self.service_failures.is_power_of_two() {
+            let mode = r.global.as_ref().map_or(FailureMode::Allow, |g| g.failure_mode);
+            host.log_warn(&format!(
+                "llm-meter: the rate limit service of rule '{}' could not be called (unknown cluster?), failed \
+                 or did not answer in time ({} times on this worker); failure_mode {mode:?} applied",
+                r.name, self.service_failures
+            ));
+        }
+    }
+
+    /// Token usage reports waiting to be sent; the root context sends them on its timer.
+    pub fn take_reports(&mut self) -> Vec<global::Call> {
+        std::mem::take(&mut self.reports)
+    }
+
+    fn queue_report<H: Host>(&mut self, host: &mut H, call: global::Call) {
+        if self.reports.len() >= MAX_QUEUED_REPORTS {
+            self.count_service_error(host, call.rule);
+            return;
+        }
+        self.reports.push(call);
+    }
+
     fn model_label<H: Host>(&mut self, host: &mut H, model: Option<&str>) -> String {
         let Some(model) = model else { return UNKNOWN.to_string() };
         let resolved = match &mut self.models {
@@ -488,6 +562,10 @@ pub struct Exchange {
     limit_headers: Vec<(String, Vec<u8>)>,
     /// The rule that rejected the request, when this filter answered it.
     rejected_by: Option<String>,
+    /// Global rules that apply to the request (see [`crate::global`]).
+    global_charges: Vec<global::Charge>,
+    /// Rate limit service calls awaited before the request is forwarded: (token, charge index).
+    global_pending: Vec<(u32, usize)>,
     /// Skips found while checking limits.
     limit_skips: Skips,
     /// Decodes a copy of a compressed response body for the scanner.
@@ -598,6 +676,10 @@ impl Exchange {
             return self.release();
         }
         self.request.feed(chunk);
+        if self.is_waiting() {
+            // The rate limit service has not answered yet: the body waits with the headers.
+            return Flow::Hold;
+        }
         if end_of_stream {
             if self.inject_pending {
                 self.inject_usage(host);
@@ -690,10 +772,103 @@ impl Exchange {
         match verdict {
             Verdict::Admit(reservation) => {
                 self.reservation = Some(reservation);
-                None
+                self.check_global(host, worker)
             }
             Verdict::Reject(rejection) => Some(self.reject(host, worker, rejection)),
         }
+    }
+
+    /// Asks the rate limit service of every global rule that applies (the local rules admitted
+    /// the request). `Some(Flow::Hold)` while answers are awaited; `Some(Flow::Respond)` when a
+    /// failure under `failure_mode: deny` rejected it at once.
+    fn check_global<H: Host>(&mut self, host: &mut H, worker: &mut Worker) -> Option<Flow> {
+        if !worker.has_global_limits() {
+            return None;
+        }
+        let (charges, unknown) =
+            global::charges(&Limits(&*host, &self.limit_headers), &worker.config, self.request_model());
+        for rule in unknown {
+            worker.count_error(host, InternalError::RateLimit);
+            if worker.config.limits.failure_mode == FailureMode::Deny {
+                let name = worker.config.limits.rules.get(rule).map_or_else(String::new, |r| r.name.clone());
+                return Some(self.reject(host, worker, enforce::unavailable(&name)));
+            }
+        }
+        for (i, charge) in charges.iter().enumerate() {
+            let Some(call) = charge.request(&worker.config) else { continue };
+            match worker.call_service(host, &call) {
+                Some(token) => self.global_pending.push((token, i)),
+                None => {
+                    if let Some(flow) = self.global_failed(host, worker, charge.rule) {
+                        return Some(flow);
+                    }
+                }
+            }
+        }
+        self.global_charges = charges;
+        if self.global_pending.is_empty() {
+            return None;
+        }
+        // Waiting for the service is not a hold for the model: the hold watchdog stays out of it
+        // (Envoy times the calls out).
+        self.held_bytes = None;
+        Some(Flow::Hold)
+    }
+
+    /// A global rule's service gave no usable answer: counted; the rule's `failure_mode`
+    /// decides. `Some(Flow::Respond)` when it rejects the request.
+    fn global_failed<H: Host>(&mut self, host: &mut H, worker: &mut Worker, rule: usize) -> Option<Flow> {
+        worker.count_service_error(host, rule);
+        let r = worker.config.limits.rules.get(rule)?;
+        match r.global.as_ref()?.failure_mode {
+            FailureMode::Allow => None,
+            FailureMode::Deny => {
+                let rejection = enforce::unavailable(&r.name);
+                self.global_pending.clear();
+                Some(self.reject(host, worker, rejection))
+            }
+        }
+    }
+
+    /// True while the request waits for rate limit service answers.
+    pub fn is_waiting(&self) -> bool {
+        !self.global_pending.is_empty()
+    }
+
+    /// The answer to the rate limit service call `token` (`Err(())`: the call failed or timed
+    /// out). `Some(Flow::Continue)` when it was the last one awaited and the request may go on
+    /// (the glue resumes it); `Some(Flow::Respond)` when it was rejected (the reply is sent).
+    pub fn on_global_answer<H: Host>(
+        &mut self,
+        host: &mut H,
+        worker: &mut Worker,
+        token: u32,
+        result: Result<&[u8], ()>,
+    ) -> Option<Flow> {
+        let pos = self.global_pending.iter().position(|(t, _)| *t == token)?;
+        let (_, i) = self.global_pending.swap_remove(pos);
+        if self.rejected_by.is_some() || self.finished {
+            return None;
+        }
+        let rule = self.global_charges.get(i)?.rule;
+        let now_ms = host.now_nanos() / 1_000_000;
+        match global::answer(&worker.config, rule, result, now_ms) {
+            Answer::Admit => {}
+            Answer::Reject(rejection) => {
+                self.global_pending.clear();
+                return Some(self.reject(host, worker, rejection));
+            }
+            Answer::Failed => {
+                if let Some(flow) = self.global_failed(host, worker, rule) {
+                    return Some(flow);
+                }
+            }
+        }
+        if !self.global_pending.is_empty() {
+            return None;
+        }
+        self.start_active(host, worker);
+        Some(self.release())
     }
 
     fn reject<H: Host>(&mut self, host: &mut H, worker: &mut Worker, rejection: Rejection) -> Flow {
@@ -718,9 +893,15 @@ impl Exchange {
         self.held_bytes = None;
     }
 
-    /// True while the request is held (the glue then reads only the newly buffered bytes).
+    /// True while the request is held for its model (watched by [`crate::hold`]).
     pub fn is_holding(&self) -> bool {
         self.held_bytes.is_some()
+    }
+
+    /// True while Envoy buffers the request body for this filter (held for the model, or
+    /// waiting for the rate limit service): the glue then reads only the newly buffered bytes.
+    pub fn is_buffering(&self) -> bool {
+        self.held_bytes.is_some() || self.is_waiting()
     }
 
     /// Response headers: picks how to read the body.
@@ -886,6 +1067,17 @@ impl Exchange {
             }
         }
 
+        // Global token rules learn the real usage (a request still waiting when the client left
+        // was never forwarded: nothing to report).
+        if let (Some(u), None, true) = (usage.as_ref(), &self.rejected_by, self.global_pending.is_empty()) {
+            let reports: Vec<global::Call> =
+                self.global_charges.iter().filter_map(|c| c.report(&worker.config, u)).collect();
+            for call in reports {
+                worker.queue_report(host, call);
+            }
+        }
+        self.global_pending.clear();
+
         if let (Some(usage), Some(model)) = (usage, request_model.as_deref().or(response_model.as_deref())) {
             let price = worker
                 .config
@@ -1005,6 +1197,10 @@ mod tests {
         sent: Option<Sent>,
         request_body: Option<Vec<u8>>,
         request_body_reads: std::cell::Cell<usize>,
+        /// gRPC calls made: (GrpcService, message, timeout); the token is the index + 1.
+        grpc_calls: Vec<(Vec<u8>, Vec<u8>, u64)>,
+        /// Every gRPC dispatch fails.
+        grpc_down: bool,
     }
 
     impl SharedStore for FakeHost {
@@ -1017,6 +1213,21 @@ mod tests {
     }
 
     impl Host for FakeHost {
+        fn grpc_call(
+            &mut self,
+            grpc_service: &[u8],
+            service: &str,
+            method: &str,
+            message: &[u8],
+            timeout_ms: u64,
+        ) -> Option<u32> {
+            if self.grpc_down {
+                return None;
+            }
+            assert_eq!((service, method), (crate::rls::SERVICE, crate::rls::METHOD));
+            self.grpc_calls.push((grpc_service.to_vec(), message.to_vec(), timeout_ms));
+            Some(self.grpc_calls.len() as u32)
+        }
         fn request_header(&self, name: &str) -> Option<Vec<u8>> {
             self.request_headers.get(name).cloned()
         }
@@ -1207,6 +1418,103 @@ mod tests {
         assert_eq!(h(&host, "x-ratelimit-remaining-tokens").as_deref(), Some("29"));
         assert_eq!(h(&host, "x-ratelimit-reset-tokens").as_deref(), Some("6ms"));
         assert_eq!(h(&host, "x-ratelimit-limit-requests").as_deref(), Some("1"));
+    }
+
+    #[test]
+    fn global_rules_wait_for_the_service_then_forward_reject_or_follow_the_failure_mode() {
+        let config = r#"{"limits":[
+            {"name":"local","key":"global","tokens_per_minute":1000},
+            {"name":"g-rpm","key":"header:authorization","requests_per_minute":100,"scope":"global",
+             "service":{"cluster":"rls","domain":"llm","timeout_ms":50}},
+            {"name":"g-tpm","key":"global","tokens_per_hour":5000,"token_type":"output","scope":"global",
+             "service":{"cluster":"rls","domain":"llm-t","failure_mode":"deny"}}]}"#;
+        let mut host = FakeHost { now: 1_000 * 60_000 * MS, ..FakeHost::default() };
+        let mut w = worker(config);
+        host.request_headers.insert(":path".into(), b"/v1/chat/completions".to_vec());
+        host.request_headers.insert("authorization".into(), b"Bearer sk-1".to_vec());
+        host.response_headers.insert(":status".into(), b"200".to_vec());
+        host.response_headers.insert("content-type".into(), b"application/json".to_vec());
+        host.code = Some(200);
+        let ok = [0x08, 1];
+        let over = [0x08, 2];
+
+        // Admitted by both services: forwarded, then the output tokens are reported, less the
+        // one token the check added.
+        let mut x = Exchange::new();
+        assert_eq!(x.on_request_headers(&mut host, &mut w, false), Flow::Hold);
+        assert_eq!(x.on_request_body(&mut host, &mut w, br#"{"model":"gpt-4o"}"#, true), Flow::Hold);
+        assert!(x.is_waiting() && !x.is_holding() && x.is_buffering());
+        assert_eq!(host.grpc_calls.len(), 2);
+        let (service, message, timeout) = host.grpc_calls[0].clone();
+        assert_eq!((service, timeout), (crate::rls::encode_grpc_service("rls"), 50));
+        let d = |key: &str| crate::rls::Descriptor {
+            entries: vec![("rule".into(), "g-rpm".into()), ("key".into(), key.into())],
+            limit: Some((100, crate::rls::Unit::Minute)),
+        };
+        let (_, key) = enforce_key(&message);
+        assert_eq!(message, crate::rls::encode_request("llm", &[d(&key)], 1));
+        assert_eq!(x.on_global_answer(&mut host, &mut w, 2, Ok(&ok)), None, "one answer of two");
+        assert_eq!(x.on_global_answer(&mut host, &mut w, 2, Ok(&ok)), None, "a token answers once");
+        assert_eq!(x.on_global_answer(&mut host, &mut w, 1, Ok(&ok)), Some(Flow::Continue));
+        assert!(!x.is_waiting());
+        assert_eq!(host.gauges.get("model=.=gpt-4o;.;llm_active_requests"), Some(&1));
+        x.on_response_headers(&mut host, &mut w);
+        x.on_response_body(&mut host, CHAT_JSON.as_bytes(), true);
+        x.on_log(&mut host, &mut w);
+        let reports = w.take_reports();
+        assert_eq!(reports.len(), 1, "only the token rule reports");
+        assert_eq!(reports[0].rule, 2);
+        let tpm = crate::rls::Descriptor {
+            entries: vec![("rule".into(), "g-tpm".into()), ("key".into(), "global".into())],
+            limit: Some((5000, crate::rls::Unit::Hour)),
+        };
+        assert_eq!(reports[0].message, crate::rls::encode_request("llm-t", &[tpm], 9), "10 output tokens - 1");
+
+        // Over the limit: a 429 naming the rule; the local reservation is given back.
+        host.grpc_calls.clear();
+        let mut y = Exchange::new();
+        y.on_request_headers(&mut host, &mut w, false);
+        assert_eq!(y.on_request_body(&mut host, &mut w, br#"{"model":"gpt-4o"}"#, true), Flow::Hold);
+        assert_eq!(y.on_global_answer(&mut host, &mut w, 1, Ok(&over)), Some(Flow::Respond));
+        assert_eq!(host.sent.as_ref().map(|s| s.0), Some(429));
+        assert!(host.sent.as_ref().unwrap().2.contains("\"code\":\"g-rpm\""));
+        assert_eq!(y.on_global_answer(&mut host, &mut w, 2, Ok(&ok)), None, "answered already");
+        host.code = Some(429);
+        y.on_log(&mut host, &mut w);
+        assert!(w.take_reports().is_empty());
+        assert_eq!(counter(&host, "model=.=gpt-4o;.;rule=.=g-rpm;.;llm_ratelimit_rejected_total"), 1);
+        assert_eq!(host.gauges.get("model=.=gpt-4o;.;llm_active_requests"), Some(&0));
+
+        // A failed call: g-rpm follows the top-level failure_mode (allow), g-tpm its own (deny).
+        host.grpc_calls.clear();
+        host.sent = None;
+        let mut z = Exchange::new();
+        z.on_request_headers(&mut host, &mut w, false);
+        z.on_request_body(&mut host, &mut w, br#"{"model":"gpt-4o"}"#, true);
+        assert_eq!(z.on_global_answer(&mut host, &mut w, 1, Err(())), None, "allowed; g-tpm still awaited");
+        assert_eq!(counter(&host, "rule=.=g-rpm;.;llm_ratelimit_service_errors_total"), 1);
+        assert_eq!(z.on_global_answer(&mut host, &mut w, 2, Ok(&[0x08])), Some(Flow::Respond), "undecodable");
+        assert_eq!(host.sent.as_ref().map(|s| s.0), Some(503));
+        assert_eq!(counter(&host, "rule=.=g-tpm;.;llm_ratelimit_service_errors_total"), 1);
+        assert!(host.warnings.borrow().iter().any(|w| w.contains("rate limit service of rule 'g-rpm'")));
+
+        // The service cannot even be called: the same, at once.
+        host.grpc_down = true;
+        host.sent = None;
+        let mut v = Exchange::new();
+        v.on_request_headers(&mut host, &mut w, false);
+        assert_eq!(v.on_request_body(&mut host, &mut w, br#"{"model":"gpt-4o"}"#, true), Flow::Respond);
+        assert_eq!(host.sent.as_ref().map(|s| s.0), Some(503));
+        assert_eq!(counter(&host, "rule=.=g-rpm;.;llm_ratelimit_service_errors_total"), 2);
+        assert_eq!(counter(&host, "rule=.=g-tpm;.;llm_ratelimit_service_errors_total"), 2);
+    }
+
+    /// The `key` entry of the first descriptor of an encoded request (a hash: tests cannot
+    /// predict it without re-hashing).
+    fn enforce_key(message: &[u8]) -> (String, String) {
+        let text = String::from_utf8_lossy(message);
+        let start = text.find("key").unwrap() + 5;
+        ("key".into(), text[start..start + 32].to_string())
     }
 
     #[test]

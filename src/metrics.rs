@@ -52,6 +52,9 @@ pub enum Metric {
     /// `ratelimit_key_overflow_total{rule}`: requests charged to a rule's shared overflow bucket
     /// because the rule already tracks `max_limit_keys` keys.
     RatelimitKeyOverflowTotal,
+    /// `ratelimit_service_errors_total{rule}`: calls to a global rule's rate limit service that
+    /// failed (unreachable, timeout, error status, unreadable answer); `failure_mode` decided.
+    RatelimitServiceErrorsTotal,
     /// `upstream_ratelimit_remaining{model,kind}`: what the upstream says is left of its quota.
     UpstreamRatelimitRemaining,
     /// `upstream_ratelimit_limit{model,kind}`: the upstream's quota.
@@ -60,7 +63,7 @@ pub enum Metric {
 
 impl Metric {
     /// Every metric, for documentation and configuration checks.
-    pub const ALL: [Metric; 14] = [
+    pub const ALL: [Metric; 15] = [
         Metric::RequestsTotal,
         Metric::TokensTotal,
         Metric::CostMicrousdTotal,
@@ -73,6 +76,7 @@ impl Metric {
         Metric::MeterErrorsTotal,
         Metric::RatelimitRejectedTotal,
         Metric::RatelimitKeyOverflowTotal,
+        Metric::RatelimitServiceErrorsTotal,
         Metric::UpstreamRatelimitRemaining,
         Metric::UpstreamRatelimitLimit,
     ];
@@ -92,6 +96,7 @@ impl Metric {
             Metric::MeterErrorsTotal => "meter_errors_total",
             Metric::RatelimitRejectedTotal => "ratelimit_rejected_total",
             Metric::RatelimitKeyOverflowTotal => "ratelimit_key_overflow_total",
+            Metric::RatelimitServiceErrorsTotal => "ratelimit_service_errors_total",
             Metric::UpstreamRatelimitRemaining => "upstream_ratelimit_remaining",
             Metric::UpstreamRatelimitLimit => "upstream_ratelimit_limit",
         }
@@ -120,7 +125,7 @@ impl Metric {
             Metric::MeterSkipsTotal => &["reason"],
             Metric::MeterErrorsTotal => &["kind"],
             Metric::RatelimitRejectedTotal => &["model", "rule"],
-            Metric::RatelimitKeyOverflowTotal => &["rule"],
+            Metric::RatelimitKeyOverflowTotal | Metric::RatelimitServiceErrorsTotal => &["rule"],
             Metric::UpstreamRatelimitRemaining | Metric::UpstreamRatelimitLimit => &["model", "kind"],
         }
     }

@@ -16,6 +16,11 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+/// Timer period when global rules have usage reports to send (see [`crate::global`]): a
+/// report leaves at most this long after its response ended.
+const REPORT_EVERY_MS: u64 = 100;
 use std::rc::Rc;
 
 proxy_wasm::main! {{
@@ -30,6 +35,8 @@ struct State {
     /// Contexts whose stalled hold the timer released; their exchange learns it on its next
     /// callback.
     released: BTreeSet<u32>,
+    /// Usage reports sent by the root context and not answered yet: token → rule.
+    reports: HashMap<u32, usize>,
 }
 
 /// Envoy metric ids by stat name. Defining a metric is a hostcall that allocates a new id each
@@ -80,7 +87,23 @@ struct Root {
     state: Option<Rc<RefCell<State>>>,
 }
 
-impl Context for Root {}
+impl Context for Root {
+    /// The answer to a usage report: only failures matter (an OVER_LIMIT answer is the
+    /// service counting usage beyond the limit, as it should).
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+        let Some(state) = self.state.as_ref() else { return };
+        let Ok(mut guard) = state.try_borrow_mut() else { return };
+        let State { worker, metrics, reports, .. } = &mut *guard;
+        let Some(rule) = reports.remove(&token_id) else { return };
+        let answered = status_code == 0
+            && Http::body(BufferType::GrpcReceiveBuffer, 0, response_size)
+                .and_then(|b| crate::rls::decode_response(&b).ok())
+                .is_some_and(|r| r.overall != crate::rls::Code::Unknown);
+        if !answered {
+            worker.count_service_error(&mut WasmHost::new(metrics, 0), rule);
+        }
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _configuration_size: usize) -> bool {
@@ -106,22 +129,35 @@ impl RootContext for Root {
         let mut host = WasmHost::new(&mut metrics, 0);
         worker.init_shared(&mut host);
         log(LogLevel::Info, "llm-meter: configured");
-        if worker.config().request.model_lookahead_bytes > 0 {
+        if worker.has_global_limits() {
+            set_tick(REPORT_EVERY_MS);
+        } else if worker.config().request.model_lookahead_bytes > 0 {
             set_tick(hold::CHECK_EVERY_MS);
         }
-        self.state = Some(Rc::new(RefCell::new(State { worker, metrics, released: BTreeSet::new() })));
+        self.state =
+            Some(Rc::new(RefCell::new(State { worker, metrics, released: BTreeSet::new(), reports: HashMap::new() })));
         true
     }
 
-    /// Releases held requests that never got a body callback (see [`crate::hold`]).
+    /// Sends the usage reports of global rules (from the root context, whose calls outlive the
+    /// streams that made them), and releases held requests that never got a body callback (see
+    /// [`crate::hold`]).
     fn on_tick(&mut self) {
         let Some(state) = self.state.as_ref() else { return };
         let Ok(mut guard) = state.try_borrow_mut() else { return };
-        let State { worker, metrics, released } = &mut *guard;
+        let State { worker, metrics, released, reports } = &mut *guard;
+        let mut host = WasmHost::new(metrics, 0);
+        for call in worker.take_reports() {
+            match worker.call_service(&mut host, &call) {
+                Some(token) => {
+                    reports.insert(token, call.rule);
+                }
+                None => worker.count_service_error(&mut host, call.rule),
+            }
+        }
         if worker.holds.waiting() == 0 {
             return;
         }
-        let mut host = WasmHost::new(metrics, 0);
         let stalled = worker.holds.stalled(host.now_nanos());
         for context in stalled.contexts {
             worker.count_error(&mut host, InternalError::HoldStalled);
@@ -135,7 +171,9 @@ impl RootContext for Root {
                 "llm-meter: a held request got no body callback; set `allow_on_headers_stop_iteration: true` in \
                  the Wasm filter's config (Envoy >= 1.35). Holding requests for the model is off on this worker.",
             );
-            set_tick(0);
+            if !worker.has_global_limits() {
+                set_tick(0);
+            }
         }
     }
 
@@ -183,7 +221,7 @@ impl Http {
             log(LogLevel::Error, "llm-meter: worker state busy; event not metered");
             return None;
         };
-        let State { worker, metrics, released } = &mut *guard;
+        let State { worker, metrics, released, .. } = &mut *guard;
         // The watchdog may have released this request since the last callback.
         if released.remove(&self.context_id) {
             self.exchange.stop_holding();
@@ -215,7 +253,19 @@ impl Http {
     }
 }
 
-impl Context for Http {}
+impl Context for Http {
+    /// A rate limit service answered (or the call failed): the request goes on or is rejected.
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+        let body = if status_code == 0 { Self::body(BufferType::GrpcReceiveBuffer, 0, response_size) } else { None };
+        let result = if status_code == 0 { Ok(body.as_deref().unwrap_or_default()) } else { Err(()) };
+        let flow = self.with(|x, host, worker| x.on_global_answer(host, worker, token_id, result)).flatten();
+        if flow == Some(Flow::Continue) {
+            if let Err(status) = abi::resume_http_request() {
+                log(LogLevel::Warn, &format!("llm-meter: cannot resume the request: {status:?}"));
+            }
+        }
+    }
+}
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
@@ -238,7 +288,7 @@ impl HttpContext for Http {
                 state.worker.holds.body_seen(self.context_id);
             }
         }
-        let start = if self.exchange.is_holding() { self.request_buffered } else { 0 };
+        let start = if self.exchange.is_buffering() { self.request_buffered } else { 0 };
         let chunk = Self::body(BufferType::HttpRequestBody, start, body_size).unwrap_or_default();
         let action = Self::action(self.with(|x, host, worker| x.on_request_body(host, worker, &chunk, end_of_stream)));
         self.request_buffered = if action == Action::Pause { body_size } else { 0 };
@@ -420,5 +470,30 @@ impl Host for WasmHost<'_> {
 
     fn set_response_header(&mut self, name: &str, value: &str) {
         self.check("replace_header_map_value", abi::set_header(MapType::HttpResponseHeaders, name, value.as_bytes()));
+    }
+
+    fn grpc_call(
+        &mut self,
+        grpc_service: &[u8],
+        service: &str,
+        method: &str,
+        message: &[u8],
+        timeout_ms: u64,
+    ) -> Option<u32> {
+        // The SDK's call registers the token, so the answer reaches the context that asked.
+        // `grpc_service` is ASCII (config validation bounds the cluster name).
+        let upstream = std::str::from_utf8(grpc_service).ok()?;
+        proxy_wasm::hostcalls::dispatch_grpc_call(
+            upstream,
+            service,
+            method,
+            Vec::new(),
+            Some(message),
+            Duration::from_millis(timeout_ms),
+        )
+        // Envoy refuses the call when it cannot build a client for the cluster: the caller
+        // counts that as a failure of the rule's service (with its failure_mode), not as a
+        // hostcall error.
+        .ok()
     }
 }

@@ -90,7 +90,28 @@ pub struct Rule {
     pub per_model: bool,
     /// The limit.
     pub limit: Limit,
+    /// `scope: global`: counted by a rate limit service shared by every Envoy replica instead
+    /// of this Envoy's shared data.
+    pub global: Option<GlobalService>,
 }
+
+/// Where a `scope: global` rule is counted: a service speaking Envoy's rate limit protocol
+/// (`envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit`), such as envoyproxy/ratelimit
+/// or Limitador, reached through an Envoy cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GlobalService {
+    /// The Envoy cluster (HTTP/2) of the service.
+    pub cluster: String,
+    /// The rate limit domain the descriptors belong to.
+    pub domain: String,
+    /// How long a request waits for the service's answer.
+    pub timeout_ms: u64,
+    /// What a failed or late answer does to the request (default: the top-level `failure_mode`).
+    pub failure_mode: FailureMode,
+}
+
+/// Default for `limits[].service.timeout_ms`.
+pub const DEFAULT_SERVICE_TIMEOUT_MS: u64 = 200;
 
 /// What to do when the limiter itself fails (shared data unavailable, contention beyond the
 /// retries, a key that cannot be determined).
@@ -149,6 +170,11 @@ impl LimitsConfig {
         !self.rules.is_empty() || self.max_input_tokens.is_some()
     }
 
+    /// True if any rule is counted by a rate limit service.
+    pub fn has_global(&self) -> bool {
+        self.rules.iter().any(|r| r.global.is_some())
+    }
+
     /// The request headers a check reads: `content-length` (it sizes the estimate) and every
     /// header a rule keys on, each once.
     pub fn request_headers(&self) -> Vec<&str> {
@@ -182,6 +208,24 @@ pub(super) struct RawRule {
     usd_per_hour: Option<f64>,
     usd_per_day: Option<f64>,
     max_concurrent: Option<u64>,
+    scope: Option<Scope>,
+    service: Option<RawService>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum Scope {
+    Local,
+    Global,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    cluster: String,
+    domain: String,
+    timeout_ms: Option<u64>,
+    failure_mode: Option<FailureMode>,
 }
 
 #[derive(Deserialize, Default)]
@@ -206,8 +250,9 @@ pub(super) fn validate(raw: RawLimits) -> Result<LimitsConfig, ConfigError> {
     }
     let mut names = HashSet::new();
     let mut rules = Vec::with_capacity(raw.rules.len());
+    let failure_mode = raw.failure_mode.unwrap_or_default();
     for (i, r) in raw.rules.into_iter().enumerate() {
-        let rule = validate_rule(i, r)?;
+        let rule = validate_rule(i, r, failure_mode)?;
         if !names.insert(rule.name.clone()) {
             return Err(err(format!("limits[{i}].name"), format!("\"{}\" is used by another rule", rule.name)));
         }
@@ -236,13 +281,13 @@ pub(super) fn validate(raw: RawLimits) -> Result<LimitsConfig, ConfigError> {
     Ok(LimitsConfig {
         rules,
         max_input_tokens,
-        failure_mode: raw.failure_mode.unwrap_or_default(),
+        failure_mode,
         max_keys,
         estimate: TokenEstimate { bytes_per_token, max_output_tokens },
     })
 }
 
-fn validate_rule(i: usize, r: RawRule) -> Result<Rule, ConfigError> {
+fn validate_rule(i: usize, r: RawRule, failure_mode: FailureMode) -> Result<Rule, ConfigError> {
     let field = |name: &str| format!("limits[{i}].{name}");
     let valid_name = !r.name.is_empty()
         && r.name.len() <= 64
@@ -323,7 +368,62 @@ fn validate_rule(i: usize, r: RawRule) -> Result<Rule, ConfigError> {
     if r.token_type.is_some() && !matches!(limit, Limit::Tokens { .. }) {
         return Err(err(field("token_type"), "only applies to tokens_per_* limits"));
     }
-    Ok(Rule { name: r.name, key, models, per_model: r.per_model, limit })
+    let global = match (r.scope.unwrap_or(Scope::Local), r.service) {
+        (Scope::Local, None) => None,
+        (Scope::Local, Some(_)) => return Err(err(field("service"), "only applies to scope: global")),
+        (Scope::Global, None) => {
+            return Err(err(
+                field("service"),
+                "scope: global needs service: {cluster, domain} (the rate limit service)",
+            ))
+        }
+        (Scope::Global, Some(service)) => Some(validate_service(i, service, &limit, failure_mode)?),
+    };
+    Ok(Rule { name: r.name, key, models, per_model: r.per_model, limit, global })
+}
+
+/// A global rule's service, and the limits the protocol can carry: request and token counts
+/// per second/minute/hour/day up to 2^32 - 1 (`requests_per_unit` is a uint32). A service counts
+/// hits, so spend in USD and requests in flight (which need a release) stay local.
+fn validate_service(
+    i: usize,
+    s: RawService,
+    limit: &Limit,
+    failure_mode: FailureMode,
+) -> Result<GlobalService, ConfigError> {
+    let field = |name: &str| format!("limits[{i}].{name}");
+    match limit {
+        Limit::Requests { max, .. } | Limit::Tokens { max, .. } if *max > u64::from(u32::MAX) => {
+            return Err(err(format!("limits[{i}]"), "a global limit is at most 4294967295 (the protocol's uint32)"))
+        }
+        Limit::Requests { .. } | Limit::Tokens { .. } => {}
+        Limit::Usd { .. } | Limit::Concurrent { .. } => {
+            return Err(err(
+                field("scope"),
+                "global rules count requests_per_* or tokens_per_*; usd_per_* and max_concurrent are local only",
+            ))
+        }
+    }
+    let name_ok = |v: &str, max: usize| !v.is_empty() && v.len() <= max && v.bytes().all(|b| b.is_ascii_graphic());
+    // At most 120 bytes: the cluster travels in a small protobuf that must stay ASCII (see
+    // `rls::encode_grpc_service`).
+    if !name_ok(&s.cluster, 120) {
+        return Err(err(field("service.cluster"), "must name an Envoy cluster (1 to 120 printable characters)"));
+    }
+    if !name_ok(&s.domain, 256) {
+        return Err(err(field("service.domain"), "must be 1 to 256 printable characters"));
+    }
+    let timeout_ms = match s.timeout_ms {
+        None => DEFAULT_SERVICE_TIMEOUT_MS,
+        Some(v @ 1..=60_000) => v,
+        Some(_) => return Err(err(field("service.timeout_ms"), "must be between 1 and 60000")),
+    };
+    Ok(GlobalService {
+        cluster: s.cluster,
+        domain: s.domain,
+        timeout_ms,
+        failure_mode: s.failure_mode.unwrap_or(failure_mode),
+    })
 }
 
 fn usd(v: Option<f64>, field: &str, per: Window) -> Result<Option<Limit>, ConfigError> {

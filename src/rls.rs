@@ -1,0 +1,324 @@
+//! The messages of Envoy's rate limit service protocol (`envoy.service.ratelimit.v3`), encoded
+//! and decoded by hand: the filter needs one request and one response type, and a protobuf code
+//! generator (and `protoc`) for four small messages would cost more than these lines.
+//!
+//! Only the fields the filter uses are written; unknown fields of a response are skipped, as
+//! protobuf requires, so a service that sends more (headers to add, quotas, metadata) decodes.
+
+/// The gRPC service and method the filter calls.
+pub const SERVICE: &str = "envoy.service.ratelimit.v3.RateLimitService";
+pub const METHOD: &str = "ShouldRateLimit";
+
+/// `envoy.type.v3.RateLimitUnit` (also `RateLimitResponse.RateLimit.Unit`, same numbers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    Second = 1,
+    Minute = 2,
+    Hour = 3,
+    Day = 4,
+}
+
+impl Unit {
+    /// The unit of a window of `secs` seconds, if the protocol has one.
+    pub fn from_secs(secs: u64) -> Option<Unit> {
+        Some(match secs {
+            1 => Unit::Second,
+            60 => Unit::Minute,
+            3_600 => Unit::Hour,
+            86_400 => Unit::Day,
+            _ => return None,
+        })
+    }
+}
+
+/// One `RateLimitDescriptor`: hierarchical entries, and the limit to apply (the descriptor's
+/// `limit` override, so the filter's configuration is the one source of the numbers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Descriptor {
+    pub entries: Vec<(String, String)>,
+    pub limit: Option<(u32, Unit)>,
+}
+
+/// Encodes a `RateLimitRequest`.
+pub fn encode_request(domain: &str, descriptors: &[Descriptor], hits_addend: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    put_bytes(&mut out, 1, domain.as_bytes());
+    for d in descriptors {
+        let mut desc = Vec::new();
+        for (k, v) in &d.entries {
+            let mut entry = Vec::new();
+            put_bytes(&mut entry, 1, k.as_bytes());
+            put_bytes(&mut entry, 2, v.as_bytes());
+            put_bytes(&mut desc, 1, &entry);
+        }
+        if let Some((n, unit)) = d.limit {
+            let mut limit = Vec::new();
+            put_varint_field(&mut limit, 1, u64::from(n));
+            put_varint_field(&mut limit, 2, unit as u64);
+            put_bytes(&mut desc, 2, &limit);
+        }
+        put_bytes(&mut out, 2, &desc);
+    }
+    if hits_addend != 0 {
+        put_varint_field(&mut out, 3, u64::from(hits_addend));
+    }
+    out
+}
+
+/// Encodes the `envoy.config.core.v3.GrpcService` naming `cluster` (`envoy_grpc.cluster_name`).
+/// Passed to Envoy instead of the bare cluster name: Envoy then builds the client without
+/// requiring the cluster to exist, and a missing cluster fails the call (which the filter
+/// counts) instead of the dispatch.
+pub fn encode_grpc_service(cluster: &str) -> Vec<u8> {
+    let mut envoy_grpc = Vec::new();
+    put_bytes(&mut envoy_grpc, 1, cluster.as_bytes());
+    let mut out = Vec::new();
+    put_bytes(&mut out, 1, &envoy_grpc);
+    out
+}
+
+/// `RateLimitResponse.Code`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    Unknown,
+    Ok,
+    OverLimit,
+}
+
+impl Code {
+    fn from(n: u64) -> Code {
+        match n {
+            1 => Code::Ok,
+            2 => Code::OverLimit,
+            _ => Code::Unknown,
+        }
+    }
+}
+
+/// One `DescriptorStatus`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status {
+    pub code: Code,
+    /// `current_limit.requests_per_unit`, when the service says.
+    pub limit: Option<u32>,
+    pub remaining: u32,
+    /// `duration_until_reset`, in milliseconds, when the service says.
+    pub reset_ms: Option<u64>,
+}
+
+/// A decoded `RateLimitResponse`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub overall: Code,
+    pub statuses: Vec<Status>,
+}
+
+/// Why a response could not be decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeError;
+
+/// Decodes a `RateLimitResponse`.
+pub fn decode_response(bytes: &[u8]) -> Result<Response, DecodeError> {
+    let mut response = Response { overall: Code::Unknown, statuses: Vec::new() };
+    for field in Fields(bytes) {
+        match field? {
+            (1, Value::Varint(n)) => response.overall = Code::from(n),
+            (2, Value::Bytes(b)) => response.statuses.push(decode_status(b)?),
+            _ => {}
+        }
+    }
+    Ok(response)
+}
+
+fn decode_status(bytes: &[u8]) -> Result<Status, DecodeError> {
+    let mut status = Status { code: Code::Unknown, limit: None, remaining: 0, reset_ms: None };
+    for field in Fields(bytes) {
+        match field? {
+            (1, Value::Varint(n)) => status.code = Code::from(n),
+            (2, Value::Bytes(b)) => {
+                for f in Fields(b) {
+                    if let (1, Value::Varint(n)) = f? {
+                        status.limit = Some(u32::try_from(n).unwrap_or(u32::MAX));
+                    }
+                }
+            }
+            (3, Value::Varint(n)) => status.remaining = u32::try_from(n).unwrap_or(u32::MAX),
+            (4, Value::Bytes(b)) => {
+                let (mut secs, mut nanos) = (0u64, 0u64);
+                for f in Fields(b) {
+                    match f? {
+                        // int64 seconds, int32 nanos: negative values (encoded as huge
+                        // varints) make no sense for a reset and are read as 0.
+                        (1, Value::Varint(n)) => secs = if n > i64::MAX as u64 { 0 } else { n },
+                        (2, Value::Varint(n)) => nanos = if n >= 1_000_000_000 { 0 } else { n },
+                        _ => {}
+                    }
+                }
+                status.reset_ms = Some(secs.saturating_mul(1000).saturating_add(nanos / 1_000_000));
+            }
+            _ => {}
+        }
+    }
+    Ok(status)
+}
+
+fn put_varint(out: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+fn put_varint_field(out: &mut Vec<u8>, field: u32, n: u64) {
+    put_varint(out, u64::from(field) << 3);
+    put_varint(out, n);
+}
+
+fn put_bytes(out: &mut Vec<u8>, field: u32, bytes: &[u8]) {
+    put_varint(out, (u64::from(field) << 3) | 2);
+    put_varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+enum Value<'a> {
+    Varint(u64),
+    Bytes(&'a [u8]),
+    /// Fixed 32/64-bit values: no field the filter reads has one.
+    Fixed,
+}
+
+/// The fields of a message, in order; an error ends the iteration.
+struct Fields<'a>(&'a [u8]);
+
+impl<'a> Fields<'a> {
+    fn varint(&mut self) -> Result<u64, DecodeError> {
+        let mut n = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&b, rest) = self.0.split_first().ok_or(DecodeError)?;
+            self.0 = rest;
+            n |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(n);
+            }
+        }
+        Err(DecodeError)
+    }
+
+    fn take(&mut self, n: u64) -> Result<&'a [u8], DecodeError> {
+        let n = usize::try_from(n).map_err(|_| DecodeError)?;
+        if n > self.0.len() {
+            return Err(DecodeError);
+        }
+        let (taken, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(taken)
+    }
+
+    fn field(&mut self) -> Result<(u64, Value<'a>), DecodeError> {
+        let tag = self.varint()?;
+        let value = match tag & 7 {
+            0 => Value::Varint(self.varint()?),
+            1 => self.take(8).map(|_| Value::Fixed)?,
+            2 => {
+                let len = self.varint()?;
+                Value::Bytes(self.take(len)?)
+            }
+            5 => self.take(4).map(|_| Value::Fixed)?,
+            _ => return Err(DecodeError),
+        };
+        Ok((tag >> 3, value))
+    }
+}
+
+impl<'a> Iterator for Fields<'a> {
+    type Item = Result<(u64, Value<'a>), DecodeError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.0.is_empty() {
+            return None;
+        }
+        let field = self.field();
+        if field.is_err() {
+            self.0 = &[];
+        }
+        Some(field)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    use super::*;
+
+    #[test]
+    fn request_bytes_are_protobuf() {
+        let d = Descriptor { entries: vec![("rule".into(), "rpm".into())], limit: Some((300, Unit::Minute)) };
+        let got = encode_request("llm", &[d], 1);
+        #[rustfmt::skip]
+        let want = [
+            0x0a, 3, b'l', b'l', b'm',                       // domain
+            0x12, 20,                                        // descriptors[0]
+                0x0a, 11,                                    //   entries[0]
+                    0x0a, 4, b'r', b'u', b'l', b'e',         //     key
+                    0x12, 3, b'r', b'p', b'm',               //     value
+                0x12, 5, 0x08, 0xac, 0x02, 0x10, 2,          //   limit {300, MINUTE}
+            0x18, 1,                                         // hits_addend
+        ];
+        assert_eq!(got, want);
+        // hits_addend 0 is the protocol's default (read as 1): not written.
+        assert_eq!(encode_request("d", &[], 0), [0x0a, 1, b'd']);
+        assert_eq!(encode_grpc_service("rls"), [0x0a, 5, 0x0a, 3, b'r', b'l', b's']);
+    }
+
+    #[test]
+    fn responses_decode_and_unknown_fields_are_skipped() {
+        #[rustfmt::skip]
+        let bytes = [
+            0x08, 2,                                         // overall_code OVER_LIMIT
+            0x12, 19,                                        // statuses[0]
+                0x08, 2,                                     //   code
+                0x12, 4, 0x08, 100, 0x10, 2,                 //   current_limit {100, MINUTE}
+                0x18, 0,                                     //   limit_remaining
+                0x22, 7, 0x08, 42, 0x10, 0x80, 0xad, 0xe2, 0x04, // duration_until_reset 42 s 10 ms
+            0x2a, 2, b'n', b'o',                             // raw_body (unknown to the filter)
+            0x3d, 1, 2, 3, 4,                                // a fixed32 field from the future
+        ];
+        let r = decode_response(&bytes).unwrap();
+        assert_eq!(r.overall, Code::OverLimit);
+        assert_eq!(
+            r.statuses,
+            vec![Status { code: Code::OverLimit, limit: Some(100), remaining: 0, reset_ms: Some(42_010) }]
+        );
+        assert_eq!(decode_response(&[]).unwrap(), Response { overall: Code::Unknown, statuses: vec![] });
+        assert_eq!(decode_response(&[0x08, 1]).unwrap().overall, Code::Ok);
+    }
+
+    #[test]
+    fn truncated_or_garbage_responses_are_errors_never_panics() {
+        for bad in [
+            &[0x08][..],
+            &[0x12, 5, 1],
+            &[0x0f],
+            &[0xff; 11],
+            &[0x12, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01],
+        ] {
+            assert_eq!(decode_response(bad), Err(DecodeError), "{bad:?}");
+        }
+        // Every prefix of a valid response decodes or fails cleanly.
+        let d = Descriptor { entries: vec![("k".into(), "v".into())], limit: None };
+        let req = encode_request("domain", &[d.clone(), d], 7);
+        for i in 0..req.len() {
+            let _ = decode_response(&req[..i]);
+        }
+    }
+
+    #[test]
+    fn units_of_windows() {
+        assert_eq!(Unit::from_secs(60), Some(Unit::Minute));
+        assert_eq!(Unit::from_secs(86_400), Some(Unit::Day));
+        assert_eq!(Unit::from_secs(7), None);
+    }
+}
