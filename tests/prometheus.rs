@@ -103,7 +103,7 @@ fn alert_queries() -> Vec<(String, String)> {
             out.push((format!("alert:{alert}"), query));
         }
     }
-    assert_eq!(out.len(), 14, "alerts.yml: every rule is one `expr:` line");
+    assert_eq!(out.len(), 15, "alerts.yml: every rule is one `expr:` line");
     out
 }
 
@@ -134,7 +134,9 @@ const CONFIG: &str = r#"{
   "metrics": {"app_header": "x-app-id"},
   "pricing": {"gpt-4o": {"input": 2.5, "output": 10, "cached_input": 1.25},
               "claude-sonnet-4-5": {"input": 3, "output": 15}},
-  "limits": [{"name": "key-rph", "key": "header:x-api-key", "models": ["gpt-4o-mini"], "requests_per_hour": 3}]
+  "limits": [{"name": "key-rph", "key": "header:x-api-key", "models": ["gpt-4o-mini"], "requests_per_hour": 3},
+             {"name": "global-rpm", "key": "global", "models": ["gpt-4o-mini"], "requests_per_minute": 1000,
+              "scope": "global", "service": {"cluster": "no_rate_limit_service", "domain": "llm"}}]
 }"#;
 
 #[test]
@@ -232,7 +234,7 @@ fn every_alert_and_dashboard_query_returns_data_from_a_real_prometheus() {
     let rules = prom.api("/api/v1/rules");
     let groups = rules["data"]["groups"].as_array().unwrap();
     let all: Vec<&Value> = groups.iter().flat_map(|g| g["rules"].as_array().unwrap()).collect();
-    assert_eq!(all.len(), 14, "{rules}");
+    assert_eq!(all.len(), 15, "{rules}");
     for r in &all {
         assert_eq!(r["health"], "ok", "rule {} failed: {}\n{}", r["name"], r["lastError"], prom.log());
     }

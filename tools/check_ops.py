@@ -56,6 +56,7 @@ COUNTERS = {
     "llm_meter_errors_total": {"kind"},
     "llm_ratelimit_rejected_total": {"model", "rule"},
     "llm_ratelimit_key_overflow_total": {"rule"},
+    "llm_ratelimit_service_errors_total": {"rule"},
 }
 HISTOGRAMS = {
     "llm_request_duration_ms": {"model"},
@@ -69,7 +70,7 @@ GAUGES = {
 }
 # Series that only exist after rare events: a query over nothing else must be marked mayBeEmpty
 # (or fall back to a value with `or vector(...)`).
-SPARSE = {"llm_meter_skips_total", "llm_ratelimit_key_overflow_total"}
+SPARSE = {"llm_meter_skips_total", "llm_ratelimit_key_overflow_total", "llm_ratelimit_service_errors_total"}
 
 
 def llm_metric_labels(name: str) -> set[str] | None:

@@ -111,7 +111,12 @@ pub struct Envoy {
 /// Renders the shipped envoy.yaml for the given upstream port and filter configuration, with
 /// ephemeral listener and admin ports.
 pub fn render_config(upstream_port: u16, filter_config: &str) -> String {
-    let shipped = std::fs::read_to_string(root().join("envoy/envoy.yaml")).expect("read envoy/envoy.yaml");
+    render_shipped("envoy/envoy.yaml", upstream_port, filter_config)
+}
+
+/// Like [`render_config`], for another shipped Envoy configuration (`envoy/envoy-global.yaml`).
+pub fn render_shipped(file: &str, upstream_port: u16, filter_config: &str) -> String {
+    let shipped = std::fs::read_to_string(root().join(file)).unwrap_or_else(|e| panic!("read {file}: {e}"));
     let wasm = require(&root().join("target/wasm32-wasip1/release/llm_meter.wasm"), "just build");
     let begin = shipped.find("# llm-meter configuration begin").expect("begin marker");
     let end = shipped.find("# llm-meter configuration end").expect("end marker");
