@@ -9,8 +9,6 @@
 mod common;
 
 use common::{client, free_port, render_config, render_dynamic, send, Envoy, Mock, Reply};
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -42,23 +40,6 @@ fn assert_clean_log(envoy: &Envoy) {
     for bad in ["panicked", "RuntimeError", "Uncaught", "VM failed"] {
         assert!(!log.contains(bad), "{bad:?} in Envoy's log:\n{log}");
     }
-}
-
-/// Opens a stream, reads its first bytes and goes away.
-fn leave_mid_stream(port: u16, body: &str) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "POST {CHAT} HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\nx-mock-completion-tokens: 100\r\n\
-         x-mock-chunk-delay-ms: 10\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut buf = [0u8; 512];
-    let n = s.read(&mut buf).unwrap();
-    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
-    std::thread::sleep(Duration::from_millis(100));
 }
 
 #[test]
@@ -131,7 +112,9 @@ fn every_fault_counts_once_releases_its_reservation_and_balances_the_gauges() {
         // Clients that leave mid-stream.
         std::thread::spawn(move || {
             for _ in 0..EACH {
-                leave_mid_stream(port, &chat(true));
+                let stream = common::open_stream(port, &chat(true), 100, 10);
+                std::thread::sleep(Duration::from_millis(100));
+                drop(stream);
             }
         }),
         // Upstream errors.

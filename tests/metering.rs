@@ -221,20 +221,8 @@ fn reset_mid_stream_counts_as_network_error_and_balances_the_gauge() {
 fn client_cancel_mid_stream_is_canceled_and_balances_the_gauge() {
     let mock = Mock::start();
     let envoy = Envoy::start(mock.port, DEFAULT_CONFIG);
-    let body = chat_body("gpt-4o", true);
-    let mut s = TcpStream::connect(("127.0.0.1", envoy.port)).unwrap();
-    write!(
-        s,
-        "POST {CHAT} HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\nx-mock-completion-tokens: 200\r\n\
-         x-mock-chunk-delay-ms: 50\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
     // Read the headers and the first events, then go away mid-stream.
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut buf = [0u8; 1024];
-    let n = s.read(&mut buf).unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let s = common::open_stream(envoy.port, &chat_body("gpt-4o", true), 200, 50);
     std::thread::sleep(Duration::from_millis(200));
     // While the stream runs the request is active.
     assert_eq!(envoy.metrics().value(&active("gpt-4o")), Some(1.0));

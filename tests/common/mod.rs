@@ -489,3 +489,24 @@ pub fn promtool_check(text: &str) -> Result<(), String> {
         _ => Err(format!("promtool check metrics: {}: {}", out.status, tail(&said, 5))),
     }
 }
+
+/// Starts a streaming chat request over a raw connection (so the test can walk away from it
+/// mid-stream) and reads until the response status line: the stream is running when this
+/// returns. `completion_tokens` and `chunk_delay_ms` set how long the mock streams.
+pub fn open_stream(port: u16, body: &str, completion_tokens: u32, chunk_delay_ms: u32) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n\
+         x-mock-completion-tokens: {completion_tokens}\r\nx-mock-chunk-delay-ms: {chunk_delay_ms}\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut buf = [0u8; 1024];
+    let n = s.read(&mut buf).expect("read the response head");
+    let head = String::from_utf8_lossy(buf.get(..n).unwrap_or_default()).to_string();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    s
+}
