@@ -92,10 +92,11 @@ fn envoy(mock: &Mock, rls_port: u16, filter_config: &str) -> Envoy {
         .unwrap_or_else(|log| panic!("Envoy did not start:\n{log}"))
 }
 
-fn rule(name: &str, limit: &str, extra: &str) -> String {
+/// A global rule keyed on `authorization`; `service_extra` is added to its `service` object.
+fn rule(name: &str, limit: &str, service_extra: &str) -> String {
     format!(
         r#"{{"name":"{name}","key":"header:authorization",{limit},"scope":"global",
-            "service":{{"cluster":"rate_limit_service","domain":"llm","timeout_ms":500{extra}}}}}"#
+            "service":{{"cluster":"rate_limit_service","domain":"llm"{service_extra}}}}}"#
     )
 }
 
@@ -109,7 +110,9 @@ fn two_envoys_admit_one_global_limit_between_them() {
     const SENT: u64 = 600;
     let (redis, mock) = (Redis::start(), Mock::start());
     let rls = Rls::start(&redis);
-    let config = format!(r#"{{"limits":[{}]}}"#, rule("rph", &format!(r#""requests_per_hour":{LIMIT}"#), ""));
+    // A late answer must not admit (failure_mode allow would): deny, and time enough.
+    let limit = format!(r#""requests_per_hour":{LIMIT}"#);
+    let config = format!(r#"{{"limits":[{}]}}"#, rule("rph", &limit, r#","timeout_ms":10000,"failure_mode":"deny""#));
     let envoys = [envoy(&mock, rls.port, &config), envoy(&mock, rls.port, &config)];
     let admitted = Arc::new(AtomicU64::new(0));
     let rejected = Arc::new(AtomicU64::new(0));
@@ -157,7 +160,7 @@ fn two_envoys_admit_one_global_limit_between_them() {
 fn token_usage_reported_by_one_envoy_is_enforced_on_the_other() {
     let (redis, mock) = (Redis::start(), Mock::start());
     let rls = Rls::start(&redis);
-    let config = format!(r#"{{"limits":[{}]}}"#, rule("tph", r#""tokens_per_hour":1000"#, ""));
+    let config = format!(r#"{{"limits":[{}]}}"#, rule("tph", r#""tokens_per_hour":1000"#, r#","timeout_ms":10000"#));
     let (a, b) = (envoy(&mock, rls.port, &config), envoy(&mock, rls.port, &config));
     let key = ("authorization", "Bearer team-a");
     // Within the limit before: B admits.
@@ -197,10 +200,14 @@ fn token_usage_reported_by_one_envoy_is_enforced_on_the_other() {
 fn redis_down_follows_each_rules_failure_mode_and_is_counted() {
     let (mut redis, mock) = (Redis::start(), Mock::start());
     let rls = Rls::start(&redis);
-    let allow =
-        format!(r#"{{"limits":[{}]}}"#, rule("rpm", r#""requests_per_minute":1000"#, r#","failure_mode":"allow""#));
-    let deny =
-        format!(r#"{{"limits":[{}]}}"#, rule("rpm", r#""requests_per_minute":1000"#, r#","failure_mode":"deny""#));
+    let allow = format!(
+        r#"{{"limits":[{}]}}"#,
+        rule("rpm", r#""requests_per_minute":1000"#, r#","timeout_ms":500,"failure_mode":"allow""#)
+    );
+    let deny = format!(
+        r#"{{"limits":[{}]}}"#,
+        rule("rpm", r#""requests_per_minute":1000"#, r#","timeout_ms":500,"failure_mode":"deny""#)
+    );
     let (open, closed) = (envoy(&mock, rls.port, &allow), envoy(&mock, rls.port, &deny));
     let key = [("authorization", "Bearer team-a")];
     assert_eq!(send(&client(), &open.url(CHAT), &key, &chat()).status, 200);

@@ -18,6 +18,12 @@
 //! report of 1,500 tokens against a limit of 1,000 is recorded (and answered OVER_LIMIT), and the
 //! next request is refused. Limitador's windows start at a counter's first hit.
 //!
+//! Limitador 0.6 checks a counter and then increments it, two Redis round trips that are not one
+//! atomic step, so two concurrent hits could both see room for one. This service therefore
+//! serializes check-and-add per counter (a lock per counter hash): exact for every Envoy that
+//! calls one instance. Several instances sharing a Redis can admit a few hits too many at a
+//! window's edge (envoyproxy/ratelimit, whose increment is atomic, does not).
+//!
 //! A Redis failure is a gRPC `UNAVAILABLE`; the caller's `failure_mode` decides.
 
 mod proto;
@@ -29,6 +35,7 @@ use proto::{
     DescriptorStatus, Duration as PbDuration, RateLimit, RateLimitDescriptor, RateLimitRequest, RateLimitResponse,
 };
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use tonic::codegen::{http, Body, BoxFuture, Service, StdError};
 
@@ -51,9 +58,13 @@ fn unit_seconds(unit: i32) -> Option<u64> {
     })
 }
 
+/// Locks serializing check-and-add, by counter hash (see the crate docs).
+const LOCKS: usize = 64;
+
 #[derive(Clone)]
 struct Rls {
     limiter: Arc<AsyncRateLimiter>,
+    locks: Arc<Vec<tokio::sync::Mutex<()>>>,
 }
 
 impl Rls {
@@ -100,6 +111,11 @@ impl Rls {
             let values: HashMap<String, String> = d.entries.iter().map(|e| (e.key.clone(), e.value.clone())).collect();
             let namespace = req.domain.as_str().into();
             let unavailable = |e: limitador::errors::LimitadorError| tonic::Status::unavailable(e.to_string());
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            (&req.domain, &d.entries.iter().map(|e| (&e.key, &e.value)).collect::<Vec<_>>()).hash(&mut hasher);
+            let lock =
+                self.locks.get(hasher.finish() as usize % LOCKS).ok_or_else(|| tonic::Status::internal("lock"))?;
+            let _serialized = lock.lock().await;
             let result = self
                 .limiter
                 .check_rate_limited_and_update(&namespace, &values, hits, true)
@@ -209,7 +225,10 @@ async fn main() {
             std::process::exit(1);
         }
     };
-    let rls = Rls { limiter: Arc::new(AsyncRateLimiter::new_with_storage(Box::new(storage))) };
+    let rls = Rls {
+        limiter: Arc::new(AsyncRateLimiter::new_with_storage(Box::new(storage))),
+        locks: Arc::new((0..LOCKS).map(|_| tokio::sync::Mutex::new(())).collect()),
+    };
     let listener = match tokio::net::TcpListener::bind(&args.listen).await {
         Ok(l) => l,
         Err(e) => {
