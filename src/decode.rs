@@ -1306,4 +1306,27 @@ mod tests {
             assert_eq!(ok(encoding.as_str().as_bytes()), Some(encoding));
         }
     }
+
+    /// Found by `just fuzz` (decode target, 2026-11-23): a brotli stream whose commands run past
+    /// their meta-block. brotli-decompressor 5.0.3 accepted it when the body came in one piece
+    /// (and decoded 6 bytes) but rejected it when cut after byte 14 or 15, so whether the body
+    /// was metered depended on Envoy's chunking. 6.x rejects it however it is cut, as the C
+    /// reference does (BLOCK_LENGTH_2).
+    #[test]
+    fn a_brotli_meta_block_overrun_is_corrupt_however_the_body_is_cut() {
+        const BODY: [u8; 27] = [
+            0x20, 0x00, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x95, 0x01, 0x0c, 0x01, 0x84, 0x30, 0x4c, 0x0b, 0x01,
+            0x05, 0x84, 0x24, 0x25, 0x32, 0xba, 0x93, 0x41, 0x00,
+        ];
+        for cut in 0..=BODY.len() {
+            let (a, b) = BODY.split_at(cut);
+            let mut d = Decoder::new(Encoding::Brotli);
+            let mut out = Vec::new();
+            let result = d
+                .feed(a, &mut |x| out.extend_from_slice(x))
+                .and_then(|()| d.feed(b, &mut |x| out.extend_from_slice(x)));
+            let result = result.and_then(|()| d.finish(&mut |_| {}));
+            assert_eq!(result, Err(DecodeError::Corrupt), "cut at {cut}");
+        }
+    }
 }
