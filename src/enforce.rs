@@ -120,16 +120,14 @@ pub fn check<H: LimitHost>(
     let mut charges = Vec::new();
     let mut meters = Vec::new();
     // Rules usually share a key (rpm and tpm per API key): read and hash it once.
-    let mut key_ids: Vec<(&KeySource, Option<String>)> = Vec::new();
+    let mut key_ids = KeyIds::default();
     for (i, rule) in limits.rules.iter().enumerate() {
         if rule.global.is_some() {
             // Counted by the rate limit service (see `crate::global`).
             continue;
         }
-        if let Some(models) = &rule.models {
-            if !facts.model.is_some_and(|m| models.contains(m)) {
-                continue;
-            }
+        if !applies(rule, facts.model) {
+            continue;
         }
         let (kind, max, amount, meter) = match rule.limit {
             Limit::Requests { per, max } => {
@@ -152,15 +150,7 @@ pub fn check<H: LimitHost>(
             Limit::Concurrent { max } => (BucketKind::Concurrent, max, 1, Meter::None),
         };
         let base = rule_base(config, rule);
-        let id = match key_ids.iter().find(|(k, _)| *k == &rule.key) {
-            Some((_, id)) => id.clone(),
-            None => {
-                let id = key_id(host, &rule.key);
-                key_ids.push((&rule.key, id.clone()));
-                id
-            }
-        };
-        let Some(mut id) = id else {
+        let Some(mut id) = key_ids.get(host, &rule.key) else {
             notes.failures += 1;
             return (on_failure(config, &rule.name), notes);
         };
@@ -292,10 +282,32 @@ pub(crate) fn tokens_of(u: &Usage, t: TokenType) -> u64 {
     }
 }
 
+/// True if `rule` applies to a request for `model` (its `models` filter, if any).
+pub(crate) fn applies(rule: &Rule, model: Option<&str>) -> bool {
+    rule.models.as_ref().is_none_or(|models| model.is_some_and(|m| models.contains(m)))
+}
+
+/// Key ids of one request: rules usually share a key (rpm and tpm per API key), so each key is
+/// read and hashed once.
+#[derive(Default)]
+pub(crate) struct KeyIds<'a>(Vec<(&'a KeySource, Option<String>)>);
+
+impl<'a> KeyIds<'a> {
+    /// The id of `key` for this request (see [`key_id`]).
+    pub(crate) fn get<H: LimitHost>(&mut self, host: &H, key: &'a KeySource) -> Option<String> {
+        if let Some((_, id)) = self.0.iter().find(|(k, _)| *k == key) {
+            return id.clone();
+        }
+        let id = key_id(host, key);
+        self.0.push((key, id.clone()));
+        id
+    }
+}
+
 /// The bucket id of a key: `global`, or a hash of the header value / client IP (never the raw
 /// value: API keys must not reach shared data, stats or logs). An absent header is its own
 /// bucket (`absent`). `None`: the key cannot be determined (no client address).
-pub(crate) fn key_id<H: LimitHost>(host: &H, key: &KeySource) -> Option<String> {
+fn key_id<H: LimitHost>(host: &H, key: &KeySource) -> Option<String> {
     match key {
         KeySource::Global => Some("global".into()),
         KeySource::Header(name) => match host.request_header(name).filter(|v| !v.is_empty()) {
@@ -348,16 +360,16 @@ pub(crate) fn unavailable(rule: &str) -> Rejection {
     }
 }
 
-pub(crate) fn json_header() -> (String, String) {
+fn json_header() -> (String, String) {
     ("content-type".into(), "application/json".into())
 }
 
-pub(crate) fn error_body(message: &str, kind: &str, param: Option<&str>, code: &str) -> String {
+fn error_body(message: &str, kind: &str, param: Option<&str>, code: &str) -> String {
     serde_json::json!({"error": {"message": message, "type": kind, "param": param, "code": code}}).to_string()
 }
 
 /// Which `x-ratelimit-*` family a limit reports in.
-pub(crate) fn family(limit: &Limit) -> Option<&'static str> {
+fn family(limit: &Limit) -> Option<&'static str> {
     match limit {
         Limit::Requests { .. } => Some("requests"),
         Limit::Tokens { .. } => Some("tokens"),
@@ -365,7 +377,7 @@ pub(crate) fn family(limit: &Limit) -> Option<&'static str> {
     }
 }
 
-pub(crate) fn describe(limit: &Limit) -> String {
+fn describe(limit: &Limit) -> String {
     let per = |w: crate::config::Window| match w.secs() {
         1 => "second",
         60 => "minute",
@@ -380,14 +392,8 @@ pub(crate) fn describe(limit: &Limit) -> String {
     }
 }
 
-fn rejection(rule: &crate::config::Rule, charge: &Charge, remaining: u64, reset_ms: u64) -> Rejection {
+fn rejection(rule: &Rule, charge: &Charge, remaining: u64, reset_ms: u64) -> Rejection {
     let retry_after = if charge.kind == BucketKind::Concurrent { 1 } else { reset_ms.div_ceil(1000).max(1) };
-    let mut headers = vec![json_header(), ("retry-after".into(), retry_after.to_string())];
-    if let Some(f) = family(&rule.limit) {
-        headers.push((format!("x-ratelimit-limit-{f}"), charge.max.to_string()));
-        headers.push((format!("x-ratelimit-remaining-{f}"), remaining.to_string()));
-        headers.push((format!("x-ratelimit-reset-{f}"), duration(reset_ms)));
-    }
     let what = if matches!(rule.limit, Limit::Concurrent { .. }) {
         format!("{} are in flight", charge.max)
     } else if charge.amount > charge.max {
@@ -395,6 +401,25 @@ fn rejection(rule: &crate::config::Rule, charge: &Charge, remaining: u64, reset_
     } else {
         format!("{remaining} left in this window, this request needs {}", charge.amount)
     };
+    too_many(rule, charge.max, remaining, reset_ms, retry_after, &what)
+}
+
+/// The 429 of a rule (local or global): `Retry-After`, the rule family's `x-ratelimit-*` and an
+/// OpenAI-style error whose message says `what` happened.
+pub(crate) fn too_many(
+    rule: &Rule,
+    max: u64,
+    remaining: u64,
+    reset_ms: u64,
+    retry_after: u64,
+    what: &str,
+) -> Rejection {
+    let mut headers = vec![json_header(), ("retry-after".into(), retry_after.to_string())];
+    if let Some(f) = family(&rule.limit) {
+        headers.push((format!("x-ratelimit-limit-{f}"), max.to_string()));
+        headers.push((format!("x-ratelimit-remaining-{f}"), remaining.to_string()));
+        headers.push((format!("x-ratelimit-reset-{f}"), duration(reset_ms)));
+    }
     let message =
         format!("Rate limit '{}' reached ({}): {what}. Retry after {retry_after} s.", rule.name, describe(&rule.limit));
     Rejection {

@@ -426,10 +426,25 @@ impl Worker {
         host.counter_add(&name, 1);
     }
 
+    /// The limiter could not check a request (a store failure, a key that cannot be determined):
+    /// counted in `meter_errors_total{kind="ratelimit"}` and logged (1st, 2nd, 4th… time on this
+    /// worker); `failure_mode` decides.
+    fn limiter_failed<H: Host>(&mut self, host: &mut H) {
+        self.count_error(host, InternalError::RateLimit);
+        self.limit_failures = self.limit_failures.saturating_add(1);
+        if self.limit_failures.is_power_of_two() {
+            host.log_warn(&format!(
+                "llm-meter: the rate limiter could not check a request ({} times on this worker); failure_mode \
+                 {:?} applied",
+                self.limit_failures, self.config.limits.failure_mode
+            ));
+        }
+    }
+
     /// True when some rule is counted by a rate limit service: the glue then ticks to send the
     /// usage reports.
     pub fn has_global_limits(&self) -> bool {
-        self.services.iter().any(Option::is_some)
+        self.config.limits.has_global()
     }
 
     /// Starts `call` on its rule's rate limit service.
@@ -758,15 +773,7 @@ impl Exchange {
             host.counter_add(&name, 1);
         }
         for _ in 0..notes.failures {
-            worker.count_error(host, InternalError::RateLimit);
-            worker.limit_failures = worker.limit_failures.saturating_add(1);
-            if worker.limit_failures.is_power_of_two() {
-                host.log_warn(&format!(
-                    "llm-meter: the rate limiter could not check a request ({} times on this worker); \
-                     failure_mode {:?} applied",
-                    worker.limit_failures, worker.config.limits.failure_mode
-                ));
-            }
+            worker.limiter_failed(host);
         }
         self.limit_skips.merge(&notes.skips);
         match verdict {
@@ -788,7 +795,7 @@ impl Exchange {
         let (charges, unknown) =
             global::charges(&Limits(&*host, &self.limit_headers), &worker.config, self.request_model());
         for rule in unknown {
-            worker.count_error(host, InternalError::RateLimit);
+            worker.limiter_failed(host);
             if worker.config.limits.failure_mode == FailureMode::Deny {
                 let name = worker.config.limits.rules.get(rule).map_or_else(String::new, |r| r.name.clone());
                 return Some(self.reject(host, worker, enforce::unavailable(&name)));
@@ -1069,11 +1076,11 @@ impl Exchange {
 
         // Global token rules learn the real usage (a request still waiting when the client left
         // was never forwarded: nothing to report).
-        if let (Some(u), None, true) = (usage.as_ref(), &self.rejected_by, self.global_pending.is_empty()) {
-            let reports: Vec<global::Call> =
-                self.global_charges.iter().filter_map(|c| c.report(&worker.config, u)).collect();
-            for call in reports {
-                worker.queue_report(host, call);
+        if let Some(u) = usage.as_ref().filter(|_| self.rejected_by.is_none() && self.global_pending.is_empty()) {
+            for c in &self.global_charges {
+                if let Some(call) = c.report(&worker.config, u) {
+                    worker.queue_report(host, call);
+                }
             }
         }
         self.global_pending.clear();
@@ -1451,8 +1458,7 @@ mod tests {
             entries: vec![("rule".into(), "g-rpm".into()), ("key".into(), key.into())],
             limit: Some((100, crate::rls::Unit::Minute)),
         };
-        let (_, key) = enforce_key(&message);
-        assert_eq!(message, crate::rls::encode_request("llm", &[d(&key)], 1));
+        assert_eq!(message, crate::rls::encode_request("llm", &[d(&key_entry(&message))], 1));
         assert_eq!(x.on_global_answer(&mut host, &mut w, 2, Ok(&ok)), None, "one answer of two");
         assert_eq!(x.on_global_answer(&mut host, &mut w, 2, Ok(&ok)), None, "a token answers once");
         assert_eq!(x.on_global_answer(&mut host, &mut w, 1, Ok(&ok)), Some(Flow::Continue));
@@ -1509,12 +1515,12 @@ mod tests {
         assert_eq!(counter(&host, "rule=.=g-tpm;.;llm_ratelimit_service_errors_total"), 2);
     }
 
-    /// The `key` entry of the first descriptor of an encoded request (a hash: tests cannot
-    /// predict it without re-hashing).
-    fn enforce_key(message: &[u8]) -> (String, String) {
+    /// The value of the `key` entry of the first descriptor of an encoded request (a hash:
+    /// tests cannot predict it without re-hashing).
+    fn key_entry(message: &[u8]) -> String {
         let text = String::from_utf8_lossy(message);
         let start = text.find("key").unwrap() + 5;
-        ("key".into(), text[start..start + 32].to_string())
+        text[start..start + 32].to_string()
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! header value or client IP: keys never leave Envoy in clear) and, with `per_model`, `model`.
 
 use crate::config::{Config, Limit, Rule};
-use crate::enforce::{self, key_id, LimitHost, Rejection};
+use crate::enforce::{self, KeyIds, LimitHost, Rejection};
 use crate::labels::sanitize;
 use crate::rls::{self, Code, Descriptor, Unit};
 use crate::usage::Usage;
@@ -39,11 +39,12 @@ pub struct Call {
 pub fn charges<H: LimitHost>(host: &H, config: &Config, model: Option<&str>) -> (Vec<Charge>, Vec<usize>) {
     let mut charges = Vec::new();
     let mut unknown = Vec::new();
+    let mut key_ids = KeyIds::default();
     for (i, rule) in config.limits.rules.iter().enumerate() {
-        if rule.global.is_none() || rule.models.as_ref().is_some_and(|ms| !model.is_some_and(|m| ms.contains(m))) {
+        if rule.global.is_none() || !enforce::applies(rule, model) {
             continue;
         }
-        let Some(key) = key_id(host, &rule.key) else {
+        let Some(key) = key_ids.get(host, &rule.key) else {
             unknown.push(i);
             continue;
         };
@@ -102,14 +103,17 @@ pub enum Answer {
 
 /// Reads the answer to `rule`'s call: `Err(())` when the call itself failed.
 pub fn answer(config: &Config, rule: usize, result: Result<&[u8], ()>, now_ms: u64) -> Answer {
-    let Some(r) = config.limits.rules.get(rule) else { return Answer::Failed };
-    let Ok(bytes) = result else { return Answer::Failed };
-    let Ok(response) = rls::decode_response(bytes) else { return Answer::Failed };
+    let (Some(r), Some(response)) = (config.limits.rules.get(rule), decision(result)) else { return Answer::Failed };
     match response.overall {
-        Code::Ok => Answer::Admit,
         Code::OverLimit => Answer::Reject(rejection(r, response.statuses.first().copied(), now_ms)),
-        Code::Unknown => Answer::Failed,
+        _ => Answer::Admit,
     }
+}
+
+/// The service's decision (OK or OVER_LIMIT), if the call gave one: `None` when it failed, the
+/// answer does not decode, or it says UNKNOWN. Usage reports only need to know that.
+pub fn decision(result: Result<&[u8], ()>) -> Option<rls::Response> {
+    rls::decode_response(result.ok()?).ok().filter(|r| r.overall != Code::Unknown)
 }
 
 /// The 429 of a global rule, with what the service said (remaining, reset) where it did.
@@ -118,27 +122,12 @@ fn rejection(rule: &Rule, status: Option<rls::Status>, now_ms: u64) -> Rejection
         Limit::Requests { per, max } | Limit::Tokens { per, max, .. } => (max, per.secs() * 1000),
         Limit::Usd { .. } | Limit::Concurrent { .. } => (0, 1000),
     };
-    // Windows are fixed and epoch-aligned in envoyproxy/ratelimit and Limitador alike.
+    // Without a reset from the service: the end of the epoch-aligned window, as envoyproxy/ratelimit
+    // counts (Limitador's windows start at a counter's first hit, but it sends the reset).
     let reset_ms = status.and_then(|s| s.reset_ms).unwrap_or_else(|| window_ms - now_ms % window_ms.max(1));
-    let remaining = status.map_or(0, |s| s.remaining);
+    let remaining = status.map_or(0, |s| u64::from(s.remaining));
     let retry_after = reset_ms.div_ceil(1000).max(1);
-    let mut headers = vec![enforce::json_header(), ("retry-after".into(), retry_after.to_string())];
-    if let Some(f) = enforce::family(&rule.limit) {
-        headers.push((format!("x-ratelimit-limit-{f}"), max.to_string()));
-        headers.push((format!("x-ratelimit-remaining-{f}"), remaining.to_string()));
-        headers.push((format!("x-ratelimit-reset-{f}"), enforce::duration(reset_ms)));
-    }
-    let message = format!(
-        "Rate limit '{}' reached ({}, shared by every gateway replica). Retry after {retry_after} s.",
-        rule.name,
-        enforce::describe(&rule.limit)
-    );
-    Rejection {
-        status: 429,
-        rule: rule.name.clone(),
-        headers,
-        body: enforce::error_body(&message, "rate_limit_error", None, &rule.name),
-    }
+    enforce::too_many(rule, max, remaining, reset_ms, retry_after, "its window is used up on every gateway replica")
 }
 
 #[cfg(test)]

@@ -95,11 +95,8 @@ impl Context for Root {
         let Ok(mut guard) = state.try_borrow_mut() else { return };
         let State { worker, metrics, reports, .. } = &mut *guard;
         let Some(rule) = reports.remove(&token_id) else { return };
-        let answered = status_code == 0
-            && Http::body(BufferType::GrpcReceiveBuffer, 0, response_size)
-                .and_then(|b| crate::rls::decode_response(&b).ok())
-                .is_some_and(|r| r.overall != crate::rls::Code::Unknown);
-        if !answered {
+        let response = grpc_response(status_code, response_size);
+        if crate::global::decision(response.as_deref().map_err(|_| ())).is_none() {
             worker.count_service_error(&mut WasmHost::new(metrics, 0), rule);
         }
     }
@@ -192,6 +189,15 @@ impl RootContext for Root {
     }
 }
 
+/// A finished gRPC call: the response message (empty if none came), or `Err` for a status
+/// other than OK.
+fn grpc_response(status_code: u32, response_size: usize) -> Result<Vec<u8>, ()> {
+    if status_code != 0 {
+        return Err(());
+    }
+    Ok(Http::body(BufferType::GrpcReceiveBuffer, 0, response_size).unwrap_or_default())
+}
+
 fn set_tick(ms: u64) {
     if let Err(status) = abi::set_tick_period_ms(u32::try_from(ms).unwrap_or(u32::MAX)) {
         log(LogLevel::Warn, &format!("llm-meter: cannot set the timer: {status:?}"));
@@ -256,8 +262,8 @@ impl Http {
 impl Context for Http {
     /// A rate limit service answered (or the call failed): the request goes on or is rejected.
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
-        let body = if status_code == 0 { Self::body(BufferType::GrpcReceiveBuffer, 0, response_size) } else { None };
-        let result = if status_code == 0 { Ok(body.as_deref().unwrap_or_default()) } else { Err(()) };
+        let response = grpc_response(status_code, response_size);
+        let result = response.as_deref().map_err(|_| ());
         let flow = self.with(|x, host, worker| x.on_global_answer(host, worker, token_id, result)).flatten();
         if flow == Some(Flow::Continue) {
             if let Err(status) = abi::resume_http_request() {
