@@ -4,7 +4,11 @@
 //! (`proxy_on_*`, the context traits, the allocator); every hostcall goes through `wasm_abi`,
 //! which returns the host's status instead of panicking as the SDK's wrappers do (a panic kills
 //! the VM, and every later request on that worker passes unmetered). Hostcall errors are counted
-//! (`meter_errors_total{kind="hostcall"}`) and logged.
+//! (`meter_errors_total{kind="hostcall"}`) and logged. The one exception is the gRPC callout of
+//! global limits: only the SDK's `dispatch_grpc_call` registers the call's token, without which
+//! the answer never reaches the context; it panics only on `BadArgument`, which Envoy gives for
+//! an unknown cluster name, and the filter passes a serialized `GrpcService` instead, for which
+//! Envoy fails the call rather than the dispatch (see `WasmHost::grpc_call`).
 
 use crate::config::Config;
 use crate::filter::{Exchange, Flow, Host, InternalError, MetricKind, Worker};
