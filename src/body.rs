@@ -29,7 +29,8 @@ pub enum Skip {
     BodyMalformed,
     /// A `model` that is not a string or is longer than the capture bound.
     ModelInvalid,
-    /// A compressed response body (`content-encoding`), which this version does not decode.
+    /// A compressed response body that cannot be read: an encoding other than gzip, deflate
+    /// and br (`content-encoding`), or a body that is corrupt or decodes beyond the size bound.
     Compressed,
     /// A USD limit applied to a model without a price: it could not be charged.
     Unpriced,
@@ -285,9 +286,16 @@ impl Findings {
             Found::Value { path, raw } if is_usage_path(path) => match self.usage_format {
                 UsageFormat::Anthropic => match parse_anthropic(raw) {
                     Ok(Some(part)) => {
-                        let merged = self.anthropic.get_or_insert_with(AnthropicUsage::default);
+                        let mut merged = self.anthropic.unwrap_or_default();
                         merged.merge(part);
-                        self.usage = Some(merged.to_usage());
+                        // Parts are bounded one by one; their normalised sum must be too.
+                        match merged.to_usage().checked() {
+                            Ok(u) => {
+                                self.anthropic = Some(merged);
+                                self.usage = Some(u);
+                            }
+                            Err(_) => self.skips.add(Skip::UsageInvalid),
+                        }
                     }
                     Ok(None) => {}
                     Err(_) => self.skips.add(Skip::UsageInvalid),
@@ -316,28 +324,60 @@ impl Findings {
     }
 }
 
+/// The first bytes of the current SSE event's data, enough to recognise the `[DONE]` sentinel
+/// (OpenAI's end of stream, not a JSON document) however the data is split.
+#[derive(Debug, Default, Clone, Copy)]
+struct DataHead {
+    bytes: [u8; DataHead::LEN],
+    /// Data bytes seen in this event (saturating).
+    seen: usize,
+}
+
+impl DataHead {
+    /// `[DONE]` with room for surrounding whitespace.
+    const LEN: usize = 16;
+
+    fn push(&mut self, data: &[u8]) {
+        for (slot, &b) in self.bytes.iter_mut().skip(self.seen).zip(data) {
+            *slot = b;
+        }
+        self.seen = self.seen.saturating_add(data.len());
+    }
+
+    fn is_done_sentinel(&self) -> bool {
+        self.seen <= Self::LEN && self.bytes.get(..self.seen).is_some_and(|d| d.trim_ascii() == b"[DONE]")
+    }
+}
+
 /// Feeds SSE event data into a JSON scanner that starts afresh with every event.
 struct EventSink<'a> {
     json: &'a mut JsonScanner,
     findings: &'a mut Findings,
+    head: &'a mut DataHead,
     saw_data: bool,
-    /// Whether an event whose JSON was cut short is counted: yes for events ended by a blank
-    /// line or by the end of the body, not for the last one of an interrupted stream.
-    count_truncated: bool,
+    /// Whether an event whose JSON is broken (not a JSON object, or cut short) is counted: yes
+    /// for events ended by a blank line or by the end of the body, not for the last one of an
+    /// interrupted stream.
+    count_broken: bool,
 }
 
 impl SseSink for EventSink<'_> {
     fn data(&mut self, bytes: &[u8]) {
         self.saw_data = true;
+        self.head.push(bytes);
         let findings = &mut *self.findings;
         self.json.feed(bytes, |f| findings.absorb(f));
     }
 
     fn dispatch(&mut self, _has_data: bool) {
-        if self.count_truncated && self.json.is_truncated() {
+        // Data that is not a JSON object (`[DONE]` excepted) or that ends inside its JSON.
+        // Events without data (comments, `event:` alone) and empty data are no documents.
+        let broken = self.json.is_truncated() || (self.json.is_malformed() && !self.head.is_done_sentinel());
+        if self.count_broken && broken {
             self.findings.skips.add(Skip::BodyMalformed);
         }
         self.json.reset();
+        *self.head = DataHead::default();
     }
 }
 
@@ -345,6 +385,8 @@ impl SseSink for EventSink<'_> {
 pub struct ResponseScanner {
     json: JsonScanner,
     sse: Option<SseScanner>,
+    /// The start of the current event's data (streams only).
+    head: DataHead,
     /// Until the framing is known: what `content-type` says, and the body's first bytes (at
     /// most [`SNIFF_LEN`], leading whitespace dropped). See [`BodyFormat::sniff`].
     undecided: Option<(BodyFormat, Vec<u8>)>,
@@ -360,6 +402,7 @@ impl ResponseScanner {
         Self {
             json: JsonScanner::new(response_paths(usage_format), MAX_USAGE_BYTES),
             sse: None,
+            head: DataHead::default(),
             undecided: Some((format, Vec::with_capacity(SNIFF_LEN))),
             findings: Findings {
                 usage_format,
@@ -404,8 +447,9 @@ impl ResponseScanner {
                 let mut sink = EventSink {
                     json: &mut self.json,
                     findings: &mut self.findings,
+                    head: &mut self.head,
                     saw_data: false,
-                    count_truncated: true,
+                    count_broken: true,
                 };
                 sse.feed(chunk, &mut sink);
                 let first = sink.saw_data && !self.first_data_seen;
@@ -447,8 +491,9 @@ impl ResponseScanner {
                 let mut sink = EventSink {
                     json: &mut self.json,
                     findings: &mut self.findings,
+                    head: &mut self.head,
                     saw_data: false,
-                    count_truncated: ended,
+                    count_broken: ended,
                 };
                 sse.finish(&mut sink);
             }
@@ -547,6 +592,123 @@ pub(crate) mod tests {
         "data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"lo\"}],\"role\":\"model\"},\"finishReason\":\"STOP\",\"index\":0}],\"usageMetadata\":{\"promptTokenCount\":9,\"candidatesTokenCount\":12,\"thoughtsTokenCount\":30,\"cachedContentTokenCount\":4,\"totalTokenCount\":51},\"modelVersion\":\"gemini-2.5-flash\",\"responseId\":\"r1\"}\r\n\r\n",
     );
 
+    /// A claude-sonnet-4-6 stream with server-side context compaction, in the provider's shape:
+    /// the summarisation step read 100 input + 55,096 cache-read tokens and wrote 83; the
+    /// answer step read 181 and wrote 8. The top-level usage covers only the answer step.
+    pub(crate) const ANTHROPIC_COMPACTION_SSE: &str = concat!(
+        "event: message_start\n",
+        "data: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-sonnet-4-6\",\"id\":\"msg_01C\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"input_tokens\":181,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":0,\"cache_creation\":{\"ephemeral_5m_input_tokens\":0,\"ephemeral_1h_input_tokens\":0},\"output_tokens\":1,\"service_tier\":\"standard\"}}}\n\n",
+        "event: content_block_start\n",
+        "data: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"compaction\",\"content\":null}}\n\n",
+        "event: content_block_delta\n",
+        "data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"compaction_delta\",\"content\":\"Summary: \\\"usage\\\":{\\\"input_tokens\\\":9}\"}}\n\n",
+        "event: content_block_stop\n",
+        "data: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+        "event: content_block_start\n",
+        "data: {\"type\":\"content_block_start\",\"index\":1,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+        "event: content_block_delta\n",
+        "data: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"text_delta\",\"text\":\"Done.\"}}\n\n",
+        "event: content_block_stop\n",
+        "data: {\"type\":\"content_block_stop\",\"index\":1}\n\n",
+        "event: message_delta\n",
+        "data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"input_tokens\":181,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":0,\"output_tokens\":8,\"iterations\":[{\"type\":\"compaction\",\"input_tokens\":100,\"output_tokens\":83,\"cache_read_input_tokens\":55096,\"cache_creation_input_tokens\":0},{\"type\":\"message\",\"input_tokens\":181,\"output_tokens\":8,\"cache_read_input_tokens\":0,\"cache_creation_input_tokens\":0}]},\"context_management\":{\"applied_edits\":[]}}\n\n",
+        "event: message_stop\n",
+        "data: {\"type\":\"message_stop\"}\n\n",
+    );
+
+    /// The same exchange as one Messages response.
+    pub(crate) const ANTHROPIC_COMPACTION_JSON: &str = r#"{"model":"claude-sonnet-4-6","id":"msg_01C","type":"message","role":"assistant","content":[{"type":"compaction","content":"Summary: \"usage\":{\"input_tokens\":9}"},{"type":"text","text":"Done."}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":181,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":8,"iterations":[{"type":"compaction","input_tokens":100,"output_tokens":83,"cache_read_input_tokens":55096,"cache_creation_input_tokens":0},{"type":"message","input_tokens":181,"output_tokens":8,"cache_read_input_tokens":0,"cache_creation_input_tokens":0}],"service_tier":"standard"}}"#;
+
+    /// What [`ANTHROPIC_COMPACTION_SSE`] and [`ANTHROPIC_COMPACTION_JSON`] used: both steps.
+    pub(crate) const ANTHROPIC_COMPACTION_USAGE: Usage = Usage {
+        input: 100 + 55_096 + 181,
+        output: 83 + 8,
+        cached_input: 55_096,
+        reasoning: 0,
+        cache_creation_input: 0,
+    };
+
+    #[test]
+    fn anthropic_compaction_counts_every_iteration_at_every_split() {
+        for (framing, body) in
+            [(BodyFormat::Sse, ANTHROPIC_COMPACTION_SSE), (BodyFormat::Json, ANTHROPIC_COMPACTION_JSON)]
+        {
+            let bytes = body.as_bytes();
+            for i in 0..=bytes.len() {
+                let (a, b) = bytes.split_at(i);
+                let mut r = ResponseScanner::new(framing, UsageFormat::Anthropic);
+                r.feed(a);
+                r.feed(b);
+                r.finish();
+                assert_eq!(r.usage(), Some(ANTHROPIC_COMPACTION_USAGE), "{framing:?} split at {i}");
+                assert_eq!(r.model(), Some("claude-sonnet-4-6"));
+                assert_eq!(*r.skips(), Skips::default(), "{framing:?} split at {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn sse_events_that_are_not_json_objects_are_malformed_at_every_split() {
+        // Three events whose data is no JSON object; `[DONE]` (with or without padding), comments,
+        // data-less and empty events are not documents and do not count.
+        let body = concat!(
+            ": keep-alive\n\n",
+            "data: hello\n\n",
+            "event: ping\n\n",
+            "data: 42\n\n",
+            "data:\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2}}\r\n\r\n",
+            "data: \"a string\"\n\n",
+            "data:  [DONE] \n\n",
+            "data: [DONE]\n\n",
+        );
+        let want = Some(Usage { input: 7, output: 2, ..Usage::default() });
+        let bytes = body.as_bytes();
+        for i in 0..=bytes.len() {
+            let (a, b) = bytes.split_at(i);
+            let (usage, _, skips, _) = scan(BodyFormat::Sse, &[a, b]);
+            assert_eq!(usage, want, "split at {i}");
+            assert_eq!(skips.count(Skip::BodyMalformed), 3, "split at {i}");
+        }
+        let one_by_one: Vec<&[u8]> = bytes.chunks(1).collect();
+        assert_eq!(scan(BodyFormat::Sse, &one_by_one).2.count(Skip::BodyMalformed), 3);
+        // A sentinel-like prefix is not the sentinel; a stream ending on `[DONE]` unterminated is.
+        assert_eq!(scan(BodyFormat::Sse, &[b"data: [DONE]x\n\n"]).2.count(Skip::BodyMalformed), 1);
+        assert_eq!(scan(BodyFormat::Sse, &[b"data: [DONE]"]).2.count(Skip::BodyMalformed), 0);
+        // The last, cut event of an interrupted stream is a failed request, not a bad body.
+        let mut r = ResponseScanner::new(BodyFormat::Sse, UsageFormat::OpenAiChat);
+        r.feed(b"data: {\"choices\":[]}\n\ndata: [DO");
+        r.abandon();
+        assert_eq!(r.skips().count(Skip::BodyMalformed), 0);
+    }
+
+    #[test]
+    fn implausible_counts_are_invalid_usage_not_numbers() {
+        for big in ["9007199254740992", "9223372036854775808", "18446744073709551615", "1000000001"] {
+            let body = format!(r#"{{"model":"m","usage":{{"prompt_tokens":{big},"completion_tokens":1}}}}"#);
+            let (u, _, s, _) = scan(BodyFormat::Json, &[body.as_bytes()]);
+            assert_eq!((u, s.count(Skip::UsageInvalid)), (None, 1), "{big}");
+        }
+        let body = r#"{"usage":{"prompt_tokens":1000000000,"completion_tokens":1000000000}}"#;
+        let (u, _, s, _) = scan(BodyFormat::Json, &[body.as_bytes()]);
+        assert_eq!(u.map(|u| (u.input, u.output)), Some((1_000_000_000, 1_000_000_000)), "the bound itself is fine");
+        assert_eq!(s, Skips::default());
+        // A stream whose last usage is implausible keeps nothing of it (the earlier usage stands).
+        let sse = "data: {\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\ndata: {\"usage\":{\"prompt_tokens\":18446744073709551615}}\n\n";
+        let (u, _, s, _) = scan(BodyFormat::Sse, &[sse.as_bytes()]);
+        assert_eq!((u.map(|u| u.input), s.count(Skip::UsageInvalid)), (Some(3), 1));
+        // Anthropic parts within the bound whose normalised input (cache counts added) is not.
+        let mut r = ResponseScanner::new(BodyFormat::Json, UsageFormat::Anthropic);
+        r.feed(br#"{"usage":{"input_tokens":600000000,"cache_read_input_tokens":600000000,"output_tokens":1}}"#);
+        r.finish();
+        assert_eq!((r.usage(), r.skips().count(Skip::UsageInvalid)), (None, 1));
+        // So is a sum of iterations.
+        let mut r = ResponseScanner::new(BodyFormat::Json, UsageFormat::Anthropic);
+        r.feed(br#"{"usage":{"input_tokens":1,"output_tokens":1,"iterations":[{"output_tokens":600000000},{"output_tokens":600000000}]}}"#);
+        r.finish();
+        assert_eq!((r.usage(), r.skips().count(Skip::UsageInvalid)), (None, 1));
+    }
+
     fn scan_format(usage_format: UsageFormat, body: &str) {
         let want = match usage_format {
             UsageFormat::Anthropic => (
@@ -631,7 +793,9 @@ pub(crate) mod tests {
 
     #[test]
     fn the_streaming_scan_equals_a_full_parse_for_every_fixture_and_split() {
-        let fixtures: [(BodyFormat, UsageFormat, &str); 9] = [
+        let fixtures: [(BodyFormat, UsageFormat, &str); 11] = [
+            (BodyFormat::Sse, UsageFormat::Anthropic, ANTHROPIC_COMPACTION_SSE),
+            (BodyFormat::Json, UsageFormat::Anthropic, ANTHROPIC_COMPACTION_JSON),
             (BodyFormat::Json, UsageFormat::OpenAiChat, CHAT_JSON),
             (BodyFormat::Sse, UsageFormat::OpenAiChat, CHAT_SSE),
             (BodyFormat::Sse, UsageFormat::Anthropic, ANTHROPIC_SSE),

@@ -94,7 +94,7 @@ pub fn usage_from_headers(
     let mut read = |name: &Option<String>| -> Result<u64, &'static str> {
         let Some(value) = name.as_deref().and_then(&header) else { return Ok(0) };
         any = true;
-        number(&value).ok_or("not a token count")
+        number(&value).filter(|&n| n <= crate::usage::MAX_TOKENS).ok_or("not a plausible token count")
     };
     let input = read(&names.input)?;
     let output = read(&names.output)?;
@@ -169,6 +169,9 @@ mod tests {
         assert_eq!(got, Ok(Some(Usage { output: 7, ..Usage::default() })), "cached is a subset of input");
         assert_eq!(usage_from_headers(&names, headers(&[])), Ok(None));
         assert!(usage_from_headers(&names, headers(&[("x-usage-input-tokens", "lots")])).is_err());
+        for big in ["1000000001", "9223372036854775808", "18446744073709551615"] {
+            assert!(usage_from_headers(&names, headers(&[("x-usage-input-tokens", big)])).is_err(), "{big}");
+        }
         assert_eq!(usage_from_headers(&UsageHeaders::default(), headers(&[("x-usage-input-tokens", "1")])), Ok(None));
     }
 }

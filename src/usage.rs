@@ -5,8 +5,20 @@
 //! `reasoning` are subsets. Providers with other conventions are converted to these when parsed:
 //! Anthropic's `input_tokens` excludes both cache counts, so they are added back; Gemini's
 //! `candidatesTokenCount` excludes thoughts, so they are added to output.
+//!
+//! Counts are bounded by [`MAX_TOKENS`]: a count above it is not a real request's, and is
+//! rejected ([`UsageError::Implausible`], counted as `usage_invalid`) rather than added to
+//! counters, budgets and reports where one bad upstream body would spoil them for good.
 
 use serde_json::{Map, Value};
+
+/// The largest token count one request may report, per field and after normalisation (input
+/// with cache counts added, output with thoughts added): 10⁹ tokens, a hundred times the
+/// largest context window offered today. Under it every derived sum fits where it goes:
+/// `input + output` ≤ 2·10⁹ fits the rate limit protocol's `uint32` `hits_addend`, a cost
+/// (≤ 2·10⁹ tokens × the highest price the configuration accepts) fits `u64` pico-USD, and a
+/// counter increment fits Envoy's `i64`.
+pub const MAX_TOKENS: u64 = 1_000_000_000;
 
 /// Token counts of one request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -23,6 +35,24 @@ pub struct Usage {
     pub cache_creation_input: u64,
 }
 
+impl Usage {
+    /// True when every count is within [`MAX_TOKENS`].
+    pub fn is_plausible(&self) -> bool {
+        [self.input, self.output, self.cached_input, self.reasoning, self.cache_creation_input]
+            .iter()
+            .all(|&n| n <= MAX_TOKENS)
+    }
+
+    /// `self` if [`Usage::is_plausible`], else [`UsageError::Implausible`].
+    pub fn checked(self) -> Result<Usage, UsageError> {
+        if self.is_plausible() {
+            Ok(self)
+        } else {
+            Err(UsageError::Implausible)
+        }
+    }
+}
+
 /// Why a usage object was rejected.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UsageError {
@@ -34,6 +64,8 @@ pub enum UsageError {
     NoTokenFields,
     /// A token field that is not a non-negative integer (float, negative, string, > u64::MAX).
     BadNumber(&'static str),
+    /// Counts beyond [`MAX_TOKENS`], no real request's.
+    Implausible,
 }
 
 /// Which API's usage object is being read.
@@ -57,12 +89,29 @@ pub enum UsageFormat {
 /// Anthropic usage as reported so far: `message_start` carries input and cache counts (and an
 /// output count of 1), `message_delta` the final output count and, in newer API versions, the
 /// input and cache counts again. Fields present later override earlier ones.
+///
+/// With server-side compaction the top-level counts cover only the last sampling step; every
+/// step (the `compaction` that read the whole conversation, then the `message`) is listed in
+/// `usage.iterations[]`, and all of them are billed and rate-limited. When `iterations` is
+/// present, the usage is its sum per token type (a later `iterations` replaces an earlier one,
+/// like any field).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AnthropicUsage {
     input: Option<u64>,
     output: Option<u64>,
     cache_creation: Option<u64>,
     cache_read: Option<u64>,
+    /// The sum over `iterations[]`, when the object had that array.
+    iterations: Option<AnthropicCounts>,
+}
+
+/// Anthropic's four token counts (an iteration's, or their sum).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct AnthropicCounts {
+    input: u64,
+    output: u64,
+    cache_creation: u64,
+    cache_read: u64,
 }
 
 impl AnthropicUsage {
@@ -72,18 +121,23 @@ impl AnthropicUsage {
         self.output = later.output.or(self.output);
         self.cache_creation = later.cache_creation.or(self.cache_creation);
         self.cache_read = later.cache_read.or(self.cache_read);
+        self.iterations = later.iterations.or(self.iterations);
     }
 
     /// In OpenAI terms: input includes both cache counts.
     pub fn to_usage(self) -> Usage {
-        let cache_read = self.cache_read.unwrap_or(0);
-        let cache_creation = self.cache_creation.unwrap_or(0);
-        Usage {
-            input: self.input.unwrap_or(0).saturating_add(cache_read).saturating_add(cache_creation),
+        let c = self.iterations.unwrap_or(AnthropicCounts {
+            input: self.input.unwrap_or(0),
             output: self.output.unwrap_or(0),
-            cached_input: cache_read,
+            cache_creation: self.cache_creation.unwrap_or(0),
+            cache_read: self.cache_read.unwrap_or(0),
+        });
+        Usage {
+            input: c.input.saturating_add(c.cache_read).saturating_add(c.cache_creation),
+            output: c.output,
+            cached_input: c.cache_read,
             reasoning: 0,
-            cache_creation_input: cache_creation,
+            cache_creation_input: c.cache_creation,
         }
     }
 }
@@ -96,11 +150,37 @@ pub fn parse_anthropic(raw: &[u8]) -> Result<Option<AnthropicUsage>, UsageError>
         output: field(&obj, "output_tokens")?,
         cache_creation: field(&obj, "cache_creation_input_tokens")?,
         cache_read: field(&obj, "cache_read_input_tokens")?,
+        iterations: iterations(&obj)?,
     };
     if u == AnthropicUsage::default() {
         return Err(UsageError::NoTokenFields);
     }
     Ok(Some(u))
+}
+
+/// The sum of `usage.iterations[]` per token type; `None` without the array. An entry that is
+/// not an object, or a count in it that is not a plausible token count, rejects the usage.
+fn iterations(obj: &Map<String, Value>) -> Result<Option<AnthropicCounts>, UsageError> {
+    let entries = match obj.get("iterations") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(entries)) => entries,
+        Some(_) => return Err(UsageError::BadNumber("iterations")),
+    };
+    let mut sum = AnthropicCounts::default();
+    for entry in entries {
+        let Value::Object(e) = entry else { return Err(UsageError::BadNumber("iterations")) };
+        let add = |total: &mut u64, name: &'static str| -> Result<(), UsageError> {
+            // Each part is at most MAX_TOKENS, so a sum of fewer than 2^30 parts cannot wrap;
+            // saturating keeps it above the bound (and so rejected) whatever the count.
+            *total = total.saturating_add(field(e, name)?.unwrap_or(0));
+            Ok(())
+        };
+        add(&mut sum.input, "input_tokens")?;
+        add(&mut sum.output, "output_tokens")?;
+        add(&mut sum.cache_creation, "cache_creation_input_tokens")?;
+        add(&mut sum.cache_read, "cache_read_input_tokens")?;
+    }
+    Ok(Some(sum))
 }
 
 fn object(raw: &[u8]) -> Result<Option<Map<String, Value>>, UsageError> {
@@ -114,6 +194,10 @@ fn object(raw: &[u8]) -> Result<Option<Map<String, Value>>, UsageError> {
 /// Parses the raw JSON of a usage object. `Ok(None)` for `null` (OpenAI streams send
 /// `"usage":null` in every chunk but the last).
 pub fn parse_usage(format: UsageFormat, raw: &[u8]) -> Result<Option<Usage>, UsageError> {
+    parse_unchecked(format, raw)?.map(Usage::checked).transpose()
+}
+
+fn parse_unchecked(format: UsageFormat, raw: &[u8]) -> Result<Option<Usage>, UsageError> {
     if format == UsageFormat::Anthropic {
         return Ok(parse_anthropic(raw)?.map(AnthropicUsage::to_usage));
     }
@@ -181,11 +265,16 @@ pub fn parse_usage(format: UsageFormat, raw: &[u8]) -> Result<Option<Usage>, Usa
     }
 }
 
-/// A token count field: absent or null is `None`; anything but a non-negative integer is an error.
+/// A token count field: absent or null is `None`; anything but a non-negative integer is an
+/// error, and so is a count above [`MAX_TOKENS`].
 fn field(obj: &Map<String, Value>, name: &'static str) -> Result<Option<u64>, UsageError> {
     match obj.get(name) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => n.as_u64().map(Some).ok_or(UsageError::BadNumber(name)),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(n) if n <= MAX_TOKENS => Ok(Some(n)),
+            Some(_) => Err(UsageError::Implausible),
+            None => Err(UsageError::BadNumber(name)),
+        },
         Some(_) => Err(UsageError::BadNumber(name)),
     }
 }

@@ -133,6 +133,29 @@ fn cases() -> Vec<Case> {
             None,
             &["usage_invalid"],
         ),
+        // Counts that fit u64 but no request uses (over usage::MAX_TOKENS, 10^9): nothing of
+        // them reaches a counter, a histogram or a budget.
+        json_case(
+            "count of 2^53",
+            r#"{"model":"gpt-4o","usage":{"prompt_tokens":9007199254740992,"completion_tokens":1}}"#.into(),
+            None,
+            &["usage_invalid"],
+        ),
+        json_case(
+            "count of 2^63",
+            r#"{"model":"gpt-4o","usage":{"prompt_tokens":9223372036854775808,"completion_tokens":1}}"#.into(),
+            None,
+            &["usage_invalid"],
+        ),
+        sse_case(
+            "count of 2^64-1 in a stream",
+            format!(
+                "data: {}\n\ndata: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":3,\"completion_tokens\":18446744073709551615}}}}\n\ndata: [DONE]\n\n",
+                chunk("a")
+            ),
+            None,
+            &["usage_invalid"],
+        ),
         json_case(
             "negative count",
             r#"{"model":"gpt-4o","usage":{"prompt_tokens":-5,"completion_tokens":1}}"#.into(),
@@ -199,6 +222,12 @@ fn cases() -> Vec<Case> {
             format!(": {}\n: {}\ndata: {}\n\n", "z".repeat(4 << 20), final_chunk(900, 900), final_chunk(16, 17)),
             Some(("gpt-4o", 16, 17)),
             &[],
+        ),
+        sse_case(
+            "SSE events whose data is not a JSON object",
+            format!("data: {}\n\ndata: not json\n\ndata: 42\n\ndata: {}\n\ndata: [DONE]\n\n", chunk("a"), final_chunk(24, 25)),
+            Some(("gpt-4o", 24, 25)),
+            &["body_malformed", "body_malformed"],
         ),
         sse_case(
             "SSE whose usage chunk is malformed",
