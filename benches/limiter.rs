@@ -151,7 +151,10 @@ mod native {
         });
         group.bench_function("check_release/2_rules", |b| {
             b.iter(|| match enforce::check(&host, &config, black_box(facts), &mut admitted).0 {
-                Verdict::Admit(r) => enforce::release(&host, &config, Some("gpt-4o-mini"), &r, Some(&usage), false),
+                Verdict::Admit(r) => {
+                    let price = config.pricing.resolve(Some("gpt-4o-mini"), None);
+                    enforce::release(&host, price, &r, Some(&usage), false)
+                }
                 Verdict::Reject(r) => panic!("rejected: {r:?}"),
             })
         });

@@ -32,7 +32,10 @@ pub const DEFAULT_MODEL_LOOKAHEAD_BYTES: usize = 64 * 1024;
 /// Upper bound for `request.model_lookahead_bytes`.
 pub const MAX_MODEL_LOOKAHEAD_BYTES: usize = 16 * 1024 * 1024;
 /// Upper bound on a price, USD per 1M tokens (catches unit mistakes such as per-token prices).
-const MAX_PRICE: f64 = 1_000_000.0;
+/// Highest price accepted, in USD per 1M tokens (o1-pro, the dearest model listed today, costs
+/// 600 for output). Bounded so that a cost, at most 2·10⁹ tokens ([`crate::usage::MAX_TOKENS`]
+/// input plus as many output) at this price, fits `u64` pico-USD (2·10¹⁸ < 1.8·10¹⁹).
+pub const MAX_PRICE: f64 = 1_000.0;
 
 /// Headers that carry credentials: their values must never become label values.
 const SECRET_HEADERS: &[&str] = &["authorization", "proxy-authorization", "x-api-key", "api-key", "cookie"];

@@ -4,10 +4,10 @@
 //!
 //! The bucket arithmetic is in [`crate::limiter`]; this module turns a request into charges.
 
-use crate::body::{Skip, Skips};
 use crate::config::{Config, FailureMode, KeySource, Limit, Rule, TokenType};
 use crate::labels::{sanitize, SharedStore};
 use crate::limiter::{Acquire, AdmittedKeys, BucketKind, Charge, Held, Limiter};
+use crate::pricing::Price;
 use crate::usage::Usage;
 use sha2::{Digest, Sha256};
 
@@ -52,8 +52,6 @@ pub struct Notes {
     pub overflowed: Vec<String>,
     /// The limiter failed (store failure, undeterminable key) this many times.
     pub failures: u32,
-    /// Skips (USD limit on an unpriced model).
-    pub skips: Skips,
 }
 
 /// An admitted request's charges, released at the end.
@@ -82,9 +80,11 @@ pub enum Verdict {
     Reject(Rejection),
 }
 
-/// Estimated input tokens of a request body.
+/// Estimated input tokens of a request body, at most [`crate::usage::MAX_TOKENS`] (a client's
+/// `content-length` can claim anything; the bound keeps an estimate's cost exact, and is far
+/// above any limit a rule can be configured to admit in one request).
 pub fn estimate_input(config: &Config, body_bytes: u64) -> u64 {
-    body_bytes.div_ceil(config.limits.estimate.bytes_per_token.max(1))
+    body_bytes.div_ceil(config.limits.estimate.bytes_per_token.max(1)).min(crate::usage::MAX_TOKENS)
 }
 
 /// Checks a request against `max_input_tokens` and every rule that applies, charging the rules'
@@ -140,11 +140,11 @@ pub fn check<H: LimitHost>(
                 Meter::Tokens(token_type),
             ),
             Limit::Usd { per, max_pico } => {
-                let price = facts.model.and_then(|m| config.pricing.get(m));
-                if price.is_none() {
-                    notes.skips.add(Skip::Unpriced);
-                }
-                let cost = price.map_or(0, |p| u64::try_from(p.cost_pico(&estimate)).unwrap_or(u64::MAX));
+                // Only the request's model is known yet: an unpriced one reserves nothing, and
+                // is charged at the end at the price the response's model resolves to, if any
+                // (see `release`).
+                let price = config.pricing.resolve(facts.model, None);
+                let cost = price.and_then(|p| p.cost_pico(&estimate)).unwrap_or(0);
                 (BucketKind::Metered { window_ms: per.secs() * 1000 }, max_pico, cost, Meter::Usd)
             }
             Limit::Concurrent { max } => (BucketKind::Concurrent, max, 1, Meter::None),
@@ -242,36 +242,53 @@ pub fn create_buckets<S: SharedStore + ?Sized>(store: &S, config: &Config) -> u3
     failures
 }
 
-/// Releases a reservation when the exchange ends. `usage`: the real usage, if any was reported;
-/// `failed`: the request did not complete (error status, reset, client gone), so an unreported
-/// usage is taken as none. Returns the number of store failures.
+/// What [`release`] did besides releasing.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Released {
+    /// Store failures.
+    pub failures: u32,
+    /// A USD budget held the request and no price applies to it (`unpriced` skip).
+    pub unpriced: bool,
+}
+
+/// Releases a reservation when the exchange ends. `price`: the exchange's price as
+/// [`crate::pricing::Pricing::resolve`] finds it (the same the cost metric uses); `usage`: the
+/// real usage, if any was reported; `failed`: the request did not complete (error status,
+/// reset, client gone), so an unreported usage is taken as none.
 pub fn release<H: LimitHost>(
     host: &H,
-    config: &Config,
-    model: Option<&str>,
+    price: Option<&Price>,
     r: &Reservation,
     usage: Option<&Usage>,
     failed: bool,
-) -> u32 {
+) -> Released {
     let now = host.now_ms();
-    let mut failures = 0;
+    let mut out = Released::default();
     for (held, meter) in r.held.iter().zip(&r.meters) {
+        out.unpriced |= *meter == Meter::Usd && price.is_none();
         let actual = match (meter, usage) {
             (Meter::None, _) => None,
             (Meter::Tokens(t), Some(u)) => Some(tokens_of(u, *t)),
-            (Meter::Usd, Some(u)) => Some(
-                model
-                    .and_then(|m| config.pricing.get(m))
-                    .map_or(0, |p| u64::try_from(p.cost_pico(u)).unwrap_or(u64::MAX)),
-            ),
+            // Exact for every accepted usage (see `Price::cost_pico`); otherwise the
+            // reservation stands.
+            (Meter::Usd, Some(u)) => price.map_or(Some(0), |p| p.cost_pico(u)),
             (_, None) if failed => Some(0),
             (_, None) => None,
         };
         if Limiter::release(host, now, held, actual).is_err() {
-            failures += 1;
+            out.failures += 1;
         }
     }
-    failures
+    out
+}
+
+/// Gives every local charge of an admitted request back (requests, tokens, USD, concurrency),
+/// as if the local rules had not admitted it: a rate limit service rejected it after them, so
+/// it never reached the upstream. Returns the number of store failures.
+pub fn give_back<H: LimitHost>(host: &H, r: &Reservation) -> u32 {
+    let now = host.now_ms();
+    let failures = r.held.iter().filter(|held| Limiter::undo(host, now, held).is_err()).count();
+    u32::try_from(failures).unwrap_or(u32::MAX)
 }
 
 pub(crate) fn tokens_of(u: &Usage, t: TokenType) -> u64 {
@@ -578,11 +595,11 @@ mod tests {
         assert_eq!(header(&rej.headers, "x-ratelimit-remaining-tokens"), Some("400"));
         // Real usage 150: 450 given back.
         let used = Usage { input: 100, output: 50, ..Usage::default() };
-        assert_eq!(release(&h, &c, Some("m"), &r, Some(&used), false), 0);
+        assert_eq!(release(&h, c.pricing.get("m"), &r, Some(&used), false), Released::default());
         let r2 = admit(check(&h, &c, facts("m", 400, Some(2000))));
         assert_eq!(header(&r2.headers, "x-ratelimit-remaining-tokens"), Some("250"));
         // A failed request without usage releases its reservation.
-        assert_eq!(release(&h, &c, Some("m"), &r2, None, true), 0);
+        assert_eq!(release(&h, None, &r2, None, true), Released::default());
         let r3 = admit(check(&h, &c, facts("m", 0, None)));
         assert_eq!(header(&r3.headers, "x-ratelimit-remaining-tokens"), Some("850"));
     }
@@ -590,19 +607,66 @@ mod tests {
     #[test]
     fn usd_budgets_use_pricing() {
         let c = config(
-            r#"{"pricing":{"m":{"input":1000000,"output":0}},
-                "limits":[{"name":"usd","key":"global","usd_per_day":3}]}"#,
+            r#"{"pricing":{"m":{"input":1000,"output":0}},
+                "limits":[{"name":"usd","key":"global","usd_per_day":0.003}]}"#,
         );
         let h = H::default();
-        // 1 USD per input token: 8 bytes = 2 tokens = 2 USD.
+        // 1 mUSD per input token: 8 bytes = 2 tokens = 2 mUSD.
         let r = admit(check(&h, &c, facts("m", 8, None)));
         assert!(r.headers.is_empty(), "USD limits have no x-ratelimit family");
         let rej = reject(check(&h, &c, facts("m", 8, None)));
-        assert!(rej.body.contains("3 USD per day"), "{}", rej.body);
-        // Unpriced models are not charged, and say so.
-        let (v, notes) = check(&h, &c, facts("free", 8000, None));
-        assert!(matches!(v, Verdict::Admit(_)));
-        assert_eq!(notes.skips.count(Skip::Unpriced), 1);
+        assert!(rej.body.contains("0.003 USD per day"), "{}", rej.body);
+        // Unpriced models reserve nothing, and the end says so when no price applied.
+        let (v, _) = check(&h, &c, facts("free", 8000, None));
+        let Verdict::Admit(free) = v else { panic!("rejected") };
+        let used = Usage { input: 1, ..Usage::default() };
+        assert_eq!(release(&h, None, &free, Some(&used), false), Released { failures: 0, unpriced: true });
+        assert!(release(&h, None, &r, Some(&used), false).unpriced);
+    }
+
+    #[test]
+    fn usd_budgets_charge_the_price_the_cost_metric_uses() {
+        // The request names an alias without a price; the response names the priced model.
+        let c = config(
+            r#"{"pricing":{"gpt-4o-2024-08-06":{"input":1000,"output":1000}},
+                "limits":[{"name":"usd","key":"global","usd_per_day":0.01}]}"#,
+        );
+        let h = H::default();
+        let r = admit(check(&h, &c, facts("gpt-4o", 8, None)));
+        let price = c.pricing.resolve(Some("gpt-4o"), Some("gpt-4o-2024-08-06"));
+        assert!(price.is_some(), "resolved through the response model");
+        // 3 input + 2 output tokens at 1 mUSD each: 5 mUSD of the 10 charged.
+        let used = Usage { input: 3, output: 2, ..Usage::default() };
+        assert_eq!(release(&h, price, &r, Some(&used), false), Released::default());
+        // 5 mUSD left: a request estimated at 6 does not fit, one at 5 does.
+        let rej = reject(check(&h, &c, facts("gpt-4o-2024-08-06", 24, None)));
+        assert!(rej.body.contains("5000000000 left"), "{}", rej.body);
+        admit(check(&h, &c, facts("gpt-4o-2024-08-06", 20, None)));
+    }
+
+    #[test]
+    fn give_back_returns_every_local_charge() {
+        let c = config(
+            r#"{"pricing":{"m":{"input":1000,"output":1000}},
+                "limits":[{"name":"rpm","key":"global","requests_per_minute":10},
+                          {"name":"tpm","key":"global","tokens_per_minute":1000},
+                          {"name":"usd","key":"global","usd_per_hour":1},
+                          {"name":"conc","key":"global","max_concurrent":1}]}"#,
+        );
+        let h = H::default();
+        let before = h.store.data.borrow().clone();
+        let r = admit(check(&h, &c, facts("m", 400, Some(100))));
+        assert_ne!(*h.store.data.borrow(), before);
+        assert_eq!(give_back(&h, &r), 0);
+        // Every bucket is as before the request (fresh buckets: created, and at 0).
+        for (key, (value, _)) in h.store.data.borrow().iter() {
+            let used = u64::from_le_bytes(value[8..16].try_into().unwrap());
+            assert_eq!(used, 0, "{key} still charged");
+        }
+        // So the next request sees the full limits.
+        let r = admit(check(&h, &c, facts("m", 400, Some(100))));
+        assert_eq!(header(&r.headers, "x-ratelimit-remaining-requests"), Some("9"));
+        assert_eq!(header(&r.headers, "x-ratelimit-remaining-tokens"), Some("800"));
     }
 
     #[test]
@@ -632,7 +696,7 @@ mod tests {
         let h2 = H { addr: Some(b"10.0.0.1:6000".to_vec()), store: FakeStore::default(), ..H::default() };
         h2.store.data.replace(h.store.data.borrow().clone());
         reject(check(&h2, &c, facts("m", 40, None)));
-        release(&h, &c, Some("m"), &r, None, false);
+        release(&h, None, &r, None, false);
         admit(check(&h, &c, facts("m", 40, None)));
     }
 

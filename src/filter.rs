@@ -5,10 +5,19 @@
 //! [`Host`] trait. The `wasm` module implements [`Host`] with hostcalls; the tests below
 //! implement it in memory, so the whole lifecycle, every metric included, is tested natively.
 //!
-//! The filter never changes traffic and delays it only to read the request's `model`: request
-//! headers are held until the model is found, bounded by `request.model_lookahead_bytes` (see
-//! [`Flow::Hold`] and [`crate::hold`]). Responses are never held. Every failure inside the
-//! filter is counted and ignored (fail-open).
+//! What the filter changes, and only then: a streaming chat/completions request without
+//! `stream_options.include_usage` gets it added (`inject_stream_usage`), its `accept-encoding`
+//! removed (the usage chunk is cut from an uncompressed stream) and `content-length` fixed, and
+//! the usage-only chunk it asked for is cut from the client's stream; a request the limits refuse
+//! is answered by the filter itself (429, 413, or 503 under `failure_mode: deny`), as is an
+//! admitted request's response given `x-ratelimit-*` headers. Otherwise the bytes pass
+//! untouched.
+//!
+//! Requests are delayed only to read what decisions need: request headers are held until the
+//! model is found (or the whole body, when limits or injection need it), bounded by
+//! `request.model_lookahead_bytes` (see [`Flow::Hold`] and [`crate::hold`]), and while a rate
+//! limit service answers. Responses are never held. Every failure inside the filter is
+//! counted and ignored (fail-open).
 //!
 //! Accounting happens once, in [`Exchange::on_log`], which Envoy calls for every stream however
 //! it ended (completed, reset upstream, cancelled by the client). That is what keeps
@@ -99,9 +108,13 @@ pub trait Host: SharedStore {
 }
 
 /// Adds `value` to counter `id`; 0 is not sent (Envoy rejects it, and the counter exists).
+/// Values are bounded where they are read (token counts by `usage::MAX_TOKENS`), so every one
+/// fits Envoy's `i64`; one that did not would be dropped, never clamped into the counter.
 fn add_to_counter<H: Host + ?Sized>(host: &mut H, id: u32, value: u64) {
-    if value > 0 {
-        host.metric_add(id, i64::try_from(value).unwrap_or(i64::MAX));
+    if let Ok(delta) = i64::try_from(value) {
+        if delta > 0 {
+            host.metric_add(id, delta);
+        }
     }
 }
 
@@ -775,7 +788,6 @@ impl Exchange {
         for _ in 0..notes.failures {
             worker.limiter_failed(host);
         }
-        self.limit_skips.merge(&notes.skips);
         match verdict {
             Verdict::Admit(reservation) => {
                 self.reservation = Some(reservation);
@@ -879,6 +891,13 @@ impl Exchange {
     }
 
     fn reject<H: Host>(&mut self, host: &mut H, worker: &mut Worker, rejection: Rejection) -> Flow {
+        if let Some(reservation) = self.reservation.take() {
+            // The local rules admitted it, then a rate limit service refused it: it never
+            // reaches the upstream, so nothing of the local limits is spent on it.
+            for _ in 0..enforce::give_back(&Limits(&*host, &self.limit_headers), &reservation) {
+                worker.count_error(host, InternalError::RateLimit);
+            }
+        }
         let label = worker.model_label(host, self.request_model());
         host.counter_add(&worker.name(Metric::RatelimitRejectedTotal, &[&label, &rejection.rule]), 1);
         host.send_response(rejection.status, &rejection.headers, rejection.body.as_bytes());
@@ -1057,20 +1076,27 @@ impl Exchange {
         let completed = self.response_end_nanos.is_some() && (100..400).contains(&status);
         let flags = if completed { 0 } else { host.response_flags().unwrap_or(0) };
         let error = classify(status, flags, self.rejected_by.is_some());
-        self.record(host, worker, series, status, error, usage);
+        // Ended as the upstream sent it: its end passed through the filter, or nothing (no
+        // response flag) says it was cut off (a response that ended with its headers).
+        let ended = completed || flags == 0;
+        self.record(host, worker, series, status, error, usage, ended);
+        // One price for the cost metric and the USD budgets.
+        let price = worker.config.pricing.resolve(request_model.as_deref(), response_model.as_deref()).copied();
 
         if let Some(reservation) = self.reservation.take() {
             let failed = error != ErrorType::None;
-            let failures = enforce::release(
+            let released = enforce::release(
                 &Limits(&*host, &self.limit_headers),
-                &worker.config,
-                request_model.as_deref(),
+                price.as_ref(),
                 &reservation,
                 usage.as_ref(),
                 failed,
             );
-            for _ in 0..failures {
+            for _ in 0..released.failures {
                 worker.count_error(host, InternalError::RateLimit);
+            }
+            if released.unpriced {
+                self.limit_skips.add(Skip::Unpriced);
             }
         }
 
@@ -1085,17 +1111,10 @@ impl Exchange {
         }
         self.global_pending.clear();
 
-        if let (Some(usage), Some(model)) = (usage, request_model.as_deref().or(response_model.as_deref())) {
-            let price = worker
-                .config
-                .pricing
-                .get(model)
-                .or_else(|| response_model.as_deref().and_then(|m| worker.config.pricing.get(m)));
-            if let Some(price) = price.copied() {
-                if let Some(s) = worker.series.get_mut(series) {
-                    let micro = s.cost.add(price.cost_pico(&usage));
-                    worker.add(host, series, Stat::Cost, micro);
-                }
+        if let Some(pico) = usage.as_ref().zip(price).and_then(|(u, p)| p.cost_pico(u)) {
+            if let Some(s) = worker.series.get_mut(series) {
+                let micro = s.cost.add(pico);
+                worker.add(host, series, Stat::Cost, micro);
             }
         }
 
@@ -1117,6 +1136,10 @@ impl Exchange {
         worker.record_skips(host, &skips, &label);
     }
 
+    /// Counts the request and its usage. `ended`: the response ended as the upstream sent it;
+    /// only a complete 2xx without usage is a metering blind spot (`usage_missing`), a stream
+    /// the client or the network cut off is a failed request (`canceled`, `network`).
+    #[allow(clippy::too_many_arguments)]
     fn record<H: Host>(
         &self,
         host: &mut H,
@@ -1125,6 +1148,7 @@ impl Exchange {
         status: u16,
         error: ErrorType,
         usage: Option<Usage>,
+        ended: bool,
     ) {
         let operation = self.operation.map_or(UNKNOWN, Operation::as_str);
         if let Some(id) = worker.requests_stat(host, series, operation, status, error) {
@@ -1139,7 +1163,9 @@ impl Exchange {
                 worker.record(host, series, Stat::PerRequest(0), u.input);
                 worker.record(host, series, Stat::PerRequest(1), u.output);
             }
-            None if (200..300).contains(&status) => worker.add(host, series, Stat::UsageMissing, 1),
+            None if ended && error == ErrorType::None && (200..300).contains(&status) => {
+                worker.add(host, series, Stat::UsageMissing, 1)
+            }
             None => {}
         }
     }
@@ -1513,6 +1539,142 @@ mod tests {
         assert_eq!(host.sent.as_ref().map(|s| s.0), Some(503));
         assert_eq!(counter(&host, "rule=.=g-rpm;.;llm_ratelimit_service_errors_total"), 2);
         assert_eq!(counter(&host, "rule=.=g-tpm;.;llm_ratelimit_service_errors_total"), 2);
+    }
+
+    #[test]
+    fn a_global_rejection_gives_back_every_local_charge() {
+        let config = r#"{"limits":[
+            {"name":"rpm","key":"header:authorization","requests_per_minute":10},
+            {"name":"tpm","key":"header:authorization","tokens_per_minute":1000},
+            {"name":"conc","key":"global","max_concurrent":1},
+            {"name":"g","key":"global","requests_per_minute":5,"scope":"global",
+             "service":{"cluster":"rls","domain":"llm"}}]}"#;
+        let mut host = FakeHost { now: 1_000 * 60_000 * MS, ..FakeHost::default() };
+        let mut w = worker(config);
+        host.request_headers.insert(":path".into(), b"/v1/chat/completions".to_vec());
+        host.request_headers.insert("authorization".into(), b"Bearer sk-1".to_vec());
+        host.response_headers.insert(":status".into(), b"200".to_vec());
+        host.response_headers.insert("content-type".into(), b"application/json".to_vec());
+        let body = br#"{"model":"gpt-4o","max_tokens":50}"#;
+        let estimate = crate::enforce::estimate_input(&w.config, body.len() as u64) + 50;
+        let h =
+            |host: &FakeHost, n: &str| host.response_headers.get(n).map(|v| String::from_utf8_lossy(v).into_owned());
+
+        // The local rules admit it, the service refuses it.
+        let mut x = Exchange::new();
+        x.on_request_headers(&mut host, &mut w, false);
+        assert_eq!(x.on_request_body(&mut host, &mut w, body, true), Flow::Hold);
+        assert_eq!(x.on_global_answer(&mut host, &mut w, 1, Ok(&[0x08, 2])), Some(Flow::Respond));
+        assert_eq!(host.sent.as_ref().map(|s| s.0), Some(429));
+
+        // While the rejected exchange has not even ended, the next one sees all of its limits:
+        // its request, tokens and the one concurrency slot were given back.
+        let mut y = Exchange::new();
+        y.on_request_headers(&mut host, &mut w, false);
+        assert_eq!(y.on_request_body(&mut host, &mut w, body, true), Flow::Hold, "the slot is free");
+        assert_eq!(y.on_global_answer(&mut host, &mut w, 2, Ok(&[0x08, 1])), Some(Flow::Continue));
+        y.on_response_headers(&mut host, &mut w);
+        assert_eq!(h(&host, "x-ratelimit-remaining-requests").as_deref(), Some("9"));
+        assert_eq!(h(&host, "x-ratelimit-remaining-tokens"), Some((1000 - estimate).to_string()));
+
+        // The rejected exchange ends: nothing is given back twice.
+        host.code = Some(429);
+        x.on_log(&mut host, &mut w);
+        y.on_response_body(&mut host, CHAT_JSON.as_bytes(), true);
+        host.code = Some(200);
+        y.on_log(&mut host, &mut w);
+        let mut z = Exchange::new();
+        z.on_request_headers(&mut host, &mut w, false);
+        z.on_request_body(&mut host, &mut w, body, true);
+        assert_eq!(z.on_global_answer(&mut host, &mut w, 3, Ok(&[0x08, 1])), Some(Flow::Continue));
+        z.on_response_headers(&mut host, &mut w);
+        assert_eq!(h(&host, "x-ratelimit-remaining-requests").as_deref(), Some("8"));
+        // y used 19 + 10 tokens (CHAT_JSON), z reserved its estimate.
+        assert_eq!(h(&host, "x-ratelimit-remaining-tokens"), Some((1000 - 29 - estimate).to_string()));
+        assert_eq!(counter(&host, "kind=.=ratelimit;.;llm_meter_errors_total"), 0);
+    }
+
+    #[test]
+    fn usage_missing_counts_only_completed_responses() {
+        let mut host = FakeHost::default();
+        let mut w = worker("{}");
+        host.request_headers.insert(":path".into(), b"/v1/chat/completions".to_vec());
+        host.response_headers.insert(":status".into(), b"200".to_vec());
+        host.response_headers.insert("content-type".into(), b"text/event-stream".to_vec());
+        host.code = Some(200);
+        let start = "data: {\"model\":\"m\",\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n";
+        // The client leaves mid-stream, then the upstream resets one: failures, not blind spots.
+        for flag in [flags::DOWNSTREAM_CONNECTION_TERMINATION, flags::UPSTREAM_CONNECTION_TERMINATION] {
+            host.flags = Some(flag);
+            let mut x = Exchange::new();
+            x.on_request_headers(&mut host, &mut w, false);
+            x.on_request_body(&mut host, &mut w, br#"{"model":"m","stream":true}"#, true);
+            x.on_response_headers(&mut host, &mut w);
+            x.on_response_body(&mut host, start.as_bytes(), false);
+            x.on_log(&mut host, &mut w);
+        }
+        assert_eq!(counter(&host, "model=.=m;.;llm_usage_missing_total"), 0);
+        let failed: u64 = host
+            .counters
+            .iter()
+            .filter(|(k, _)| k.contains("llm_requests_total") && !k.contains("error_type=.=none;"))
+            .map(|(_, v)| *v)
+            .sum();
+        assert_eq!(failed, 2, "{:?}", host.counters);
+        // The same stream completed without usage is one.
+        host.flags = Some(0);
+        exchange(
+            &mut host,
+            &mut w,
+            "/v1/chat/completions",
+            r#"{"model":"m"}"#,
+            200,
+            "text/event-stream",
+            &[start.as_bytes(), b"data: [DONE]\n\n"],
+        );
+        assert_eq!(counter(&host, "model=.=m;.;llm_usage_missing_total"), 1);
+    }
+
+    #[test]
+    fn cost_and_usd_budgets_price_by_the_same_model() {
+        // The request names an unpriced alias, the response the priced model.
+        let mut host = FakeHost { now: 1_000 * 3_600_000 * MS, ..FakeHost::default() };
+        let mut w = worker(
+            r#"{"pricing":{"gpt-4o-2024-08-06":{"input":100,"output":100}},
+                "limits":[{"name":"usd","key":"global","usd_per_hour":1}]}"#,
+        );
+        exchange(
+            &mut host,
+            &mut w,
+            "/v1/chat/completions",
+            r#"{"model":"gpt-4o"}"#,
+            200,
+            "application/json",
+            &[CHAT_JSON.as_bytes()],
+        );
+        // 29 tokens at 100 USD per 1M: 2,900 µUSD in the metric ...
+        assert_eq!(counter(&host, "model=.=gpt-4o;.;app=.=unknown;.;llm_cost_microusd_total"), 2900);
+        assert_eq!(counter(&host, "reason=.=unpriced;.;llm_meter_skips_total"), 0);
+        // ... and the same in the budget.
+        let bucket = host
+            .store
+            .data
+            .borrow()
+            .iter()
+            .find(|(k, _)| k.contains(".rl.usd."))
+            .map(|(_, (v, _))| u64::from_le_bytes(v[8..16].try_into().unwrap()));
+        assert_eq!(bucket, Some(2_900_000_000), "pico-USD charged to the budget");
+        // A model no price resolves for: counted as unpriced, not charged.
+        exchange(
+            &mut host,
+            &mut w,
+            "/v1/chat/completions",
+            r#"{"model":"free"}"#,
+            200,
+            "application/json",
+            &[br#"{"model":"free","usage":{"prompt_tokens":5,"completion_tokens":5}}"#],
+        );
+        assert_eq!(counter(&host, "reason=.=unpriced;.;llm_meter_skips_total"), 1);
     }
 
     /// The value of the `key` entry of the first descriptor of an encoded request (a hash:

@@ -79,7 +79,10 @@ impl Charge {
         let rule = config.limits.rules.get(self.rule)?;
         let Limit::Tokens { token_type, .. } = rule.limit else { return None };
         let hits = enforce::tokens_of(usage, token_type).saturating_sub(1);
-        (hits > 0).then(|| self.call(config, u32::try_from(hits).unwrap_or(u32::MAX))).flatten()
+        // Usage is bounded (`usage::MAX_TOKENS` per count, so a total of at most 2·10⁹): it fits the
+        // protocol's uint32. A count that did not would not be clamped into the service's counter.
+        let hits = u32::try_from(hits).ok().filter(|&h| h > 0)?;
+        self.call(config, hits)
     }
 
     fn call(&self, config: &Config, hits: u32) -> Option<Call> {

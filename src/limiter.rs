@@ -268,8 +268,16 @@ impl Limiter {
     /// leaves the bucket over-charged until its window ends, which only errs on the safe side.
     fn rollback<S: SharedStore + ?Sized>(store: &S, now_ms: u64, held: Vec<Held>) {
         for h in held {
-            let _ = Self::settle(store, now_ms, &h, 0, true);
+            let _ = Self::undo(store, now_ms, &h);
         }
+    }
+
+    /// Gives a held charge back entirely, as if the request had never been admitted: a request
+    /// count is taken back (in the same window), a reservation of tokens or USD is returned,
+    /// a concurrency slot freed. For requests that a later check (a rate limit service)
+    /// rejected after the local rules admitted them.
+    pub fn undo<S: SharedStore + ?Sized>(store: &S, now_ms: u64, held: &Held) -> Result<(), StoreFailed> {
+        Self::settle(store, now_ms, held, 0, true)
     }
 
     /// Ends a held charge. `actual`: the real amount for metered buckets (`None` keeps the

@@ -21,8 +21,8 @@ pub struct Price {
 }
 
 impl Price {
-    /// From USD per 1M tokens (validated by the config: finite, 0 to 10⁶); cache writes at the
-    /// input price.
+    /// From USD per 1M tokens (validated by the config: finite, 0 to
+    /// [`crate::config::MAX_PRICE`]); cache writes at the input price.
     pub fn per_million(input: f64, output: f64, cached_input: f64) -> Self {
         Self::per_million_with_cache_writes(input, output, cached_input, input)
     }
@@ -41,14 +41,20 @@ impl Price {
 
     /// Cost of `usage` in pico-USD: uncached input at the input price, cached input and cache
     /// writes at their own prices, output (reasoning included) at the output price.
-    pub fn cost_pico(&self, usage: &Usage) -> u128 {
+    ///
+    /// Exact for every usage the filter accepts: input and output are at most
+    /// [`crate::usage::MAX_TOKENS`] each and prices at most [`crate::config::MAX_PRICE`], so the
+    /// cost is at most 2·10¹⁸ pico-USD. Counts beyond those bounds never reach here (they are
+    /// `usage_invalid`); `None` says so rather than clamping if one ever did.
+    pub fn cost_pico(&self, usage: &Usage) -> Option<u64> {
         let cached = usage.cached_input.min(usage.input);
         let creation = usage.cache_creation_input.min(usage.input - cached);
         let uncached = usage.input - cached - creation;
-        uncached as u128 * self.input as u128
+        let cost = uncached as u128 * self.input as u128
             + cached as u128 * self.cached_input as u128
             + creation as u128 * self.cache_creation_input as u128
-            + usage.output as u128 * self.output as u128
+            + usage.output as u128 * self.output as u128;
+        u64::try_from(cost).ok()
     }
 }
 
@@ -69,6 +75,14 @@ impl Pricing {
         self.models.get(model)
     }
 
+    /// The price an exchange is charged at: its request model's, else the model its response
+    /// names (a request for an alias the gateway resolves). The one resolution behind both the
+    /// cost metric and USD budgets, so a request never costs money in one and nothing in the
+    /// other.
+    pub fn resolve(&self, request_model: Option<&str>, response_model: Option<&str>) -> Option<&Price> {
+        request_model.and_then(|m| self.get(m)).or_else(|| response_model.and_then(|m| self.get(m)))
+    }
+
     /// True when no price is configured.
     pub fn is_empty(&self) -> bool {
         self.models.is_empty()
@@ -84,11 +98,13 @@ pub struct CostCarry {
 }
 
 impl CostCarry {
-    /// Adds `pico` and returns the whole micro-USD now due to the series' counter.
-    pub fn add(&mut self, pico: u128) -> u64 {
-        let total = self.remainder.saturating_add(pico);
+    /// Adds `pico` and returns the whole micro-USD now due to the series' counter (at most
+    /// `u64::MAX / 10⁶ + 1`, well inside a counter increment's `i64`).
+    pub fn add(&mut self, pico: u64) -> u64 {
+        let total = self.remainder + u128::from(pico);
         self.remainder = total % PICO_PER_MICRO;
-        u64::try_from(total / PICO_PER_MICRO).unwrap_or(u64::MAX)
+        // total / 10⁶ < (u64::MAX + 10⁶) / 10⁶: always fits.
+        u64::try_from(total / PICO_PER_MICRO).unwrap_or(0)
     }
 }
 
@@ -104,7 +120,7 @@ mod tests {
         let p = Price::per_million(2.5, 10.0, 1.25);
         let u = Usage { input: 1000, output: 200, cached_input: 400, reasoning: 50, cache_creation_input: 0 };
         // 600 × 2.5 + 400 × 1.25 + 200 × 10 = 1500 + 500 + 2000 = 4000 µUSD.
-        assert_eq!(p.cost_pico(&u), 4000 * 1_000_000);
+        assert_eq!(p.cost_pico(&u), Some(4000 * 1_000_000));
     }
 
     #[test]
@@ -112,10 +128,10 @@ mod tests {
         // Anthropic-style cache writes at their own price: 100 uncached, 50 read, 50 written.
         let a = Price::per_million_with_cache_writes(3.0, 15.0, 0.3, 3.75);
         let u = Usage { input: 200, output: 10, cached_input: 50, reasoning: 0, cache_creation_input: 50 };
-        assert_eq!(a.cost_pico(&u), 100 * 3_000_000 + 50 * 300_000 + 50 * 3_750_000 + 10 * 15_000_000);
+        assert_eq!(a.cost_pico(&u), Some(100 * 3_000_000 + 50 * 300_000 + 50 * 3_750_000 + 10 * 15_000_000));
         let p = Price::per_million(0.075, 0.3, 0.0375);
         let u = Usage { input: 7, output: 3, cached_input: 0, reasoning: 0, cache_creation_input: 0 };
-        assert_eq!(p.cost_pico(&u), 7 * 75_000 + 3 * 300_000);
+        assert_eq!(p.cost_pico(&u), Some(7 * 75_000 + 3 * 300_000));
     }
 
     #[test]
@@ -131,10 +147,18 @@ mod tests {
     }
 
     #[test]
-    fn huge_usage_does_not_overflow() {
-        let p = Price::per_million(1e6, 1e6, 1e6);
-        let u = Usage { input: u64::MAX, output: u64::MAX, cached_input: 0, reasoning: 0, cache_creation_input: 0 };
+    fn the_dearest_accepted_usage_is_priced_exactly() {
+        use crate::config::MAX_PRICE;
+        use crate::usage::MAX_TOKENS;
+        let p = Price::per_million(MAX_PRICE, MAX_PRICE, MAX_PRICE);
+        let u = Usage { input: MAX_TOKENS, output: MAX_TOKENS, ..Usage::default() };
+        // 2·10⁹ tokens at 10⁹ pico-USD each: exact, no clamping.
+        assert_eq!(p.cost_pico(&u), Some(2_000_000_000_000_000_000));
         let mut c = CostCarry::default();
-        assert_eq!(c.add(p.cost_pico(&u)), u64::MAX);
+        assert_eq!(c.add(2_000_000_000_000_000_000), 2_000_000_000_000);
+        // Beyond the bounds it says so instead of clamping into a counter or budget.
+        let u = Usage { input: u64::MAX, output: u64::MAX, ..Usage::default() };
+        assert_eq!(p.cost_pico(&u), None);
+        assert_eq!(c.add(u64::MAX), u64::MAX / 1_000_000);
     }
 }

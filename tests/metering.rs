@@ -212,8 +212,9 @@ fn reset_mid_stream_counts_as_network_error_and_balances_the_gauge() {
     }
     let m = envoy.wait_value(&requests("gpt-4o", "unknown", "chat", 200, "network"), 1.0);
     assert_eq!(m.value(&active("gpt-4o")), Some(0.0));
-    // The stream was cut before its usage chunk: a 2xx without usage is a blind spot, counted.
-    assert_eq!(m.value(r#"llm_usage_missing_total{model="gpt-4o"}"#), Some(1.0));
+    // The stream was cut before its usage chunk: a failed request, not a metering blind spot
+    // (`usage_missing` is for completed 2xx responses without usage; never defined here).
+    assert_eq!(m.value(r#"llm_usage_missing_total{model="gpt-4o"}"#), None);
     envoy.wait_value(r#"llm_request_duration_ms_count{model="gpt-4o"}"#, 1.0);
 }
 
@@ -229,6 +230,8 @@ fn client_cancel_mid_stream_is_canceled_and_balances_the_gauge() {
     drop(s);
     let m = envoy.wait_value(&requests("gpt-4o", "unknown", "chat", 200, "canceled"), 1.0);
     assert_eq!(m.value(&active("gpt-4o")), Some(0.0));
+    // A stream the client left is no metering blind spot.
+    assert_eq!(m.value(r#"llm_usage_missing_total{model="gpt-4o"}"#), None);
 }
 
 #[test]
