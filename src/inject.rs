@@ -3,9 +3,21 @@
 //! An OpenAI-style streaming chat/completions response carries usage only when the request asked
 //! for it (`"stream_options": {"include_usage": true}`); many clients do not, which would make
 //! every such stream a metering blind spot. So the filter adds the option to streaming requests
-//! that lack it ([`rewrite_request`]), and removes the extra usage-only chunk (`"choices": []`
-//! with a `usage` object) from the stream the client receives ([`UsageChunkStripper`]), so the
-//! client gets exactly the stream it asked for while the meter reads the usage.
+//! that lack it ([`rewrite_request`]), and removes from the stream the client receives the usage
+//! it did not ask for ([`UsageChunkStripper`]), so the client gets the stream it asked for while
+//! the meter reads the usage:
+//!
+//! - The usage-only chunk is cut: an event whose data is a chunk with a `usage` object and a
+//!   `choices` array in which no choice carries anything. OpenAI sends `"choices": []`; LiteLLM's
+//!   proxy sends `"choices": [{"index": 0, "delta": {}}]`. A choice carries nothing when every
+//!   member but `index` is blank: `null`, `""`, `[]`, or an object of blank members (so no
+//!   content, role, tool call, function call, refusal, logprobs or finish reason).
+//! - A chunk that carries something and also a `usage` object (a gateway that puts the usage on
+//!   the final `finish_reason` chunk) is kept, minus its `usage` member: the client did not ask
+//!   for usage, and that member is the only change to the bytes of the event.
+//!
+//! `"usage": null` members (OpenAI adds one to every chunk of a stream with `include_usage`) are
+//! left alone: to an OpenAI client they mean what an absent member means.
 
 use serde_json::Value;
 
@@ -68,6 +80,7 @@ pub struct UsageChunkStripper {
     /// The pending event outgrew the bound: pass it through until it ends.
     passing: bool,
     removed: u32,
+    cleared: u32,
 }
 
 impl UsageChunkStripper {
@@ -93,10 +106,13 @@ impl UsageChunkStripper {
         let mut start = 0;
         while let Some(n) = event_end(self.pending.get(start..).unwrap_or_default()) {
             let event = self.pending.get(start..start + n).unwrap_or_default();
-            if is_usage_only(event) {
-                self.removed += 1;
-            } else {
-                out.extend_from_slice(event);
+            match judge(event) {
+                Verdict::Keep => out.extend_from_slice(event),
+                Verdict::Drop => self.removed += 1,
+                Verdict::Rewrite(event) => {
+                    self.cleared += 1;
+                    out.extend_from_slice(&event);
+                }
             }
             start += n;
         }
@@ -111,6 +127,11 @@ impl UsageChunkStripper {
     /// Usage-only chunks removed so far.
     pub fn removed(&self) -> u32 {
         self.removed
+    }
+
+    /// Chunks kept without their `usage` member so far.
+    pub fn cleared(&self) -> u32 {
+        self.cleared
     }
 }
 
@@ -142,23 +163,146 @@ fn event_end(bytes: &[u8]) -> Option<usize> {
     None
 }
 
-/// True for an event whose data is a chunk with no choices and a usage object.
-fn is_usage_only(event: &[u8]) -> bool {
+/// What becomes of one complete event.
+#[derive(Debug, PartialEq)]
+enum Verdict {
+    Keep,
+    /// The usage-only chunk.
+    Drop,
+    /// A chunk with content and usage: the event without its `usage` member.
+    Rewrite(Vec<u8>),
+}
+
+/// Sorts an event (see the module documentation for the rule).
+fn judge(event: &[u8]) -> Verdict {
     if memchr::memmem::find(event, b"usage").is_none() {
-        return false;
+        return Verdict::Keep;
     }
     let mut data = Vec::new();
-    for line in event.split(|&b| b == b'\n' || b == b'\r') {
+    // The span of the payload of the only `data:` line, when there is one.
+    let mut payload = None;
+    let mut data_lines = 0;
+    let mut start = 0;
+    while start < event.len() {
+        let end =
+            memchr::memchr2(b'\n', b'\r', event.get(start..).unwrap_or_default()).map_or(event.len(), |i| start + i);
+        let line = event.get(start..end).unwrap_or_default();
         if let Some(d) = line.strip_prefix(b"data:") {
-            if !data.is_empty() {
+            let d = d.strip_prefix(b" ").unwrap_or(d);
+            if data_lines > 0 {
                 data.push(b'\n');
             }
-            data.extend_from_slice(d.strip_prefix(b" ").unwrap_or(d));
+            data.extend_from_slice(d);
+            data_lines += 1;
+            payload = Some((end - d.len(), end));
+        }
+        start = end + 1;
+    }
+    let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(&data) else { return Verdict::Keep };
+    let (Some(Value::Object(_)), Some(Value::Array(choices))) = (obj.get("usage"), obj.get("choices")) else {
+        return Verdict::Keep;
+    };
+    if choices.iter().all(choice_is_blank) {
+        return Verdict::Drop;
+    }
+    // A chunk with content: only its `usage` member goes, when the JSON is on one line (an event
+    // with the JSON split over several `data:` lines is kept as it is).
+    let Some((from, to)) = payload.filter(|_| data_lines == 1) else { return Verdict::Keep };
+    let Some(json) = event.get(from..to).and_then(without_usage) else { return Verdict::Keep };
+    let mut out = Vec::with_capacity(event.len());
+    out.extend_from_slice(event.get(..from).unwrap_or_default());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(event.get(to..).unwrap_or_default());
+    Verdict::Rewrite(out)
+}
+
+/// True for a choice that carries nothing: every member but `index` is blank.
+fn choice_is_blank(choice: &Value) -> bool {
+    match choice {
+        Value::Object(members) => members.iter().all(|(k, v)| k == "index" || is_blank(v)),
+        _ => false,
+    }
+}
+
+/// `null`, `""`, `[]`, or an object whose members are all blank (serde_json's parser bounds the
+/// nesting, so the recursion is bounded too).
+fn is_blank(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.values().all(is_blank),
+        Value::Bool(_) | Value::Number(_) => false,
+    }
+}
+
+/// `json` (a valid JSON object) without its top-level `usage` member, every other byte kept;
+/// `None` when the member is not found spelt plainly, or appears twice.
+fn without_usage(json: &[u8]) -> Option<Vec<u8>> {
+    let open = json.iter().position(|b| !b.is_ascii_whitespace())?;
+    if json.get(open) != Some(&b'{') {
+        return None;
+    }
+    // The object's `{`, its top-level commas and its `}`: members lie between neighbours.
+    let mut seps = vec![open];
+    let (mut depth, mut in_string, mut escaped, mut closed) = (0usize, false, false, false);
+    for (i, &b) in json.iter().enumerate().skip(open) {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    seps.push(i);
+                    closed = true;
+                    break;
+                }
+            }
+            b',' if depth == 1 => seps.push(i),
+            _ => {}
         }
     }
-    let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(&data) else { return false };
-    let no_choices = matches!(obj.get("choices"), Some(Value::Array(a)) if a.is_empty());
-    no_choices && matches!(obj.get("usage"), Some(Value::Object(_)))
+    if !closed {
+        return None;
+    }
+    let mut found = None;
+    for (n, pair) in seps.windows(2).enumerate() {
+        let &[a, b] = pair else { return None };
+        let member = json.get(a + 1..b)?.trim_ascii_start();
+        if member.strip_prefix(b"\"usage\"").is_some_and(|rest| rest.trim_ascii_start().starts_with(b":")) {
+            if found.is_some() {
+                return None;
+            }
+            found = Some(n);
+        }
+    }
+    let n = found?;
+    let before = *seps.get(n)?;
+    let after = *seps.get(n + 1)?;
+    let (cut_from, cut_to) = if n > 0 {
+        // `,"usage":{…}`: from the comma before it.
+        (before, after)
+    } else if seps.len() > 2 {
+        // The first member: through the comma after it.
+        (before + 1, after + 1)
+    } else {
+        // The only member.
+        (before + 1, after)
+    };
+    let mut out = Vec::with_capacity(json.len());
+    out.extend_from_slice(json.get(..cut_from)?);
+    out.extend_from_slice(json.get(cut_to..)?);
+    Some(out)
 }
 
 #[cfg(test)]
@@ -260,5 +404,176 @@ mod tests {
         out.extend(s.process(b"", true));
         assert_eq!(out, huge.as_bytes());
         assert!(s.pending.capacity() <= 4 * MAX_PENDING_EVENT);
+    }
+
+    /// Byte for byte what LiteLLM's proxy (litellm 1.106.2, an `openai/` model in front of the
+    /// mock gateway) streams for a chat request with `include_usage`: its usage chunk keeps one
+    /// empty choice and adds `cost` to the usage.
+    const LITELLM_STREAM: &str = concat!(
+        "data: {\"id\":\"chatcmpl-mock00000003\",\"created\":1796051661,\"model\":\"gpt-4o\",\"object\":\"chat.completion.chunk\",\"system_fingerprint\":\"fp_mock\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"\",\"role\":\"assistant\"}}]}\n\n",
+        "data: {\"id\":\"chatcmpl-mock00000003\",\"created\":1796051661,\"model\":\"gpt-4o\",\"object\":\"chat.completion.chunk\",\"system_fingerprint\":\"fp_mock\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hello\"}}]}\n\n",
+        "data: {\"id\":\"chatcmpl-mock00000003\",\"created\":1796051661,\"model\":\"gpt-4o\",\"object\":\"chat.completion.chunk\",\"system_fingerprint\":\"fp_mock\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" there\"}}]}\n\n",
+        "data: {\"id\":\"chatcmpl-mock00000003\",\"created\":1796051661,\"model\":\"gpt-4o\",\"object\":\"chat.completion.chunk\",\"system_fingerprint\":\"fp_mock\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" this\"}}]}\n\n",
+        "data: {\"id\":\"chatcmpl-mock00000003\",\"created\":1796051661,\"model\":\"gpt-4o\",\"object\":\"chat.completion.chunk\",\"system_fingerprint\":\"fp_mock\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" is\"}}]}\n\n",
+        "data: {\"id\":\"chatcmpl-mock00000003\",\"created\":1796051661,\"model\":\"gpt-4o\",\"object\":\"chat.completion.chunk\",\"system_fingerprint\":\"fp_mock\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" a\"}}]}\n\n",
+        "data: {\"id\":\"chatcmpl-mock00000003\",\"created\":1796051661,\"model\":\"gpt-4o\",\"object\":\"chat.completion.chunk\",\"system_fingerprint\":\"fp_mock\",\"choices\":[{\"finish_reason\":\"stop\",\"index\":0,\"delta\":{}}]}\n\n",
+        "data: {\"id\":\"chatcmpl-mock00000003\",\"created\":1796051661,\"model\":\"gpt-4o\",\"object\":\"chat.completion.chunk\",\"system_fingerprint\":\"fp_mock\",\"choices\":[{\"index\":0,\"delta\":{}}],\"usage\":{\"completion_tokens\":5,\"prompt_tokens\":42,\"total_tokens\":47,\"completion_tokens_details\":{\"accepted_prediction_tokens\":0,\"audio_tokens\":0,\"reasoning_tokens\":0,\"rejected_prediction_tokens\":0},\"prompt_tokens_details\":{\"audio_tokens\":0,\"cached_tokens\":0},\"cost\":0.000155}}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    /// The same request without `include_usage`, as LiteLLM streams it (captured the same way;
+    /// only its `id`, chatcmpl-mock00000004, is set to the first one's).
+    const LITELLM_PLAIN: &str = concat!(
+        "data: {\"id\":\"chatcmpl-mock00000003\",\"created\":1796051661,\"model\":\"gpt-4o\",\"object\":\"chat.completion.chunk\",\"system_fingerprint\":\"fp_mock\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"\",\"role\":\"assistant\"}}]}\n\n",
+        "data: {\"id\":\"chatcmpl-mock00000003\",\"created\":1796051661,\"model\":\"gpt-4o\",\"object\":\"chat.completion.chunk\",\"system_fingerprint\":\"fp_mock\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hello\"}}]}\n\n",
+        "data: {\"id\":\"chatcmpl-mock00000003\",\"created\":1796051661,\"model\":\"gpt-4o\",\"object\":\"chat.completion.chunk\",\"system_fingerprint\":\"fp_mock\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" there\"}}]}\n\n",
+        "data: {\"id\":\"chatcmpl-mock00000003\",\"created\":1796051661,\"model\":\"gpt-4o\",\"object\":\"chat.completion.chunk\",\"system_fingerprint\":\"fp_mock\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" this\"}}]}\n\n",
+        "data: {\"id\":\"chatcmpl-mock00000003\",\"created\":1796051661,\"model\":\"gpt-4o\",\"object\":\"chat.completion.chunk\",\"system_fingerprint\":\"fp_mock\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" is\"}}]}\n\n",
+        "data: {\"id\":\"chatcmpl-mock00000003\",\"created\":1796051661,\"model\":\"gpt-4o\",\"object\":\"chat.completion.chunk\",\"system_fingerprint\":\"fp_mock\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" a\"}}]}\n\n",
+        "data: {\"id\":\"chatcmpl-mock00000003\",\"created\":1796051661,\"model\":\"gpt-4o\",\"object\":\"chat.completion.chunk\",\"system_fingerprint\":\"fp_mock\",\"choices\":[{\"finish_reason\":\"stop\",\"index\":0,\"delta\":{}}]}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    /// Runs `body` through a stripper split at `at` (or byte by byte for `None`); the output and
+    /// the stripper's counts.
+    fn strip(body: &[u8], at: Option<usize>) -> (String, u32, u32) {
+        let mut s = UsageChunkStripper::default();
+        let mut out = Vec::new();
+        match at {
+            Some(i) => {
+                let (a, b) = body.split_at(i);
+                out.extend(s.process(a, false));
+                out.extend(s.process(b, true));
+            }
+            None => {
+                for b in body {
+                    out.extend(s.process(std::slice::from_ref(b), false));
+                }
+                out.extend(s.process(b"", true));
+            }
+        }
+        (String::from_utf8(out).unwrap(), s.removed(), s.cleared())
+    }
+
+    #[test]
+    fn litellms_usage_chunk_is_removed_at_every_split() {
+        for (stream, plain) in [
+            (LITELLM_STREAM.to_string(), LITELLM_PLAIN.to_string()),
+            (LITELLM_STREAM.replace('\n', "\r\n"), LITELLM_PLAIN.replace('\n', "\r\n")),
+        ] {
+            assert_eq!(strip(stream.as_bytes(), None), (plain.clone(), 1, 0), "byte by byte");
+            for i in 0..=stream.len() {
+                assert_eq!(strip(stream.as_bytes(), Some(i)), (plain.clone(), 1, 0), "split at {i}");
+            }
+        }
+    }
+
+    /// A final chunk with `finish_reason` and the usage (as gateways that merge them send it).
+    const MERGED: &str = concat!(
+        "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+        "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2,\"total_tokens\":9}}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    #[test]
+    fn a_final_chunk_with_usage_is_kept_without_its_usage_at_every_split() {
+        let want = MERGED.replace(",\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2,\"total_tokens\":9}", "");
+        for (stream, want) in
+            [(MERGED.to_string(), want.clone()), (MERGED.replace('\n', "\r\n"), want.replace('\n', "\r\n"))]
+        {
+            assert_eq!(strip(stream.as_bytes(), None), (want.clone(), 0, 1), "byte by byte");
+            for i in 0..=stream.len() {
+                assert_eq!(strip(stream.as_bytes(), Some(i)), (want.clone(), 0, 1), "split at {i}");
+            }
+        }
+    }
+
+    fn event(json: &str) -> String {
+        format!("data: {json}\n\n")
+    }
+
+    #[test]
+    fn only_chunks_whose_choices_carry_nothing_are_usage_only() {
+        let usage = r#""usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}"#;
+        // Dropped: no choice carries anything.
+        for choices in [
+            "[]",
+            r#"[{"index":0,"delta":{}}]"#,
+            r#"[{"index":0,"delta":{"content":"","role":null,"tool_calls":[],"refusal":null},"logprobs":null,"finish_reason":null}]"#,
+            r#"[{"index":0,"delta":{"provider_specific_fields":{}},"logprobs":{"content":[],"refusal":null}}]"#,
+            r#"[{"index":0,"delta":{}},{"index":1,"delta":{}}]"#,
+            r#"[{"text":"","index":0,"logprobs":null,"finish_reason":null}]"#,
+        ] {
+            let e = event(&format!(r#"{{"id":"c","choices":{choices},{usage}}}"#));
+            assert_eq!(judge(e.as_bytes()), Verdict::Drop, "{e}");
+        }
+        // Kept without the usage: a choice carries something.
+        for delta in [
+            r#""delta":{"content":"x"}"#,
+            r#""delta":{"role":"assistant"}"#,
+            r#""delta":{"tool_calls":[{"index":0,"function":{"arguments":""}}]}"#,
+            r#""delta":{"function_call":{"name":"f"}}"#,
+            r#""delta":{"refusal":"no"}"#,
+            r#""delta":{"reasoning_content":"hmm"}"#,
+            r#""delta":{},"logprobs":{"content":[{"token":"x","logprob":0}]}"#,
+            r#""delta":{},"finish_reason":"length""#,
+            r#""delta":{"audio":{"id":"a"}}"#,
+        ] {
+            let e = event(&format!(r#"{{"id":"c","choices":[{{"index":0,{delta}}}],{usage}}}"#));
+            let want = event(&format!(r#"{{"id":"c","choices":[{{"index":0,{delta}}}]}}"#));
+            assert_eq!(judge(e.as_bytes()), Verdict::Rewrite(want.into_bytes()), "{e}");
+            // One content choice among blank ones is enough.
+            let e = event(&format!(r#"{{"choices":[{{"index":0,"delta":{{}}}},{{"index":1,{delta}}}],{usage}}}"#));
+            assert!(matches!(judge(e.as_bytes()), Verdict::Rewrite(_)), "{e}");
+        }
+        // Left as they are: no usage object, no choices array, not JSON, or JSON over two lines.
+        for e in [
+            event(r#"{"choices":[],"usage":null}"#),
+            event(r#"{"choices":[{"index":0,"delta":{"content":"usage"}}],"usage":null}"#),
+            event(r#"{"choices":[],"usage":3}"#),
+            event(&format!(r#"{{"type":"message_delta",{usage}}}"#)),
+            event(&format!(r#"{{"choices":{{}},{usage}}}"#)),
+            "data: [DONE]\n\n".to_string(),
+            "data: usage\n\n".to_string(),
+            format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"x\"}}}}],\ndata: {usage}}}\n\n"),
+        ] {
+            assert_eq!(judge(e.as_bytes()), Verdict::Keep, "{e}");
+        }
+        // A choice that is not an object is not known to carry nothing.
+        let e = event(&format!(r#"{{"choices":["x"],{usage}}}"#));
+        assert_eq!(judge(e.as_bytes()), Verdict::Rewrite(event(r#"{"choices":["x"]}"#).into_bytes()));
+        // JSON over two `data:` lines is still read whole for the usage-only chunk.
+        let split = format!("data: {{\"choices\":[],\ndata: {usage}}}\n\n");
+        assert_eq!(judge(split.as_bytes()), Verdict::Drop);
+        // Other fields of the event are kept.
+        let e = format!("event: chunk\nid: 7\ndata: {{\"choices\":[{{\"delta\":{{\"content\":\"x\"}}}}],{usage}}}\n\n");
+        assert_eq!(
+            judge(e.as_bytes()),
+            Verdict::Rewrite(
+                b"event: chunk\nid: 7\ndata: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}\n\n".to_vec()
+            )
+        );
+    }
+
+    #[test]
+    fn the_usage_member_is_cut_with_its_comma() {
+        let cut = |s: &str| without_usage(s.as_bytes()).map(|v| String::from_utf8(v).unwrap());
+        assert_eq!(
+            cut(r#"{"a":1,"usage":{"x":[1,{"y":"}"}]},"b":"usage"}"#).as_deref(),
+            Some(r#"{"a":1,"b":"usage"}"#)
+        );
+        assert_eq!(cut(r#"{"a":1,"usage":{"x":2}}"#).as_deref(), Some(r#"{"a":1}"#));
+        assert_eq!(cut(r#"{"usage":{"x":2},"a":1}"#).as_deref(), Some(r#"{"a":1}"#));
+        assert_eq!(cut(r#" { "usage" : { } } "#).as_deref(), Some(r#" {} "#));
+        assert_eq!(
+            cut("{\"a\" : \"x\\\"}\" ,\n \"usage\" : {\"n\":1} ,\"b\":[]}").as_deref(),
+            Some("{\"a\" : \"x\\\"}\" ,\"b\":[]}")
+        );
+        // Nested `usage` keys and `usage` in strings are not the member.
+        assert_eq!(cut(r#"{"x":{"usage":{}},"y":"\"usage\":1"}"#), None);
+        // Spelt with an escape, or twice: left alone.
+        assert_eq!(cut(r#"{"usag\u0065":{}}"#), None);
+        assert_eq!(cut(r#"{"usage":{},"usage":{}}"#), None);
+        assert_eq!(cut("[]"), None);
     }
 }

@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -509,4 +510,108 @@ pub fn open_stream(port: u16, body: &str, completion_tokens: u32, chunk_delay_ms
     let head = String::from_utf8_lossy(buf.get(..n).unwrap_or_default()).to_string();
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     s
+}
+
+/// The master key of the LiteLLM proxy these tests start (LiteLLM refuses to start without one).
+/// A local test value, not a credential.
+pub const LITELLM_KEY: &str = "sk-llm-meter-test-3b9f1c7e5a2d4068b1e9c3f7a5d2e8b4";
+
+/// What `just litellm` runs to install the LiteLLM proxy the tests start (the venv `just bench`
+/// uses too).
+pub const LITELLM_INSTALL: &str =
+    "python3 -m venv .venv-litellm && .venv-litellm/bin/pip install -r bench/requirements-litellm.txt";
+
+/// A real LiteLLM proxy (PyPI `litellm[proxy]` as pinned in bench/requirements-litellm.txt,
+/// installed into `.venv-litellm` by `just litellm`), on a port of its own, in its own process
+/// group (stopped whole on drop).
+pub struct LiteLlm {
+    child: Child,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl LiteLlm {
+    /// Starts LiteLLM with `model_list` (YAML list items, `  - model_name: …`) as its models, no
+    /// retries (an upstream error reaches the client as the upstream sent it) and
+    /// [`LITELLM_KEY`]; returns once `/health/liveliness` answers.
+    pub fn start(model_list: &str) -> LiteLlm {
+        let bin = root().join(".venv-litellm/bin/litellm");
+        assert!(bin.exists(), "{} is missing: run `just litellm` first (it runs `{LITELLM_INSTALL}`)", bin.display());
+        let dir = scratch_dir();
+        let config = dir.join("litellm.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "model_list:\n{model_list}\nlitellm_settings:\n  num_retries: 0\n  telemetry: false\n\
+                 general_settings:\n  master_key: {LITELLM_KEY}\n"
+            ),
+        )
+        .expect("write litellm.yaml");
+        let port = free_port();
+        let log = std::fs::File::create(dir.join("litellm.log")).expect("create log");
+        let mut child = Command::new(bin)
+            .arg("--config")
+            .arg(&config)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--num_workers", "1"])
+            .current_dir(&dir)
+            // The model cost map shipped in the package (no download), no telemetry, no UI.
+            .envs([
+                ("LITELLM_LOCAL_MODEL_COST_MAP", "True"),
+                ("LITELLM_TELEMETRY", "False"),
+                ("LITELLM_LOG", "ERROR"),
+                ("NO_DOCS", "True"),
+                ("DISABLE_ADMIN_UI", "True"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .expect("spawn litellm");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("poll litellm") {
+                panic!("LiteLLM exited during start-up ({status}):\n{}", tail(&read_log(&dir), 40));
+            }
+            if http_get(port, "/health/liveliness").is_some_and(|(code, _)| code == 200) {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(180) {
+                let log = tail(&read_log(&dir), 40);
+                stop_group(&mut child);
+                panic!("LiteLLM not ready after 180 s:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        LiteLlm { child, port, dir }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        read_log(&self.dir)
+    }
+}
+
+fn read_log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("litellm.log")).unwrap_or_default()
+}
+
+/// Kills `child`'s process group (started with `process_group(0)`, so its id is the child's)
+/// and reaps the child.
+fn stop_group(child: &mut Child) {
+    let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", child.id())]).stderr(Stdio::null()).status();
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+impl Drop for LiteLlm {
+    fn drop(&mut self) {
+        stop_group(&mut self.child);
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
 }
