@@ -15,6 +15,11 @@ const MAX_USAGE_BYTES: usize = 16 * 1024;
 /// Largest raw (JSON-escaped) model string captured.
 const MAX_MODEL_BYTES: usize = 1024;
 
+/// What a [`ResponseScanner`] may hold on the heap at most, whatever the body: a usage object
+/// being captured, a key being decoded, the last model's raw bytes and its decoded string. Its
+/// SSE and sniffing state is inline. Charged to the stream's memory lease when scanning starts.
+pub const RESPONSE_SCAN_BYTES: usize = MAX_USAGE_BYTES + 64 + 2 * MAX_MODEL_BYTES;
+
 /// Input the filter could not meter. Each is counted (`meter_skips_total{reason}`) and logged;
 /// none of them affects the traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,11 +42,14 @@ pub enum Skip {
     /// A streaming request without `include_usage` whose body was too large to hold whole (over
     /// `request.model_lookahead_bytes`), so the option could not be added.
     NotInjected,
+    /// A stream the VM's memory budget had no room for (`memory.*`): not decoded or scanned
+    /// (further), its bytes passed untouched (see [`crate::memory`]).
+    MemoryBudget,
 }
 
 impl Skip {
     /// Every reason, in counter order.
-    pub const ALL: [Skip; 7] = [
+    pub const ALL: [Skip; 8] = [
         Skip::UsageInvalid,
         Skip::UsageTooLarge,
         Skip::BodyMalformed,
@@ -49,6 +57,7 @@ impl Skip {
         Skip::Compressed,
         Skip::Unpriced,
         Skip::NotInjected,
+        Skip::MemoryBudget,
     ];
 
     /// The `reason` label value.
@@ -61,6 +70,7 @@ impl Skip {
             Skip::Compressed => "compressed",
             Skip::Unpriced => "unpriced",
             Skip::NotInjected => "usage_not_injected",
+            Skip::MemoryBudget => "memory_budget",
         }
     }
 }

@@ -37,6 +37,12 @@ pub const MAX_MODEL_LOOKAHEAD_BYTES: usize = 16 * 1024 * 1024;
 /// input plus as many output) at this price, fits `u64` pico-USD (2·10¹⁸ < 1.8·10¹⁹).
 pub const MAX_PRICE: f64 = 1_000.0;
 
+/// Smallest `memory.max_stream_bytes` (and total) accepted: room for a gzip decoder and a scan.
+pub const MIN_MEMORY_BYTES: u64 = 256 * 1024;
+/// Largest `memory.max_stream_bytes_total` accepted: a wasm32 VM has at most 4 GiB of memory,
+/// some of which the filter needs for everything else.
+pub const MAX_MEMORY_TOTAL: u64 = 3 * 1024 * 1024 * 1024;
+
 /// Headers that carry credentials: their values must never become label values.
 const SECRET_HEADERS: &[&str] = &["authorization", "proxy-authorization", "x-api-key", "api-key", "cookie"];
 
@@ -114,6 +120,24 @@ pub struct RequestConfig {
     pub model_lookahead_bytes: usize,
 }
 
+/// Validated `memory` section: the VM's budget for what streams hold (see [`crate::memory`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryConfig {
+    /// Bytes all streams of one VM (one Envoy worker) may hold at once.
+    pub max_stream_bytes_total: usize,
+    /// Bytes one stream may hold.
+    pub max_stream_bytes: usize,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            max_stream_bytes_total: crate::memory::DEFAULT_MAX_TOTAL,
+            max_stream_bytes: crate::memory::DEFAULT_MAX_STREAM,
+        }
+    }
+}
+
 /// The validated filter configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -129,6 +153,8 @@ pub struct Config {
     pub usage_headers: UsageHeaders,
     /// Add `stream_options.include_usage` to streaming chat/completions requests that lack it.
     pub inject_stream_usage: bool,
+    /// Memory budget for streams.
+    pub memory: MemoryConfig,
 }
 
 impl Default for Config {
@@ -145,6 +171,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             usage_headers: UsageHeaders::default(),
             inject_stream_usage: true,
+            memory: MemoryConfig::default(),
         }
     }
 }
@@ -166,6 +193,15 @@ struct RawConfig {
     token_estimate: Option<limits::RawEstimate>,
     usage_headers: Option<UsageHeaders>,
     inject_stream_usage: Option<bool>,
+    #[serde(default)]
+    memory: RawMemory,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMemory {
+    max_stream_bytes_total: Option<u64>,
+    max_stream_bytes: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -221,6 +257,7 @@ impl Config {
             })?,
             usage_headers: validate_usage_headers(raw.usage_headers.unwrap_or_default())?,
             inject_stream_usage: raw.inject_stream_usage.unwrap_or(true),
+            memory: validate_memory(raw.memory)?,
         })
     }
 }
@@ -237,6 +274,11 @@ fn require_objects(value: &serde_json::Value) -> Result<(), ConfigError> {
     if let Some(r) = root.get("request") {
         if !r.is_object() {
             return Err(err("request", "must be an object"));
+        }
+    }
+    if let Some(m) = root.get("memory") {
+        if !m.is_object() {
+            return Err(err("memory", "must be an object"));
         }
     }
     if let Some(u) = root.get("usage_headers") {
@@ -343,6 +385,29 @@ fn validate_request(raw: RawRequest) -> Result<RequestConfig, ConfigError> {
         }
     };
     Ok(RequestConfig { model_lookahead_bytes })
+}
+
+fn validate_memory(raw: RawMemory) -> Result<MemoryConfig, ConfigError> {
+    let defaults = MemoryConfig::default();
+    let in_range = |field: &str, v: u64, max: u64| {
+        if (MIN_MEMORY_BYTES..=max).contains(&v) {
+            usize::try_from(v).map_err(|_| err(field, "does not fit this platform"))
+        } else {
+            Err(err(field, format!("must be between {MIN_MEMORY_BYTES} and {max} bytes")))
+        }
+    };
+    let total = match raw.max_stream_bytes_total {
+        None => defaults.max_stream_bytes_total,
+        Some(v) => in_range("memory.max_stream_bytes_total", v, MAX_MEMORY_TOTAL)?,
+    };
+    let stream = match raw.max_stream_bytes {
+        None => defaults.max_stream_bytes.min(total),
+        Some(v) => in_range("memory.max_stream_bytes", v, MAX_MEMORY_TOTAL)?,
+    };
+    if stream > total {
+        return Err(err("memory.max_stream_bytes", "must not exceed memory.max_stream_bytes_total"));
+    }
+    Ok(MemoryConfig { max_stream_bytes_total: total, max_stream_bytes: stream })
 }
 
 fn valid_header_name(h: &str) -> bool {
@@ -478,6 +543,25 @@ mod tests {
         expect_err("[]", "configuration: must be a JSON object");
         expect_err(r#"{"metrics":["x"]}"#, "metrics: must be an object");
         expect_err(r#"{"pricing":{"m":[1,2]}}"#, "pricing.m: must be an object");
+        expect_err(r#"{"pricing":{"m":{"input":1001,"output":1}}}"#, "pricing.m.input: must be a USD price");
+    }
+
+    #[test]
+    fn memory_budget_parses_and_is_bounded() {
+        let c = Config::parse(b"{}").unwrap();
+        assert_eq!(c.memory, MemoryConfig { max_stream_bytes_total: 256 << 20, max_stream_bytes: 32 << 20 });
+        let c = Config::parse(br#"{"memory":{"max_stream_bytes_total":16777216}}"#).unwrap();
+        assert_eq!(c.memory.max_stream_bytes, 16 << 20, "the stream default never exceeds the total");
+        let c = Config::parse(br#"{"memory":{"max_stream_bytes_total":1048576,"max_stream_bytes":262144}}"#).unwrap();
+        assert_eq!((c.memory.max_stream_bytes_total, c.memory.max_stream_bytes), (1 << 20, 256 << 10));
+        expect_err(r#"{"memory":{"max_stream_bytes_total":1000}}"#, "memory.max_stream_bytes_total: must be between");
+        expect_err(r#"{"memory":{"max_stream_bytes_total":4294967296}}"#, "memory.max_stream_bytes_total:");
+        expect_err(
+            r#"{"memory":{"max_stream_bytes_total":1048576,"max_stream_bytes":2097152}}"#,
+            "memory.max_stream_bytes: must not exceed",
+        );
+        expect_err(r#"{"memory":{"max_bytes":1}}"#, "memory.max_bytes: unknown field");
+        expect_err(r#"{"memory":5}"#, "memory: must be an object");
     }
 
     #[test]

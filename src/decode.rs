@@ -28,7 +28,12 @@
 //!   decoder reports [`DecodeError::TooLarge`] and stops, so a decompression bomb (a few hundred
 //!   KiB that inflate to gigabytes) cannot burn CPU for long;
 //! - nothing panics: malformed input is [`DecodeError::Corrupt`], a body that stops mid-stream
-//!   is [`DecodeError::Truncated`], and after an error the decoder stays failed.
+//!   is [`DecodeError::Truncated`], and after an error the decoder stays failed;
+//! - nothing aborts: every allocation (the codec state, windows and buffers, and each of
+//!   brotli's, the ring buffer sized from the window the stream header declares) is first
+//!   charged to the stream's [`Lease`] of the VM's memory budget ([`crate::memory`]) and then
+//!   made fallibly; a refusal or a full heap is [`DecodeError::Memory`]. The codec state is
+//!   allocated with the first byte, so an empty body costs nothing.
 //!
 //! Strictness: bytes after the end of a complete stream are [`DecodeError::Corrupt`], except
 //! that a complete gzip member may be followed by another member. Checksums are verified where
@@ -37,6 +42,9 @@
 //! the encoding too.
 
 use core::fmt;
+use std::rc::Rc;
+
+use crate::memory::{try_boxed_slice, Lease, TryBox};
 
 use brotli_decompressor::{
     Allocator, BrotliDecompressStream, BrotliResult, BrotliState, SliceWrapper, SliceWrapperMut,
@@ -143,6 +151,9 @@ pub enum DecodeError {
     Truncated,
     /// More than the decoder's limit ([`MAX_DECODED_BYTES`] by default) would be decoded.
     TooLarge,
+    /// The stream's memory budget refused an allocation the decoder needs (or the heap had no
+    /// room for it).
+    Memory,
 }
 
 impl DecodeError {
@@ -152,6 +163,7 @@ impl DecodeError {
             DecodeError::Corrupt => "corrupt",
             DecodeError::Truncated => "truncated",
             DecodeError::TooLarge => "too_large",
+            DecodeError::Memory => "memory",
         }
     }
 }
@@ -162,6 +174,7 @@ impl fmt::Display for DecodeError {
             DecodeError::Corrupt => "corrupt compressed body",
             DecodeError::Truncated => "compressed body ended mid-stream",
             DecodeError::TooLarge => "decoded body exceeds the size limit",
+            DecodeError::Memory => "the memory budget refused the decoder's allocation",
         })
     }
 }
@@ -171,7 +184,10 @@ impl std::error::Error for DecodeError {}
 /// Incremental decoder for one compressed body. Feed it the body's chunks in order; it hands
 /// the decoded bytes out as soon as they can be decoded and keeps none of them.
 pub struct Decoder {
-    codec: Codec,
+    encoding: Encoding,
+    /// Allocated with the first non-empty chunk.
+    codec: Option<Codec>,
+    lease: Rc<Lease>,
     decoded: u64,
     limit: u64,
     /// Whether any (non-empty) chunk was fed: an empty body is not truncated.
@@ -181,7 +197,8 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    /// A decoder for one body, capped at [`MAX_DECODED_BYTES`] of output.
+    /// A decoder for one body, capped at [`MAX_DECODED_BYTES`] of output, whose memory is
+    /// charged to a lease of its own with no cap but the VM's pool.
     pub fn new(encoding: Encoding) -> Self {
         Self::with_limit(encoding, MAX_DECODED_BYTES)
     }
@@ -189,12 +206,33 @@ impl Decoder {
     /// A decoder for one body that fails with [`DecodeError::TooLarge`] once more than `limit`
     /// bytes would be decoded (exactly `limit` bytes are handed out before the error).
     pub fn with_limit(encoding: Encoding, limit: u64) -> Self {
-        let codec = match encoding {
-            Encoding::Gzip => Codec::Gzip(Box::new(Gzip::new())),
-            Encoding::Deflate => Codec::Deflate(Box::new(Deflate::new())),
-            Encoding::Brotli => Codec::Brotli(Box::new(Brotli::new())),
-        };
-        Decoder { codec, decoded: 0, limit, fed: false, finished: false, failed: None }
+        Self::with_lease(encoding, limit, Lease::new(usize::MAX))
+    }
+
+    /// A decoder whose allocations are charged to `lease` (the stream's share of the VM's
+    /// memory budget); one that does not fit fails the decoder with [`DecodeError::Memory`].
+    pub fn with_lease(encoding: Encoding, limit: u64, lease: Rc<Lease>) -> Self {
+        Decoder { encoding, codec: None, lease, decoded: 0, limit, fed: false, finished: false, failed: None }
+    }
+
+    /// The codec state, allocated on first use: charged to the lease, then allocated fallibly.
+    fn codec(&mut self) -> Result<&mut Codec, DecodeError> {
+        if self.codec.is_none() {
+            let lease = &self.lease;
+            let codec = match self.encoding {
+                Encoding::Gzip => {
+                    charged(lease, size_of::<Gzip>() + WINDOW, || Gzip::new().and_then(TryBox::new).map(Codec::Gzip))
+                }
+                Encoding::Deflate => charged(lease, size_of::<Deflate>() + WINDOW, || {
+                    Deflate::new().and_then(TryBox::new).map(Codec::Deflate)
+                }),
+                Encoding::Brotli => charged(lease, size_of::<Brotli>() + BROTLI_OUT, || {
+                    Brotli::new(lease).and_then(TryBox::new).map(Codec::Brotli)
+                }),
+            };
+            self.codec = Some(codec.ok_or(DecodeError::Memory)?);
+        }
+        self.codec.as_mut().ok_or(DecodeError::Memory)
     }
 
     /// Decodes the next compressed chunk, handing decoded bytes to `out` (possibly several
@@ -212,11 +250,21 @@ impl Decoder {
             // Data after the end of the body.
             Err(DecodeError::Corrupt)
         } else {
-            let mut sink = Sink { out, decoded: &mut self.decoded, limit: self.limit };
-            match &mut self.codec {
-                Codec::Gzip(gzip) => gzip.feed(chunk, &mut sink),
-                Codec::Deflate(deflate) => deflate.feed(chunk, &mut sink),
-                Codec::Brotli(brotli) => brotli.feed(chunk, &mut sink),
+            let (limit, lease) = (self.limit, self.lease.clone());
+            let mut decoded = self.decoded;
+            let result = self.codec().and_then(|codec| {
+                let mut sink = Sink { out, decoded: &mut decoded, limit };
+                match codec {
+                    Codec::Gzip(gzip) => gzip.feed(chunk, &mut sink),
+                    Codec::Deflate(deflate) => deflate.feed(chunk, &mut sink),
+                    Codec::Brotli(brotli) => brotli.feed(chunk, &mut sink),
+                }
+            });
+            self.decoded = decoded;
+            // brotli reports a refused allocation as a failure of its own: the lease knows.
+            match result {
+                Err(DecodeError::Corrupt) if lease.was_refused() => Err(DecodeError::Memory),
+                other => other,
             }
         };
         if let Err(error) = result {
@@ -236,9 +284,10 @@ impl Decoder {
         }
         self.finished = true;
         let complete = match &self.codec {
-            Codec::Gzip(gzip) => gzip.is_complete(),
-            Codec::Deflate(deflate) => deflate.is_complete(),
-            Codec::Brotli(brotli) => brotli.done,
+            None => false,
+            Some(Codec::Gzip(gzip)) => gzip.is_complete(),
+            Some(Codec::Deflate(deflate)) => deflate.is_complete(),
+            Some(Codec::Brotli(brotli)) => brotli.done,
         };
         if complete || !self.fed {
             Ok(())
@@ -256,13 +305,8 @@ impl Decoder {
 
 impl fmt::Debug for Decoder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let encoding = match self.codec {
-            Codec::Gzip(_) => Encoding::Gzip,
-            Codec::Deflate(_) => Encoding::Deflate,
-            Codec::Brotli(_) => Encoding::Brotli,
-        };
         f.debug_struct("Decoder")
-            .field("encoding", &encoding)
+            .field("encoding", &self.encoding)
             .field("decoded", &self.decoded)
             .field("limit", &self.limit)
             .field("finished", &self.finished)
@@ -273,9 +317,23 @@ impl fmt::Debug for Decoder {
 
 /// The per-encoding state, boxed so a [`Decoder`] itself stays small.
 enum Codec {
-    Gzip(Box<Gzip>),
-    Deflate(Box<Deflate>),
-    Brotli(Box<Brotli>),
+    Gzip(TryBox<Gzip>),
+    Deflate(TryBox<Deflate>),
+    Brotli(TryBox<Brotli>),
+}
+
+/// Charges `bytes` to `lease`, then runs the fallible allocation `make`; gives the charge back
+/// when it fails. `None`: refused or no room.
+fn charged<T>(lease: &Lease, bytes: usize, make: impl FnOnce() -> Option<T>) -> Option<T> {
+    if !lease.try_take(bytes) {
+        return None;
+    }
+    let made = make();
+    if made.is_none() {
+        lease.give(bytes);
+        lease.refuse();
+    }
+    made
 }
 
 /// Where decoded bytes go: the caller's callback, with the size cap applied.
@@ -327,14 +385,9 @@ const RAW_FLAGS: u32 = TINFL_FLAG_HAS_MORE_INPUT | TINFL_FLAG_IGNORE_ADLER32;
 const ZLIB_FLAGS: u32 = TINFL_FLAG_HAS_MORE_INPUT | TINFL_FLAG_PARSE_ZLIB_HEADER;
 
 impl Inflater {
-    fn new(flags: u32) -> Self {
-        Inflater {
-            core: DecompressorOxide::new(),
-            window: vec![0; WINDOW].into_boxed_slice(),
-            pos: 0,
-            flags,
-            done: false,
-        }
+    /// `None` when the heap has no room for the window.
+    fn new(flags: u32) -> Option<Self> {
+        Some(Inflater { core: DecompressorOxide::new(), window: try_boxed_slice(WINDOW)?, pos: 0, flags, done: false })
     }
 
     /// Starts a new stream (the next gzip member). The window keeps stale bytes, which a valid
@@ -389,8 +442,8 @@ struct Deflate {
 }
 
 impl Deflate {
-    fn new() -> Self {
-        Deflate { head: [0; 2], head_len: 0, detected: false, inflater: Inflater::new(RAW_FLAGS) }
+    fn new() -> Option<Self> {
+        Some(Deflate { head: [0; 2], head_len: 0, detected: false, inflater: Inflater::new(RAW_FLAGS)? })
     }
 
     fn feed(&mut self, mut chunk: &[u8], sink: &mut Sink<'_>) -> Result<(), DecodeError> {
@@ -455,16 +508,16 @@ struct Gzip {
 }
 
 impl Gzip {
-    fn new() -> Self {
-        Gzip {
+    fn new() -> Option<Self> {
+        Some(Gzip {
             phase: GzPhase::Header,
             header: GzHeader::new(),
-            inflater: Inflater::new(RAW_FLAGS),
+            inflater: Inflater::new(RAW_FLAGS)?,
             crc: crc32fast::Hasher::new(),
             size: 0,
             trailer: [0; 8],
             trailer_len: 0,
-        }
+        })
     }
 
     fn feed(&mut self, mut chunk: &[u8], sink: &mut Sink<'_>) -> Result<(), DecodeError> {
@@ -668,13 +721,15 @@ struct Brotli {
 }
 
 impl Brotli {
-    fn new() -> Self {
-        Brotli {
+    /// `None` when the heap has no room for the output buffer.
+    fn new(lease: &Rc<Lease>) -> Option<Self> {
+        let heap = || Heap { lease: lease.clone() };
+        Some(Brotli {
             // Strict: RFC 7932 windows only (at most 16 MiB), not the "large window" extension.
-            state: BrotliState::new_strict(Heap, Heap, Heap),
-            out: vec![0; BROTLI_OUT].into_boxed_slice(),
+            state: BrotliState::new_strict(heap(), heap(), heap()),
+            out: try_boxed_slice(BROTLI_OUT)?,
             done: false,
-        }
+        })
     }
 
     fn feed(&mut self, chunk: &[u8], sink: &mut Sink<'_>) -> Result<(), DecodeError> {
@@ -715,9 +770,15 @@ impl Brotli {
 }
 
 /// Heap allocator for brotli-decompressor (its `std` feature would bring in its own, along with
-/// `std::io` adapters the filter does not need).
-#[derive(Debug, Clone, Copy, Default)]
-struct Heap;
+/// `std::io` adapters the filter does not need) that charges every allocation to the stream's
+/// lease first. A refused or failed allocation hands brotli an empty cell, which it checks for
+/// and reports as an allocation error (`BROTLI_DECODER_ERROR_ALLOC_*`): the ring buffer is
+/// asked for at the size the stream header declares, so a 16 MiB window is refused before any
+/// of it is allocated.
+#[derive(Debug, Clone)]
+struct Heap {
+    lease: Rc<Lease>,
+}
 
 /// A heap allocation handed to brotli-decompressor.
 struct HeapMem<T>(Box<[T]>);
@@ -744,10 +805,13 @@ impl<T: Clone + Default> Allocator<T> for Heap {
     type AllocatedMemory = HeapMem<T>;
 
     fn alloc_cell(&mut self, len: usize) -> HeapMem<T> {
-        HeapMem(vec![T::default(); len].into_boxed_slice())
+        let bytes = len.saturating_mul(size_of::<T>());
+        charged(&self.lease, bytes, || try_boxed_slice(len)).map(HeapMem).unwrap_or_default()
     }
 
-    fn free_cell(&mut self, _data: HeapMem<T>) {}
+    fn free_cell(&mut self, data: HeapMem<T>) {
+        self.lease.give(data.0.len().saturating_mul(size_of::<T>()));
+    }
 }
 
 #[cfg(test)]
@@ -920,6 +984,33 @@ mod tests {
 
     fn decode_all(encoding: Encoding, data: &[u8]) -> (Vec<u8>, Result<(), DecodeError>) {
         decode(encoding, [data])
+    }
+
+    /// Decodes `data` in one piece, as `pieces` (which must make up `data`) and byte by byte,
+    /// and checks that how Envoy cut the body changes nothing: the verdict is the same and so
+    /// is the output of a body that decodes. After an error the outputs may differ in length
+    /// (a piece is decoded as it comes, and brotli drops what the failing call decoded), but
+    /// one is a prefix of the other. Returns the one-piece result.
+    fn decode_every_cut(encoding: Encoding, data: &[u8], pieces: &[&[u8]]) -> (Vec<u8>, Result<(), DecodeError>) {
+        assert_eq!(pieces.concat(), data, "the pieces make up the body");
+        let whole = decode_all(encoding, data);
+        for (how, (out, result)) in [
+            ("in pieces", decode(encoding, pieces.iter().copied())),
+            ("byte by byte", decode(encoding, data.chunks(1))),
+        ] {
+            assert_eq!(result, whole.1, "{encoding:?} {how}: the verdict depends on the cut");
+            if result.is_ok() {
+                assert_eq!(out, whole.0, "{encoding:?} {how}: the output depends on the cut");
+            } else {
+                assert!(
+                    out.starts_with(&whole.0) || whole.0.starts_with(&out),
+                    "{encoding:?} {how}: {} bytes out, {} in one piece, and they differ",
+                    out.len(),
+                    whole.0.len()
+                );
+            }
+        }
+        whole
     }
 
     #[test]
@@ -1107,19 +1198,29 @@ mod tests {
                 }
             }
         }
-        // Without a checksum, only "no panic" can be asked for.
+        // Without a checksum a flipped byte can go unnoticed (the body then decodes to other
+        // bytes), but the verdict must not depend on how the body was cut, and a flipped byte
+        // in raw deflate cannot produce more than deflate's densest code allows (258 bytes
+        // per 2 bits).
+        let mut unnoticed = 0;
         for format in [Format::RawDeflate, Format::Brotli] {
             let compressed = format.compress(&body);
             for at in 0..compressed.len() {
                 let mut bad = compressed.clone();
                 bad[at] ^= 0x55;
-                let _ = decode_all(format.encoding(), &bad);
+                let (out, result) = decode_every_cut(format.encoding(), &bad, &bad.chunks(7).collect::<Vec<_>>());
+                assert_ne!(result, Err(DecodeError::TooLarge), "{format:?}: flipping byte {at}");
+                if format == Format::RawDeflate {
+                    assert!(out.len() <= 1032 * bad.len(), "{format:?}: flipping byte {at}: {} bytes out", out.len());
+                }
+                unnoticed += usize::from(result.is_ok() && out != body);
             }
         }
+        assert!(unnoticed > 0, "flips that decode to other bytes exist, so the checks above were exercised");
     }
 
     #[test]
-    fn random_garbage_and_mutations_never_panic() {
+    fn random_garbage_is_refused_and_mutations_decode_alike_however_cut() {
         let mut rng = Rng(0x0123_4567_89ab_cdef);
         let encodings = [Encoding::Gzip, Encoding::Deflate, Encoding::Brotli];
         let lengths = (0..=300).chain([1000, 4096, 40_000]);
@@ -1133,10 +1234,25 @@ mod tests {
                     chunks.push(chunk);
                     rest = tail;
                 }
-                let (out, result) = decode(encoding, chunks);
-                assert!(out.len() as u64 <= MAX_DECODED_BYTES);
-                if encoding == Encoding::Gzip && garbage.first().is_some_and(|&b| b != 0x1f) {
-                    assert_eq!(result, Err(DecodeError::Corrupt), "gzip garbage of {len} bytes");
+                let (out, result) = decode_every_cut(encoding, &garbage, &chunks);
+                // Only the empty body is valid (none of these random bodies happens to be a
+                // complete stream with nothing after it), and none comes near the size cap.
+                assert_eq!(result.is_ok(), garbage.is_empty(), "{encoding:?}: {len} bytes of garbage gave {result:?}");
+                assert_ne!(result, Err(DecodeError::TooLarge), "{encoding:?}: {len} bytes");
+                match encoding {
+                    // Not the gzip magic: refused at the first byte, before any output.
+                    Encoding::Gzip if garbage.first().is_some_and(|&b| b != 0x1f) => {
+                        assert_eq!(
+                            (out, result),
+                            (Vec::new(), Err(DecodeError::Corrupt)),
+                            "gzip garbage of {len} bytes"
+                        );
+                    }
+                    // deflate's densest code is 258 bytes per 2 bits: 1032 per input byte.
+                    Encoding::Deflate => {
+                        assert!(out.len() <= 1032 * len, "deflate garbage of {len} bytes gave {} bytes", out.len());
+                    }
+                    _ => assert!(out.len() as u64 <= MAX_DECODED_BYTES),
                 }
             }
         }
@@ -1144,6 +1260,7 @@ mod tests {
         let body = sse_body();
         for format in FORMATS {
             let compressed = format.compress(&body);
+            let mut decoded = 0;
             for _ in 0..300 {
                 let mut bad = compressed.clone();
                 for _ in 0..1 + rng.below(4) {
@@ -1156,7 +1273,19 @@ mod tests {
                         }
                     }
                 }
-                let _ = decode(format.encoding(), bad.chunks(1 + rng.below(100)));
+                let pieces: Vec<&[u8]> = bad.chunks(1 + rng.below(100)).collect();
+                let (out, result) = decode_every_cut(format.encoding(), &bad, &pieces);
+                assert_ne!(result, Err(DecodeError::TooLarge), "{format:?}");
+                // A mutation the checksums let through changed no decoded byte (a gzip MTIME
+                // or OS byte, say).
+                if result.is_ok() && matches!(format, Format::Gzip | Format::Zlib) {
+                    assert_eq!(out, body, "{format:?}: a mutated body decoded to other bytes");
+                }
+                decoded += usize::from(result.is_ok());
+            }
+            // Raw deflate and brotli have no checksum: many mutations still decode.
+            if matches!(format, Format::RawDeflate | Format::Brotli) {
+                assert!(decoded > 0, "{format:?}: no mutation decoded, the Ok checks were not exercised");
             }
         }
     }
@@ -1328,5 +1457,67 @@ mod tests {
             let result = result.and_then(|()| d.finish(&mut |_| {}));
             assert_eq!(result, Err(DecodeError::Corrupt), "cut at {cut}");
         }
+    }
+
+    /// A brotli stream with a 16 MiB window (lgwin 24) whose first metablock is not the last,
+    /// so the decoder sizes its ring buffer by the window the header declares.
+    fn brotli_lgwin_24() -> Vec<u8> {
+        let data: Vec<u8> = (0..1_500_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+        let mut w = brotli::CompressorWriter::new(Vec::new(), 4096, 5, 24);
+        w.write_all(&data[..100_000]).unwrap();
+        w.flush().unwrap();
+        w.write_all(&data[100_000..]).unwrap();
+        w.into_inner()
+    }
+
+    #[test]
+    fn a_tiny_budget_refuses_every_allocation_path_and_nothing_leaks() {
+        use crate::memory::{Lease, Pool};
+        let plain = b"{\"usage\":{\"prompt_tokens\":1}}".repeat(100);
+        // Each codec's state is refused before anything is allocated.
+        for format in FORMATS {
+            let lease = Lease::new(1024);
+            let mut d = Decoder::with_lease(format.encoding(), MAX_DECODED_BYTES, lease.clone());
+            assert_eq!(d.feed(&format.compress(&plain), &mut |_| {}), Err(DecodeError::Memory), "{format:?}");
+            assert!(lease.was_refused());
+            assert_eq!(lease.held(), 0, "{format:?}: a refused charge holds nothing");
+            // The error is sticky, like any other.
+            assert_eq!(d.feed(b"x", &mut |_| {}), Err(DecodeError::Memory));
+        }
+        // Enough for the codec state, not for the ring buffer the stream grows to (brotli sizes
+        // it by the output so far, doubling up to the declared window): brotli asks the
+        // allocator, is refused before allocating, and reports it.
+        let body = brotli_lgwin_24();
+        let lease = Lease::new(4 << 20);
+        let mut d = Decoder::with_lease(Encoding::Brotli, MAX_DECODED_BYTES, lease.clone());
+        let mut out = 0;
+        assert_eq!(d.feed(&body, &mut |b| out += b.len()), Err(DecodeError::Memory));
+        assert!(lease.was_refused() && lease.held() < 4 << 20);
+        drop(d);
+        drop(lease);
+        assert_eq!(Pool::with(Pool::held), 0, "a dropped decoder and lease give everything back");
+        // With room, the same stream decodes whole and its ring buffer is charged.
+        let lease = Lease::new(32 << 20);
+        let mut d = Decoder::with_lease(Encoding::Brotli, MAX_DECODED_BYTES, lease.clone());
+        let mut out = 0;
+        d.feed(&body, &mut |b| out += b.len()).unwrap();
+        d.finish(&mut |_| {}).unwrap();
+        assert_eq!(out, 6_000_000);
+        assert!(lease.held() > 8 << 20, "held {}", lease.held());
+        lease.release();
+        assert_eq!(Pool::with(Pool::held), 0);
+        // The VM's pool refuses as well as the stream's cap does.
+        Pool::with(|p| p.set_max_total(1 << 20));
+        let lease = Lease::new(32 << 20);
+        let mut d = Decoder::with_lease(Encoding::Brotli, MAX_DECODED_BYTES, lease.clone());
+        assert_eq!(d.feed(&body, &mut |_| {}), Err(DecodeError::Memory));
+        Pool::with(|p| p.set_max_total(crate::memory::DEFAULT_MAX_TOTAL));
+        drop(d);
+        drop(lease);
+        // An empty body allocates nothing at all.
+        let lease = Lease::new(0);
+        let mut d = Decoder::with_lease(Encoding::Gzip, MAX_DECODED_BYTES, lease.clone());
+        assert_eq!((d.feed(b"", &mut |_| {}), d.finish(&mut |_| {})), (Ok(()), Ok(())));
+        assert!(!lease.was_refused());
     }
 }

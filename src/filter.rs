@@ -23,17 +23,18 @@
 //! it ended (completed, reset upstream, cancelled by the client). That is what keeps
 //! `active_requests` balanced and makes interrupted streams still count the usage seen so far.
 
-use crate::body::{BodyFormat, RequestScanner, ResponseScanner, Skip, Skips};
+use crate::body::{BodyFormat, RequestScanner, ResponseScanner, Skip, Skips, RESPONSE_SCAN_BYTES};
 use crate::classify::{classify, ErrorType};
 use crate::config::FailureMode;
 use crate::config::{Config, ModelLabels};
-use crate::decode::{Decoder, Encoding};
+use crate::decode::{DecodeError, Decoder, Encoding, MAX_DECODED_BYTES};
 use crate::enforce::{self, LimitHost, Rejection, RequestFacts, Reservation, Verdict};
 use crate::global::{self, Answer};
 use crate::hold::HoldWatch;
-use crate::inject::{rewrite_request, UsageChunkStripper};
+use crate::inject::{rewrite_request, Forward, UsageChunkStripper};
 use crate::labels::{sanitize, LabelSet, SharedStore, OTHER, UNKNOWN};
 use crate::limiter::AdmittedKeys;
+use crate::memory::{Lease, Pool};
 pub use crate::metrics::Kind as MetricKind;
 use crate::metrics::{stat_name, Metric};
 use crate::operation::Operation;
@@ -41,6 +42,7 @@ use crate::pricing::CostCarry;
 use crate::upstream::{usage_from_headers, QuotaKind, RateLimits};
 use crate::usage::{Usage, UsageFormat};
 use std::collections::HashMap;
+use std::rc::Rc;
 
 /// What the filter needs from Envoy. Header values are bytes: clients can send any bytes, and
 /// the filter must not fail on a value that is not UTF-8.
@@ -207,6 +209,8 @@ pub struct Worker {
     reports: Vec<global::Call>,
     /// Failed rate limit service calls on this worker, for log throttling.
     service_failures: u64,
+    /// The id of `meter_memory_bytes`, once defined.
+    memory_gauge: Option<u32>,
 }
 
 /// Most token usage reports a worker queues between two timer ticks; beyond, a report is
@@ -304,6 +308,8 @@ struct Series {
 impl Worker {
     /// Worker state for a validated configuration.
     pub fn new(config: Config) -> Self {
+        // The VM's budget is the configuration's (the latest, when a reload runs two at once).
+        Pool::with(|p| p.set_max_total(config.memory.max_stream_bytes_total));
         let prefix = &config.metrics.prefix;
         let models = match &config.metrics.models {
             ModelLabels::Allowlist(set) => ModelLabeler::Allowlist(set.clone()),
@@ -333,6 +339,7 @@ impl Worker {
                 .collect(),
             reports: Vec::new(),
             service_failures: 0,
+            memory_gauge: None,
             config,
         }
     }
@@ -355,6 +362,22 @@ impl Worker {
         }
         for _ in 0..enforce::create_buckets(&*host, &self.config) {
             self.count_error(host, InternalError::RateLimit);
+        }
+        // One VM's budget, for the memory alert (every VM sets the same value).
+        if let Some(id) = host.define_metric(MetricKind::Gauge, &self.name(Metric::MeterMemoryBudgetBytes, &[])) {
+            host.metric_record(id, self.config.memory.max_stream_bytes_total as u64);
+        }
+    }
+
+    /// Tells `meter_memory_bytes` how much this VM's streams hold, when that changed enough
+    /// to be worth a hostcall (see [`Pool::gauge_delta`]).
+    pub fn sync_memory<H: Host>(&mut self, host: &mut H) {
+        let Some(delta) = Pool::with(Pool::gauge_delta) else { return };
+        if self.memory_gauge.is_none() {
+            self.memory_gauge = host.define_metric(MetricKind::Gauge, &self.name(Metric::MeterMemoryBytes, &[]));
+        }
+        if let Some(id) = self.memory_gauge {
+            host.metric_add(id, delta);
         }
     }
 
@@ -606,6 +629,8 @@ pub struct Exchange {
     /// `include_usage` was added: the usage-only chunk is removed from the client's stream.
     injected: bool,
     stripper: Option<UsageChunkStripper>,
+    /// This stream's share of the VM's memory budget, taken when it first needs one.
+    lease: Option<Rc<Lease>>,
 }
 
 fn parse_u64(value: &[u8]) -> Option<u64> {
@@ -710,7 +735,10 @@ impl Exchange {
         }
         if end_of_stream {
             if self.inject_pending {
-                self.inject_usage(host);
+                self.inject_usage(host, worker);
+                if self.lease.is_some() {
+                    worker.sync_memory(host);
+                }
             }
             if let Some(flow) = self.check_limits(host, worker) {
                 return flow;
@@ -742,7 +770,7 @@ impl Exchange {
 
     /// The whole request body is held: adds `stream_options.include_usage` if it is a streaming
     /// request without it, and fixes `content-length`.
-    fn inject_usage<H: Host>(&mut self, host: &mut H) {
+    fn inject_usage<H: Host>(&mut self, host: &mut H, worker: &mut Worker) {
         self.inject_pending = false;
         if !self.request.stream_lacks_usage() {
             // Not a stream, or one that asks for usage: nothing to add (the scan saw the whole
@@ -754,8 +782,19 @@ impl Exchange {
             self.limit_skips.add(Skip::NotInjected);
             return;
         }
-        let Some(body) = host.request_body() else { return };
-        if let Ok(rewritten) = rewrite_request(&body) {
+        // The body is copied into the VM, parsed and written again: about three times its size
+        // for the length of this callback.
+        let lease = self.lease(worker);
+        let need = self.held_bytes.unwrap_or(0).saturating_mul(3);
+        if !lease.try_take(need) {
+            self.limit_skips.add(Skip::MemoryBudget);
+            self.release_memory();
+            return;
+        }
+        let body = host.request_body();
+        let rewritten = body.as_deref().map(rewrite_request);
+        lease.give(need);
+        if let Some(Ok(rewritten)) = rewritten {
             host.set_request_body(&rewritten);
             if host.request_header("content-length").is_some() {
                 host.set_request_header("content-length", &rewritten.len().to_string());
@@ -982,15 +1021,23 @@ impl Exchange {
         if !(200..300).contains(&self.status) {
             return;
         }
-        match Encoding::from_header(header_value(&headers, "content-encoding").unwrap_or_default()) {
-            Ok(None) => {}
-            // A copy is decoded for the scanners; the client gets the bytes as they are.
-            Ok(Some(encoding)) => self.decoder = Some(Decoder::new(encoding)),
+        let encoding = match Encoding::from_header(header_value(&headers, "content-encoding").unwrap_or_default()) {
+            Ok(encoding) => encoding,
             Err(_) => {
                 self.response_skips.add(Skip::Compressed);
                 return;
             }
+        };
+        // The scan's own bounded state comes out of the stream's memory budget first.
+        let lease = self.lease(worker);
+        if !lease.try_take(RESPONSE_SCAN_BYTES) {
+            self.out_of_memory();
+            worker.sync_memory(host);
+            return;
         }
+        // A copy is decoded for the scanners; the client gets the bytes as they are. The decoder
+        // charges what it allocates to the same lease.
+        self.decoder = encoding.map(|e| Decoder::with_lease(e, MAX_DECODED_BYTES, lease.clone()));
         let format = BodyFormat::from_content_type(header_value(&headers, "content-type").unwrap_or_default());
         let usage_format = self.operation.map_or(UsageFormat::OpenAiChat, Operation::usage_format);
         self.response = Some(ResponseScanner::new(format, usage_format));
@@ -998,7 +1045,43 @@ impl Exchange {
             // The client did not ask for the usage chunk: it is cut from its stream, so the
             // length changes.
             host.remove_response_header("content-length");
-            self.stripper = Some(UsageChunkStripper::default());
+            self.stripper = Some(UsageChunkStripper::with_lease(lease));
+        }
+        worker.sync_memory(host);
+    }
+
+    /// This stream's memory lease, taken on first use with the configured per-stream cap.
+    fn lease(&mut self, worker: &Worker) -> Rc<Lease> {
+        self.lease.get_or_insert_with(|| Lease::new(worker.config.memory.max_stream_bytes)).clone()
+    }
+
+    /// The memory budget refused this stream something: it is no longer decoded, scanned or
+    /// stripped (its bytes pass as they come; the stripper forwards what it held with the next
+    /// chunk), and what it held is given back. Counted once as `memory_budget`.
+    fn out_of_memory(&mut self) {
+        if self.response_skips.count(Skip::MemoryBudget) == 0 {
+            self.response_skips.add(Skip::MemoryBudget);
+        }
+        self.decoder = None;
+        self.response = None;
+        if let Some(stripper) = self.stripper.as_mut() {
+            stripper.abandon();
+        }
+        self.release_memory();
+    }
+
+    /// Gives back everything the stream holds of the budget.
+    fn release_memory(&mut self) {
+        if let Some(lease) = &self.lease {
+            lease.release();
+        }
+    }
+
+    /// After a callback that may have changed what this stream holds: tells the memory gauge
+    /// (no hostcall unless the VM's total moved by a step, see [`Pool::gauge_delta`]).
+    pub fn sync_memory<H: Host>(&self, host: &mut H, worker: &mut Worker) {
+        if self.lease.is_some() {
+            worker.sync_memory(host);
         }
     }
 
@@ -1010,11 +1093,16 @@ impl Exchange {
                 None => scanner.feed(chunk),
                 Some(decoder) => {
                     let mut first = false;
-                    if decoder.feed(chunk, &mut |decoded| first |= scanner.feed(decoded)).is_err() {
-                        // Corrupt or beyond the size bound: stop reading this body.
-                        self.response_skips.add(Skip::Compressed);
-                        self.decoder = None;
-                        self.response = None;
+                    match decoder.feed(chunk, &mut |decoded| first |= scanner.feed(decoded)) {
+                        Ok(()) => {}
+                        Err(DecodeError::Memory) => self.out_of_memory(),
+                        Err(_) => {
+                            // Corrupt or beyond the size bound: stop reading this body.
+                            self.response_skips.add(Skip::Compressed);
+                            self.decoder = None;
+                            self.response = None;
+                            self.release_memory();
+                        }
                     }
                     first
                 }
@@ -1026,8 +1114,16 @@ impl Exchange {
         if end_of_stream && self.operation.is_some() {
             self.response_end_nanos = Some(host.now_nanos());
         }
-        let out = self.stripper.as_mut()?.process(chunk, end_of_stream);
-        (out != chunk).then_some(out)
+        let stripper = self.stripper.as_mut()?;
+        let forward = stripper.forward(chunk, end_of_stream);
+        if stripper.gave_up() && self.response_skips.count(Skip::MemoryBudget) == 0 {
+            // Refused memory: the stream falls back to passing through, unmetered.
+            self.out_of_memory();
+        }
+        match forward {
+            Forward::Unchanged => None,
+            Forward::Bytes(out) => Some(out),
+        }
     }
 
     /// True when response chunks may be rewritten (see [`Exchange::on_response_body`]).
@@ -1134,6 +1230,14 @@ impl Exchange {
             skips.merge(r.skips());
         }
         worker.record_skips(host, &skips, &label);
+        // Everything the stream held goes back to the VM's memory budget, however it ended.
+        self.decoder = None;
+        self.stripper = None;
+        self.response = None;
+        if let Some(lease) = self.lease.take() {
+            lease.release();
+            worker.sync_memory(host);
+        }
     }
 
     /// Counts the request and its usage. `ended`: the response ended as the upstream sent it;
@@ -1675,6 +1779,98 @@ mod tests {
             &[br#"{"model":"free","usage":{"prompt_tokens":5,"completion_tokens":5}}"#],
         );
         assert_eq!(counter(&host, "reason=.=unpriced;.;llm_meter_skips_total"), 1);
+    }
+
+    /// A chat completion of about `pad` bytes, brotli-compressed with a 16 MiB window, usage at
+    /// the end.
+    fn big_brotli_chat(pad: usize) -> (Vec<u8>, Vec<u8>) {
+        use std::io::Write;
+        let body = format!(
+            r#"{{"model":"m","choices":[{{"message":{{"content":"{}"}}}}],"usage":{{"prompt_tokens":3,"completion_tokens":7}}}}"#,
+            "abcdefghij".repeat(pad / 10)
+        )
+        .into_bytes();
+        let mut w = brotli::CompressorWriter::new(Vec::new(), 4096, 5, 24);
+        w.write_all(&body).unwrap();
+        (body, w.into_inner())
+    }
+
+    fn brotli_exchange(host: &mut FakeHost, w: &mut Worker, compressed: &[u8]) -> Vec<Option<Vec<u8>>> {
+        host.request_headers.insert(":path".into(), b"/v1/chat/completions".to_vec());
+        host.response_headers.insert(":status".into(), b"200".to_vec());
+        host.response_headers.insert("content-type".into(), b"application/json".to_vec());
+        host.response_headers.insert("content-encoding".into(), b"br".to_vec());
+        host.code = Some(200);
+        let mut x = Exchange::new();
+        x.on_request_headers(host, w, false);
+        x.on_request_body(host, w, br#"{"model":"m"}"#, true);
+        x.on_response_headers(host, w);
+        let chunks: Vec<&[u8]> = compressed.chunks(16 * 1024).collect();
+        let mut forwarded = Vec::new();
+        for (i, c) in chunks.iter().enumerate() {
+            forwarded.push(x.on_response_body(host, c, i + 1 == chunks.len()));
+            x.sync_memory(host, w);
+        }
+        x.on_log(host, w);
+        forwarded
+    }
+
+    #[test]
+    fn the_memory_budget_skips_what_does_not_fit_and_gives_everything_back() {
+        let (_, compressed) = big_brotli_chat(6_000_000);
+        // Default budget: the body decodes (its ring buffer grows to 8 MiB) and is metered; the
+        // gauge saw it and is back at 0.
+        let mut host = FakeHost::default();
+        let mut w = worker("{}");
+        w.init_shared(&mut host);
+        assert_eq!(host.gauges.get("llm_meter_memory_budget_bytes"), Some(&(256 << 20)));
+        let forwarded = brotli_exchange(&mut host, &mut w, &compressed);
+        assert!(forwarded.iter().all(Option::is_none), "the client's bytes pass untouched");
+        assert_eq!(counter(&host, "model=.=m;.;app=.=unknown;.;token_type=.=output;.;llm_tokens_total"), 7);
+        assert_eq!(host.gauges.get("llm_meter_memory_bytes"), Some(&0));
+        assert_eq!(Pool::with(Pool::held), 0);
+        assert!(Pool::with(Pool::peak) > 8 << 20, "peak {}", Pool::with(Pool::peak));
+
+        // A stream cap below what the body needs: refused mid-body, counted, unmetered, bytes
+        // untouched, everything given back.
+        let mut host = FakeHost::default();
+        let mut w = worker(r#"{"memory":{"max_stream_bytes":1048576}}"#);
+        let forwarded = brotli_exchange(&mut host, &mut w, &compressed);
+        assert!(forwarded.iter().all(Option::is_none));
+        assert_eq!(counter(&host, "reason=.=memory_budget;.;llm_meter_skips_total"), 1);
+        assert_eq!(counter(&host, "model=.=m;.;app=.=unknown;.;token_type=.=output;.;llm_tokens_total"), 0);
+        assert_eq!(counter(&host, "reason=.=compressed;.;llm_meter_skips_total"), 0, "not a corrupt body");
+        assert_eq!(Pool::with(Pool::held), 0);
+
+        // A VM budget full of open streams refuses the next one at its headers.
+        let mut host = FakeHost::default();
+        let mut w = worker(r#"{"memory":{"max_stream_bytes_total":262144}}"#);
+        host.request_headers.insert(":path".into(), b"/v1/chat/completions".to_vec());
+        host.response_headers.insert(":status".into(), b"200".to_vec());
+        host.response_headers.insert("content-type".into(), b"application/json".to_vec());
+        host.code = Some(200);
+        let fit = 262_144 / RESPONSE_SCAN_BYTES;
+        let mut open: Vec<Exchange> = (0..=fit)
+            .map(|_| {
+                let mut x = Exchange::new();
+                x.on_request_headers(&mut host, &mut w, false);
+                x.on_request_body(&mut host, &mut w, br#"{"model":"m"}"#, true);
+                x.on_response_headers(&mut host, &mut w);
+                x
+            })
+            .collect();
+        assert_eq!(open.iter().filter(|x| x.scans_response()).count(), fit);
+        for x in &mut open {
+            x.on_response_body(&mut host, CHAT_JSON.as_bytes(), true);
+            x.on_log(&mut host, &mut w);
+        }
+        assert_eq!(counter(&host, "reason=.=memory_budget;.;llm_meter_skips_total"), 1);
+        assert_eq!(
+            counter(&host, "model=.=m;.;app=.=unknown;.;token_type=.=output;.;llm_tokens_total"),
+            10 * fit as u64
+        );
+        assert_eq!(Pool::with(Pool::held), 0);
+        Pool::with(|p| p.set_max_total(crate::memory::DEFAULT_MAX_TOTAL));
     }
 
     /// The value of the `key` entry of the first descriptor of an encoded request (a hash:

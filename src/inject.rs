@@ -19,7 +19,9 @@
 //! `"usage": null` members (OpenAI adds one to every chunk of a stream with `include_usage`) are
 //! left alone: to an OpenAI client they mean what an absent member means.
 
+use crate::memory::Lease;
 use serde_json::Value;
+use std::rc::Rc;
 
 /// Longest event the stripper waits to see whole; a longer one is passed on as it comes (a usage
 /// chunk is a few hundred bytes).
@@ -74,6 +76,12 @@ pub fn rewrite_request(body: &[u8]) -> Result<Vec<u8>, Unchanged> {
 /// Removes usage-only chunks from an SSE stream, chunk by chunk. Complete events pass at once;
 /// only an incomplete trailing event waits for its end (a client cannot act on half an event
 /// anyway), bounded by [`MAX_PENDING_EVENT`].
+///
+/// The bytes it holds between chunks (the pending event, as allocated) are charged to the
+/// stream's memory lease ([`crate::memory`]) and allocated fallibly. When the budget refuses
+/// (or the heap has no room), the stripper gives up: what it held is forwarded with the chunk
+/// and every later byte passes as it comes, so the client may then see the usage chunk, but
+/// never loses a byte.
 #[derive(Debug, Default)]
 pub struct UsageChunkStripper {
     pending: Vec<u8>,
@@ -81,12 +89,135 @@ pub struct UsageChunkStripper {
     passing: bool,
     removed: u32,
     cleared: u32,
+    /// The stream's share of the memory budget (`None`: only the heap limits it).
+    lease: Option<Rc<Lease>>,
+    /// Bytes of `pending`'s allocation charged to the lease.
+    charged: usize,
+    /// Memory was refused: everything passes from now on.
+    gave_up: bool,
 }
 
+/// What to forward for a chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Forward {
+    /// The chunk as it came.
+    Unchanged,
+    /// These bytes instead.
+    Bytes(Vec<u8>),
+}
+
+/// Pending allocations above this are shrunk back after each chunk, so one large chunk does
+/// not leave a large allocation behind for the rest of the stream.
+const PENDING_KEEP: usize = 4 * 1024;
+
 impl UsageChunkStripper {
+    /// A stripper whose held bytes are charged to `lease`.
+    pub fn with_lease(lease: Rc<Lease>) -> Self {
+        Self { lease: Some(lease), ..Self::default() }
+    }
+
+    /// True once memory was refused and the stripper passes everything through.
+    pub fn gave_up(&self) -> bool {
+        self.gave_up
+    }
+
+    /// Stops stripping (the stream's memory was refused elsewhere): what is held goes out with
+    /// the next chunk, and every byte after it as it comes.
+    pub fn abandon(&mut self) {
+        self.gave_up = true;
+    }
+
     /// The bytes to forward for `chunk` (`end`: the last chunk of the body).
     pub fn process(&mut self, chunk: &[u8], end: bool) -> Vec<u8> {
-        let mut out = Vec::with_capacity(chunk.len());
+        match self.forward(chunk, end) {
+            Forward::Unchanged => chunk.to_vec(),
+            Forward::Bytes(bytes) => bytes,
+        }
+    }
+
+    /// What to forward for `chunk` (`end`: the last chunk of the body), without copying a
+    /// chunk that passes unchanged.
+    pub fn forward(&mut self, chunk: &[u8], end: bool) -> Forward {
+        if self.gave_up {
+            // Bytes still held (the stream was abandoned between chunks) go out first.
+            return if self.pending.is_empty() { Forward::Unchanged } else { self.give_up(chunk) };
+        }
+        if !self.fit(self.pending.len().saturating_add(chunk.len())) {
+            return self.give_up(chunk);
+        }
+        let mut out = Vec::new();
+        if out.try_reserve(chunk.len().saturating_add(self.pending.len())).is_err() {
+            return self.give_up(chunk);
+        }
+        let out = self.strip(chunk, end, out);
+        self.shrink();
+        if out == chunk {
+            Forward::Unchanged
+        } else {
+            Forward::Bytes(out)
+        }
+    }
+
+    /// Makes room for `need` pending bytes: charged to the lease, then reserved fallibly.
+    fn fit(&mut self, need: usize) -> bool {
+        let extra = need.saturating_sub(self.pending.capacity());
+        if extra == 0 {
+            return true;
+        }
+        if let Some(lease) = &self.lease {
+            let charge = need.saturating_sub(self.charged);
+            if !lease.try_take(charge) {
+                return false;
+            }
+            self.charged = self.charged.saturating_add(charge);
+        }
+        if self.pending.try_reserve_exact(need.saturating_sub(self.pending.len())).is_err() {
+            if let Some(lease) = &self.lease {
+                lease.refuse();
+            }
+            return false;
+        }
+        true
+    }
+
+    /// Gives the pending allocation back when it is large and mostly empty.
+    fn shrink(&mut self) {
+        if self.pending.capacity() > PENDING_KEEP && self.pending.len() <= self.pending.capacity() / 2 {
+            self.pending.shrink_to(self.pending.len().max(PENDING_KEEP));
+        }
+        self.settle_charge();
+    }
+
+    /// Charges the lease for exactly what `pending` holds allocated.
+    fn settle_charge(&mut self) {
+        let Some(lease) = &self.lease else { return };
+        let cap = self.pending.capacity();
+        if cap < self.charged {
+            lease.give(self.charged - cap);
+            self.charged = cap;
+        }
+    }
+
+    /// Memory was refused: forwards what was held with `chunk`, and everything as it comes
+    /// from now on.
+    fn give_up(&mut self, chunk: &[u8]) -> Forward {
+        self.gave_up = true;
+        let mut out = std::mem::take(&mut self.pending);
+        if let Some(lease) = &self.lease {
+            lease.refuse();
+        }
+        if out.is_empty() {
+            self.settle_charge();
+            return Forward::Unchanged;
+        }
+        // Held bytes must reach the client: this one allocation is made even if the heap is
+        // short (the budget keeps that from happening in practice).
+        out.extend_from_slice(chunk);
+        self.settle_charge();
+        Forward::Bytes(out)
+    }
+
+    fn strip(&mut self, chunk: &[u8], end: bool, mut out: Vec<u8>) -> Vec<u8> {
         let mut rest = chunk;
         if self.passing {
             match event_end(rest) {
@@ -122,6 +253,11 @@ impl UsageChunkStripper {
             out.append(&mut self.pending);
         }
         out
+    }
+
+    /// Bytes held between chunks (the pending event's allocation).
+    pub fn held(&self) -> usize {
+        self.pending.capacity()
     }
 
     /// Usage-only chunks removed so far.
@@ -575,5 +711,43 @@ mod tests {
         assert_eq!(cut(r#"{"usag\u0065":{}}"#), None);
         assert_eq!(cut(r#"{"usage":{},"usage":{}}"#), None);
         assert_eq!(cut("[]"), None);
+    }
+
+    #[test]
+    fn a_refused_budget_makes_the_stripper_pass_everything_without_losing_a_byte() {
+        use crate::memory::{Lease, Pool};
+        // Room for a little pending data only: the usage chunk cut across chunks needs more.
+        let body = STREAM.as_bytes();
+        for i in 0..=body.len() {
+            let lease = Lease::new(40);
+            let mut s = UsageChunkStripper::with_lease(lease.clone());
+            let (a, b) = body.split_at(i);
+            let mut out = s.process(a, false);
+            out.extend(s.process(b, true));
+            if s.gave_up() {
+                assert_eq!(out, body, "split at {i}: given up, every byte passes");
+                assert!(lease.was_refused());
+            } else {
+                assert_eq!(String::from_utf8(out).unwrap(), expected(), "split at {i}");
+            }
+            drop(s);
+            drop(lease);
+            assert_eq!(Pool::with(Pool::held), 0, "split at {i}");
+        }
+        // Abandoned between chunks (another part of the stream was refused): what was held goes
+        // out with the next chunk.
+        let mut s = UsageChunkStripper::with_lease(Lease::new(1 << 20));
+        let half = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]";
+        assert_eq!(s.forward(half.as_bytes(), false), Forward::Bytes(Vec::new()));
+        s.abandon();
+        assert_eq!(s.forward(b"}\n\n", false), Forward::Bytes(format!("{half}}}\n\n").into_bytes()));
+        assert_eq!(s.forward(b"data: x\n\n", true), Forward::Unchanged);
+        // A large chunk's allocation is not kept for the rest of the stream.
+        let lease = Lease::new(8 << 20);
+        let mut s = UsageChunkStripper::with_lease(lease.clone());
+        let big =
+            format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"{}\"}}}}]}}\n\ndata: {{", "x".repeat(1 << 20));
+        assert!(matches!(s.forward(big.as_bytes(), false), Forward::Bytes(_)));
+        assert!(s.held() <= PENDING_KEEP && lease.held() <= PENDING_KEEP, "{} {}", s.held(), lease.held());
     }
 }

@@ -393,7 +393,10 @@ impl JsonScanner {
         if self.capture.is_some() {
             if !self.cap_too_large {
                 let part = chunk.get(self.cap_start..).unwrap_or_default();
-                if self.buf.len().saturating_add(part.len()) > self.max_capture {
+                // Over the bound, or no heap to keep it: skipped like a value too large.
+                if self.buf.len().saturating_add(part.len()) > self.max_capture
+                    || self.buf.try_reserve(part.len()).is_err()
+                {
                     self.cap_too_large = true;
                     self.buf.clear();
                 } else {
@@ -429,7 +432,10 @@ impl JsonScanner {
         if self.key_poisoned || bytes.is_empty() {
             return;
         }
-        if self.high_surrogate.is_some() || self.key.len().saturating_add(bytes.len()) > self.max_key {
+        if self.high_surrogate.is_some()
+            || self.key.len().saturating_add(bytes.len()) > self.max_key
+            || self.key.try_reserve(bytes.len()).is_err()
+        {
             return self.poison_key();
         }
         self.key.extend_from_slice(bytes);
@@ -509,7 +515,10 @@ impl JsonScanner {
             return;
         };
         let part = chunk.get(self.cap_start..end).unwrap_or_default();
-        if self.cap_too_large || self.buf.len().saturating_add(part.len()) > self.max_capture {
+        if self.cap_too_large
+            || self.buf.len().saturating_add(part.len()) > self.max_capture
+            || (!self.buf.is_empty() && self.buf.try_reserve(part.len()).is_err())
+        {
             self.buf.clear();
             on_found(Found::TooLarge { path });
         } else if self.buf.is_empty() {

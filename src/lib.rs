@@ -21,6 +21,7 @@ pub mod inject;
 pub mod json_scan;
 pub mod labels;
 pub mod limiter;
+pub mod memory;
 pub mod metrics;
 pub mod operation;
 pub mod pricing;

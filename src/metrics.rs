@@ -59,11 +59,16 @@ pub enum Metric {
     UpstreamRatelimitRemaining,
     /// `upstream_ratelimit_limit{model,kind}`: the upstream's quota.
     UpstreamRatelimitLimit,
+    /// `meter_memory_bytes`: bytes held by in-flight streams (decoders, stripper lookahead,
+    /// scanners), summed over the VMs of the process (see [`crate::memory`]).
+    MeterMemoryBytes,
+    /// `meter_memory_budget_bytes`: one VM's budget (`memory.max_stream_bytes_total`).
+    MeterMemoryBudgetBytes,
 }
 
 impl Metric {
     /// Every metric, for documentation and configuration checks.
-    pub const ALL: [Metric; 15] = [
+    pub const ALL: [Metric; 17] = [
         Metric::RequestsTotal,
         Metric::TokensTotal,
         Metric::CostMicrousdTotal,
@@ -79,6 +84,8 @@ impl Metric {
         Metric::RatelimitServiceErrorsTotal,
         Metric::UpstreamRatelimitRemaining,
         Metric::UpstreamRatelimitLimit,
+        Metric::MeterMemoryBytes,
+        Metric::MeterMemoryBudgetBytes,
     ];
 
     /// Name after the prefix (`requests_total`).
@@ -99,6 +106,8 @@ impl Metric {
             Metric::RatelimitServiceErrorsTotal => "ratelimit_service_errors_total",
             Metric::UpstreamRatelimitRemaining => "upstream_ratelimit_remaining",
             Metric::UpstreamRatelimitLimit => "upstream_ratelimit_limit",
+            Metric::MeterMemoryBytes => "meter_memory_bytes",
+            Metric::MeterMemoryBudgetBytes => "meter_memory_budget_bytes",
         }
     }
 
@@ -106,7 +115,11 @@ impl Metric {
     pub fn kind(self) -> Kind {
         match self {
             Metric::RequestDurationMs | Metric::TimeToFirstTokenMs | Metric::TokensPerRequest => Kind::Histogram,
-            Metric::ActiveRequests | Metric::UpstreamRatelimitRemaining | Metric::UpstreamRatelimitLimit => Kind::Gauge,
+            Metric::ActiveRequests
+            | Metric::UpstreamRatelimitRemaining
+            | Metric::UpstreamRatelimitLimit
+            | Metric::MeterMemoryBytes
+            | Metric::MeterMemoryBudgetBytes => Kind::Gauge,
             _ => Kind::Counter,
         }
     }
@@ -127,6 +140,7 @@ impl Metric {
             Metric::RatelimitRejectedTotal => &["model", "rule"],
             Metric::RatelimitKeyOverflowTotal | Metric::RatelimitServiceErrorsTotal => &["rule"],
             Metric::UpstreamRatelimitRemaining | Metric::UpstreamRatelimitLimit => &["model", "kind"],
+            Metric::MeterMemoryBytes | Metric::MeterMemoryBudgetBytes => &[],
         }
     }
 }

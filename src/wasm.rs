@@ -279,12 +279,14 @@ impl Context for Http {
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
+        trap_on_demand("request-headers");
         // Pausing the headers makes Envoy buffer the body chunks we pause too, until a body
         // callback continues: then headers and buffered body are forwarded together.
         Self::action(self.with(|x, host, worker| x.on_request_headers(host, worker, end_of_stream)))
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        trap_on_demand("request-body");
         self.request_body_size = body_size;
         if !self.exchange.wants_request_body() {
             return Action::Continue;
@@ -306,18 +308,26 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        trap_on_demand("response-headers");
         self.with(|x, host, worker| x.on_response_headers(host, worker));
         Action::Continue
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        trap_on_demand("response-body");
         if self.exchange.wants_response_body() {
             let chunk = if self.exchange.scans_response() || self.exchange.rewrites_response() {
                 Self::body(BufferType::HttpResponseBody, 0, body_size).unwrap_or_default()
             } else {
                 Vec::new()
             };
-            let rewritten = self.with(|x, host, _| x.on_response_body(host, &chunk, end_of_stream)).flatten();
+            let rewritten = self
+                .with(|x, host, worker| {
+                    let out = x.on_response_body(host, &chunk, end_of_stream);
+                    x.sync_memory(host, worker);
+                    out
+                })
+                .flatten();
             if let Some(out) = rewritten {
                 if let Err(status) = abi::set_buffer(BufferType::HttpResponseBody, 0, body_size, &out) {
                     log(LogLevel::Warn, &format!("llm-meter: cannot rewrite the response body: {status:?}"));
@@ -334,6 +344,24 @@ impl HttpContext for Http {
         });
     }
 }
+
+// ---- trap-on-demand hook (test-only, cargo feature `trap-on-demand`; tests/vm_failure.rs) ----
+/// With the feature: a real wasm trap (the VM fails) when the request header `x-llm-meter-trap`
+/// names `callback`. Without it (the release build): nothing, and the header is never read.
+#[cfg(feature = "trap-on-demand")]
+fn trap_on_demand(callback: &str) {
+    if let Ok(Some(value)) = abi::header(MapType::HttpRequestHeaders, "x-llm-meter-trap") {
+        if value == callback.as_bytes() {
+            log(LogLevel::Warn, &format!("llm-meter: trap-on-demand build: trapping in {callback}"));
+            core::arch::wasm32::unreachable();
+        }
+    }
+}
+
+#[cfg(not(feature = "trap-on-demand"))]
+#[inline(always)]
+fn trap_on_demand(_callback: &str) {}
+// ---- end of the trap-on-demand hook ----
 
 /// [`Host`] over proxy-wasm hostcalls. One lives for one callback.
 struct WasmHost<'a> {
