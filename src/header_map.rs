@@ -85,18 +85,55 @@ mod tests {
     fn malformed_maps_are_none_never_a_panic() {
         let pairs: [(&str, &[u8]); 2] = [("content-type", b"application/json"), ("date", b"x")];
         let good = serialize(&pairs);
-        // Every truncation and every single-byte corruption.
-        for end in 0..good.len() {
-            let _ = parse(&good[..end]);
+        let parsed: Vec<(String, Vec<u8>)> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_vec())).collect();
+        // Every truncation: only the empty one is a (empty) map, every other lacks a NUL at least.
+        assert_eq!(parse(&good[..0]), Some(Vec::new()));
+        for end in 1..good.len() {
+            assert_eq!(parse(&good[..end]), None, "cut at {end}");
         }
+        // Where each name and value lies: after the count (4 bytes) and the sizes (8 per pair),
+        // each followed by a NUL.
+        let mut at = 4 + 8 * pairs.len();
+        let mut data = Vec::new();
+        for (pair, (name, value)) in pairs.iter().enumerate() {
+            data.push((at..at + name.len(), pair, true));
+            at += name.len() + 1;
+            data.push((at..at + value.len(), pair, false));
+            at += value.len() + 1;
+        }
+        assert_eq!(at, good.len());
+        // Every single-byte corruption: a byte of a name or value is read as it is (a name
+        // must stay UTF-8); a corrupted count, size or NUL makes the map malformed.
         for i in 0..good.len() {
             for b in [0u8, 1, 0x7f, 0xff] {
                 let mut bad = good.clone();
                 bad[i] = b;
-                let _ = parse(&bad);
+                let in_data = data.iter().find(|(range, ..)| range.contains(&i));
+                let want = if bad == good {
+                    Some(parsed.clone())
+                } else if let Some((range, pair, is_name)) = in_data {
+                    let mut want = parsed.clone();
+                    if *is_name {
+                        let mut name = want[*pair].0.clone().into_bytes();
+                        name[i - range.start] = b;
+                        String::from_utf8(name).ok().map(|name| {
+                            want[*pair].0 = name;
+                            want
+                        })
+                    } else {
+                        want[*pair].1[i - range.start] = b;
+                        Some(want)
+                    }
+                } else if i == 0 && b == 0 {
+                    // A count of 0 is an empty map; the bytes after it are not looked at
+                    // (proxy-wasm hosts send exactly the map, so nothing checks for leftovers).
+                    Some(Vec::new())
+                } else {
+                    None
+                };
+                assert_eq!(parse(&bad), want, "byte {i} set to {b:#x}");
             }
         }
-        assert_eq!(parse(&good[..good.len() - 1]), None);
         assert_eq!(parse(&u32::MAX.to_le_bytes()), None);
         let mut huge_len = good.clone();
         huge_len[4..8].copy_from_slice(&u32::MAX.to_le_bytes());

@@ -8,8 +8,10 @@
 //!
 //! A hold that sees no body callback within [`STALL_AFTER_NANOS`] is released by the glue's
 //! timer. If no hold on this worker has ever seen a body (holding is not proven to work), the
-//! stall is taken as the missing setting and holding is switched off on this worker, so only the
-//! first request pays the delay. Once a hold has seen a body, holding works on this worker, and a
+//! stall is taken as the missing setting and holding is switched off on this worker: only the
+//! requests held before the timer notices (1 to 1.25 s after the first arrived; the timer ticks
+//! every 250 ms, or 100 ms with global limits) pay the delay. Once a hold has seen a body,
+//! holding works on this worker, and a
 //! stall is a slow client: it is still released (forwarding the headers early is what the filter
 //! without a hold would do), but holding stays on.
 

@@ -307,12 +307,108 @@ mod tests {
         ] {
             assert_eq!(decode_response(bad), Err(DecodeError), "{bad:?}");
         }
-        // Every prefix of a valid response decodes or fails cleanly.
-        let d = Descriptor { entries: vec![("k".into(), "v".into())], limit: None };
-        let req = encode_request("domain", &[d.clone(), d], 7);
-        for i in 0..req.len() {
-            let _ = decode_response(&req[..i]);
+        // A prefix of a valid response cut between two of its fields is the response of those
+        // fields; cut anywhere else (inside a tag, a length or a status) it is an error.
+        let ok = Status { code: Code::Ok, limit: Some(600), remaining: 599, reset_ms: Some(30_500) };
+        let over = Status { code: Code::OverLimit, limit: Some(1), remaining: 0, reset_ms: None };
+        let full = Response { overall: Code::OverLimit, statuses: vec![ok, over] };
+        let bytes = encode_response(&full);
+        let mut cuts = vec![(0, Response { overall: Code::Unknown, statuses: vec![] })];
+        let mut end = encode_response(&Response { overall: Code::OverLimit, statuses: vec![] }).len();
+        cuts.push((end, Response { overall: Code::OverLimit, statuses: vec![] }));
+        for (i, &status) in full.statuses.iter().enumerate() {
+            end += encode_status(&status).len() + 2;
+            cuts.push((end, Response { overall: Code::OverLimit, statuses: full.statuses[..=i].to_vec() }));
         }
+        assert_eq!(end, bytes.len());
+        for i in 0..=bytes.len() {
+            let want = cuts.iter().find(|(at, _)| *at == i).map(|(_, r)| r.clone()).ok_or(DecodeError);
+            assert_eq!(decode_response(&bytes[..i]), want, "cut at {i} of {}", bytes.len());
+        }
+    }
+
+    /// A `DescriptorStatus` as a service writes it (the filter only reads them).
+    fn encode_status(s: &Status) -> Vec<u8> {
+        let code = |c: Code| match c {
+            Code::Unknown => 0,
+            Code::Ok => 1,
+            Code::OverLimit => 2,
+        };
+        let mut out = Vec::new();
+        put_varint_field(&mut out, 1, code(s.code));
+        if let Some(n) = s.limit {
+            let mut limit = Vec::new();
+            put_varint_field(&mut limit, 1, u64::from(n));
+            put_varint_field(&mut limit, 2, Unit::Minute as u64);
+            put_bytes(&mut out, 2, &limit);
+        }
+        put_varint_field(&mut out, 3, u64::from(s.remaining));
+        if let Some(ms) = s.reset_ms {
+            let mut duration = Vec::new();
+            put_varint_field(&mut duration, 1, ms / 1000);
+            put_varint_field(&mut duration, 2, ms % 1000 * 1_000_000);
+            put_bytes(&mut out, 4, &duration);
+        }
+        out
+    }
+
+    /// A `RateLimitResponse` as a service writes it (statuses shorter than 128 bytes).
+    fn encode_response(r: &Response) -> Vec<u8> {
+        let mut out = Vec::new();
+        if r.overall != Code::Unknown {
+            put_varint_field(&mut out, 1, if r.overall == Code::Ok { 1 } else { 2 });
+        }
+        for s in &r.statuses {
+            put_bytes(&mut out, 2, &encode_status(s));
+        }
+        out
+    }
+
+    #[test]
+    fn encoded_responses_decode_to_themselves() {
+        let statuses = [
+            Status { code: Code::Ok, limit: Some(u32::MAX), remaining: u32::MAX, reset_ms: Some(0) },
+            Status { code: Code::OverLimit, limit: None, remaining: 0, reset_ms: Some(86_400_999) },
+            Status { code: Code::Unknown, limit: Some(0), remaining: 7, reset_ms: None },
+        ];
+        for overall in [Code::Unknown, Code::Ok, Code::OverLimit] {
+            let r = Response { overall, statuses: statuses.to_vec() };
+            assert_eq!(decode_response(&encode_response(&r)), Ok(r));
+        }
+    }
+
+    #[test]
+    fn numbers_out_of_range_are_clamped_or_ignored() {
+        let status = |fields: &[u8]| {
+            let mut bytes = vec![0x12, fields.len() as u8];
+            bytes.extend_from_slice(fields);
+            decode_response(&bytes).unwrap().statuses[0]
+        };
+        let mut big = Vec::new();
+        put_varint_field(&mut big, 3, u64::from(u32::MAX) + 1);
+        assert_eq!(status(&big).remaining, u32::MAX, "remaining beyond uint32");
+        let mut limit = Vec::new();
+        put_varint_field(&mut limit, 1, u64::MAX);
+        let mut big = Vec::new();
+        put_bytes(&mut big, 2, &limit);
+        assert_eq!(status(&big).limit, Some(u32::MAX), "requests_per_unit beyond uint32");
+        // duration_until_reset: negative seconds (int64 -1) and nanos of a second or more read
+        // as 0; a huge number of seconds saturates.
+        let reset = |secs: u64, nanos: u64| {
+            let mut duration = Vec::new();
+            put_varint_field(&mut duration, 1, secs);
+            put_varint_field(&mut duration, 2, nanos);
+            let mut fields = Vec::new();
+            put_bytes(&mut fields, 4, &duration);
+            status(&fields).reset_ms
+        };
+        assert_eq!(reset(u64::MAX, 5_000_000), Some(5));
+        assert_eq!(reset(2, 1_000_000_000), Some(2_000));
+        assert_eq!(reset(i64::MAX as u64, 0), Some(u64::MAX));
+        assert_eq!(reset(3, 999_999_999), Some(3_999));
+        // Codes the filter does not know are Unknown, like 0.
+        assert_eq!(status(&[0x08, 3]).code, Code::Unknown);
+        assert_eq!(decode_response(&[0x08, 0x7f]).unwrap().overall, Code::Unknown);
     }
 
     #[test]

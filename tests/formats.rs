@@ -13,8 +13,21 @@ const CONFIG: &str = r#"{
                     "cached_input": "x-usage-cached-tokens", "reasoning": "x-usage-reasoning-tokens"}
 }"#;
 
-fn tokens(m: &Metrics, model: &str, token_type: &str) -> Option<f64> {
-    m.value(&format!(r#"llm_tokens_total{{model="{model}",app="unknown",token_type="{token_type}"}}"#))
+/// `llm_tokens_total` of `model` and `token_type`. A missing series is a failure, not 0: the
+/// filter defines all five token types of a request whose usage it read, zeros included.
+fn tokens(m: &Metrics, model: &str, token_type: &str) -> f64 {
+    let series = format!(r#"llm_tokens_total{{model="{model}",app="unknown",token_type="{token_type}"}}"#);
+    m.value(&series).unwrap_or_else(|| {
+        panic!("no series {series}; llm_tokens_total series: {:#?}", m.names_with_prefix("llm_tokens_total"))
+    })
+}
+
+/// Asserts that no series of metric `name` exists (nothing was ever counted in it, under any
+/// label), e.g. no skip of any reason.
+fn assert_none_counted(m: &Metrics, name: &str) {
+    let found: Vec<String> =
+        m.names_with_prefix(&format!("{name}{{")).into_iter().map(|s| format!("{s} = {}", m.series[&s])).collect();
+    assert!(found.is_empty(), "{name} was counted: {found:#?}");
 }
 
 fn requests(model: &str, op: &str, status: u16, error: &str) -> String {
@@ -27,7 +40,7 @@ fn requests(model: &str, op: &str, status: u16, error: &str) -> String {
 fn assert_tokens(m: &Metrics, model: &str, want: [u64; 5]) {
     let got: Vec<u64> = ["input", "output", "cached_input", "reasoning", "cache_creation_input"]
         .iter()
-        .map(|t| tokens(m, model, t).unwrap_or(-1.0) as u64)
+        .map(|t| tokens(m, model, t) as u64)
         .collect();
     assert_eq!(got, want, "tokens of {model} (input, output, cached, reasoning, cache creation)");
 }
@@ -124,8 +137,8 @@ fn openai_responses_api_non_streaming_and_every_final_event() {
         assert!(r.body.contains(&format!("event: response.{fin}")), "{}", r.body);
         let n = 2.0 + i as f64;
         let m = envoy.wait_value(&requests("o4-mini", "responses", 200, "none"), n);
-        assert_eq!(tokens(&m, "o4-mini", "input"), Some(300.0 * n), "after response.{fin}");
-        assert_eq!(tokens(&m, "o4-mini", "reasoning"), Some(30.0 * n));
+        assert_eq!(tokens(&m, "o4-mini", "input"), 300.0 * n, "after response.{fin}");
+        assert_eq!(tokens(&m, "o4-mini", "reasoning"), 30.0 * n);
     }
 }
 
@@ -162,7 +175,8 @@ fn gemini_generate_content_with_the_model_in_the_path() {
     assert!(r.body.trim_start().starts_with('['), "{}", r.body);
     let m = envoy.wait_value(&requests("gemini-2.0-flash", "generate_content", 200, "none"), 1.0);
     assert_tokens(&m, "gemini-2.0-flash", [1000, 500, 600, 300, 0]);
-    assert_eq!(m.value(r#"llm_meter_skips_total{reason="body_malformed"}"#).unwrap_or(0.0), 0.0);
+    // Nothing skipped: no body_malformed (nor any other reason) was ever counted.
+    assert_none_counted(&m, "llm_meter_skips_total");
 }
 
 #[test]
@@ -215,7 +229,8 @@ fn usage_from_response_headers_when_the_body_has_none() {
     assert!(!r.body.contains("prompt_tokens"), "the body has no usage: {}", r.body);
     let m = envoy.wait_value(&requests("gpt-4o-mini", "chat", 200, "none"), 1.0);
     assert_tokens(&m, "gpt-4o-mini", [64, 16, 0, 4, 0]);
-    assert_eq!(m.value(r#"llm_usage_missing_total{model="gpt-4o-mini"}"#).unwrap_or(0.0), 0.0);
+    // The series is created by its first count (as below): absent means never counted.
+    assert_none_counted(&m, "llm_usage_missing_total");
     // Without usage_headers configured, the same response is a blind spot.
     drop(envoy);
     let envoy = Envoy::start(mock.port, "{}");
@@ -285,7 +300,7 @@ fn compressed_responses_are_metered_and_reach_the_client_untouched() {
             r#"llm_requests_total{model="gpt-4o",app="unknown",operation="chat",status="200",error_type="none"}"#,
             (i + 1) as f64,
         );
-        assert_eq!(tokens(&m, "gpt-4o", "input"), Some(100.0 * (i + 1) as f64), "{encoding} stream={stream}");
+        assert_eq!(tokens(&m, "gpt-4o", "input"), 100.0 * (i + 1) as f64, "{encoding} stream={stream}");
     }
     // An Anthropic stream in brotli, too.
     let (_, _, bytes) = post_raw(
@@ -297,6 +312,7 @@ fn compressed_responses_are_metered_and_reach_the_client_untouched() {
     let m = envoy.wait_value(&requests("claude-sonnet-4-5", "messages", 200, "none"), 1.0);
     assert_tokens(&m, "claude-sonnet-4-5", [9, 3, 0, 0, 0]);
     let m = envoy.metrics();
-    assert_eq!(m.value(r#"llm_meter_skips_total{reason="compressed"}"#).unwrap_or(0.0), 0.0);
-    assert_eq!(m.value(r#"llm_usage_missing_total{model="gpt-4o"}"#).unwrap_or(0.0), 0.0);
+    // No skip of any reason (`compressed` included) and no response without usage.
+    assert_none_counted(&m, "llm_meter_skips_total");
+    assert_none_counted(&m, "llm_usage_missing_total");
 }

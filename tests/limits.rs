@@ -378,11 +378,7 @@ fn a_flood_of_distinct_keys_shares_an_overflow_bucket_in_bounded_memory() {
                  "limits":[{{"name":"per-key","key":"header:x-api-key","requests_per_hour":1000000}}]}}"#
         ),
     );
-    let memory = || -> u64 {
-        let (_, m) = common::http_get(envoy.admin, "/memory").unwrap();
-        let v: serde_json::Value = serde_json::from_str(&m).unwrap();
-        v["allocated"].as_str().unwrap().parse().unwrap()
-    };
+    let memory = || envoy.memory();
     let url = envoy.url(CHAT);
     let flood = |from: u64, to: u64| {
         let threads: Vec<_> = (0..16)
@@ -407,18 +403,30 @@ fn a_flood_of_distinct_keys_shares_an_overflow_bucket_in_bounded_memory() {
     let empty = memory();
     flood(0, 2 * TRACKED);
     let before = memory();
-    println!("{TRACKED} tracked keys + {TRACKED} overflowing: Envoy allocated {empty} -> {before} bytes");
+    println!("{TRACKED} tracked keys + {TRACKED} overflowing: Envoy (allocated, rss) {empty:?} -> {before:?} bytes");
     let t = Instant::now();
     flood(2 * TRACKED, KEYS);
     let after = memory();
     println!(
-        "{} requests with distinct keys in {:?}; Envoy allocated {before} -> {after} bytes",
+        "{} requests with distinct keys in {:?}; Envoy (allocated, rss) {before:?} -> {after:?} bytes; allocated delta {}",
         KEYS - 2 * TRACKED,
-        t.elapsed()
+        t.elapsed(),
+        after.0 as i64 - before.0 as i64
     );
+    let (before, after) = (before.0, after.0);
     envoy.wait_value(r#"llm_ratelimit_key_overflow_total{rule="per-key"}"#, (KEYS - TRACKED) as f64);
-    // 98,000 new keys cost no shared data: growth is noise, far below one entry per key.
-    assert!(after < before + 4 * 1024 * 1024, "Envoy memory grew from {before} to {after}");
+    // 98,000 new keys cost no shared data. Envoy's allocated memory still moves: measured over
+    // 13 runs it changed by -4 KB to +102 KB, in steps of about 17 KB, and the same flood with
+    // a single key grew it as much (+82 to +86 KB in 3 runs), so that is Envoy's own churn,
+    // not the keys. The bound (README's number) is 2.5 times the largest change seen, and
+    // under 3 bytes per key: keeping the keys would take at least their 32-character hashes,
+    // over 3 MB.
+    const BOUND: u64 = 256 * 1024;
+    assert!(
+        after <= before + BOUND,
+        "Envoy's allocated memory grew by {} bytes (bound {BOUND}) from {before} to {after}",
+        after - before
+    );
 }
 
 #[test]
