@@ -13,6 +13,10 @@ build: targets
     cargo build --release --target wasm32-wasip1 --lib
     @echo "built {{wasm}} ($(stat -c %s {{wasm}}) bytes)"
 
+# Build the test-only filter that traps on demand (cargo feature `trap-on-demand`, for tests/vm_failure.rs) into target/trap, never over the release build
+build-trap: targets
+    cargo build --release --target wasm32-wasip1 --lib --features trap-on-demand --target-dir target/trap
+
 # Start the mock gateway and Envoy (envoy/envoy.yaml), send sample traffic, print the llm_* metrics and keep running until Ctrl-C; `just run --once` stops after printing
 run *flags: build mock envoy
     scripts/run.sh {{flags}}
@@ -25,6 +29,7 @@ lint: targets
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
     cargo clippy -p llm-meter --all-targets --target wasm32-wasip1 -- -D warnings
+    cargo clippy -p llm-meter --lib --features trap-on-demand --target wasm32-wasip1 -- -D warnings
 
 # Unit tests, native
 unit:
@@ -34,8 +39,8 @@ unit:
 unit-wasm: targets wasm-bindgen-cli
     CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner cargo test -p llm-meter --lib --target wasm32-unknown-unknown
 
-# Integration tests: the mock gateway behind the real Envoy running the release filter, also through a real LiteLLM proxy (tests/litellm.rs)
-integration: build mock rls envoy litellm
+# Integration tests: the mock gateway behind the real Envoy running the release filter, also through a real LiteLLM proxy (tests/litellm.rs), and the test-only build that traps on demand (tests/vm_failure.rs)
+integration: build build-trap mock rls envoy litellm
     cargo test -p mock-llm --test e2e
     cargo test -p llm-meter --test '*'
 

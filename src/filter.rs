@@ -347,7 +347,7 @@ impl Worker {
     /// Creates the shared label registries if no worker has yet. Run at configuration time: a
     /// registry that exists has a CAS token, so every later update is a real compare-and-swap
     /// (proxy-wasm cannot express "create only if absent").
-    pub fn init_shared<H: Host>(&self, host: &mut H) {
+    pub fn init_shared<H: Host>(&mut self, host: &mut H) {
         let sets = [
             match &self.models {
                 ModelLabeler::FirstSeen(set) => Some(set),
@@ -363,10 +363,12 @@ impl Worker {
         for _ in 0..enforce::create_buckets(&*host, &self.config) {
             self.count_error(host, InternalError::RateLimit);
         }
-        // One VM's budget, for the memory alert (every VM sets the same value).
+        // One VM's budget, for the memory alert (every VM sets the same value), and the gauge of
+        // what streams hold, defined (at 0) so that it exists before the first large stream.
         if let Some(id) = host.define_metric(MetricKind::Gauge, &self.name(Metric::MeterMemoryBudgetBytes, &[])) {
             host.metric_record(id, self.config.memory.max_stream_bytes_total as u64);
         }
+        self.memory_gauge = host.define_metric(MetricKind::Gauge, &self.name(Metric::MeterMemoryBytes, &[]));
     }
 
     /// Tells `meter_memory_bytes` how much this VM's streams hold, when that changed enough
@@ -1326,6 +1328,8 @@ mod tests {
         flags: Option<u64>,
         counters: BTreeMap<String, u64>,
         gauges: BTreeMap<String, i64>,
+        /// The highest value each gauge had.
+        gauge_peaks: BTreeMap<String, i64>,
         histograms: BTreeMap<String, Vec<u64>>,
         /// Defined metrics by id.
         metric_names: Vec<(MetricKind, String)>,
@@ -1400,7 +1404,12 @@ mod tests {
                     assert!(delta > 0, "Envoy rejects counter increments of {delta} ({name})");
                     *self.counters.get_mut(&name).unwrap() += delta as u64;
                 }
-                MetricKind::Gauge => *self.gauges.get_mut(&name).unwrap() += delta,
+                MetricKind::Gauge => {
+                    let value = self.gauges.get_mut(&name).unwrap();
+                    *value += delta;
+                    let peak = self.gauge_peaks.entry(name).or_default();
+                    *peak = (*peak).max(*value);
+                }
                 MetricKind::Histogram => panic!("metric_add on histogram {name}"),
             }
         }
@@ -1828,6 +1837,7 @@ mod tests {
         assert!(forwarded.iter().all(Option::is_none), "the client's bytes pass untouched");
         assert_eq!(counter(&host, "model=.=m;.;app=.=unknown;.;token_type=.=output;.;llm_tokens_total"), 7);
         assert_eq!(host.gauges.get("llm_meter_memory_bytes"), Some(&0));
+        assert!(host.gauge_peaks["llm_meter_memory_bytes"] > 8 << 20, "{:?}", host.gauge_peaks);
         assert_eq!(Pool::with(Pool::held), 0);
         assert!(Pool::with(Pool::peak) > 8 << 20, "peak {}", Pool::with(Pool::peak));
 

@@ -126,7 +126,7 @@ impl RootContext for Root {
         let errors_name =
             stat_name(&config.metrics.prefix, Metric::MeterErrorsTotal, &[InternalError::Hostcall.as_str()]);
         metrics.hostcall_errors = abi::define_metric(MetricType::Counter, &errors_name).ok();
-        let worker = Worker::new(config);
+        let mut worker = Worker::new(config);
         let mut host = WasmHost::new(&mut metrics, 0);
         worker.init_shared(&mut host);
         log(LogLevel::Info, "llm-meter: configured");

@@ -82,6 +82,8 @@ GAUGES = {
     "llm_active_requests": {"model"},
     "llm_upstream_ratelimit_remaining": {"model", "kind"},
     "llm_upstream_ratelimit_limit": {"model", "kind"},
+    "llm_meter_memory_bytes": set(),
+    "llm_meter_memory_budget_bytes": set(),
 }
 # Series that only exist after rare events: a query over nothing else must be marked mayBeEmpty
 # (or fall back to a value with `or vector(...)`).
