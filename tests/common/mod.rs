@@ -615,3 +615,217 @@ impl Drop for LiteLlm {
         }
     }
 }
+
+/// The filter configuration `envoy/envoy.yaml` ships (the JSON between its "llm-meter
+/// configuration" markers), for tests that must run exactly what operators deploy.
+pub fn shipped_filter_config() -> String {
+    let shipped = std::fs::read_to_string(root().join("envoy/envoy.yaml")).expect("read envoy/envoy.yaml");
+    let begin = shipped.find("# llm-meter configuration begin").expect("begin marker");
+    let end = shipped.find("# llm-meter configuration end").expect("end marker");
+    let block = &shipped[begin..end];
+    let json_start = block.find("value: |\n").expect("value: | in the configuration block") + "value: |\n".len();
+    let lines: Vec<&str> = block[json_start..].lines().filter(|l| !l.trim().is_empty()).collect();
+    let indent = lines.iter().map(|l| l.len() - l.trim_start().len()).min().unwrap_or(0);
+    let json: String = lines.iter().map(|l| format!("{}\n", &l[indent..])).collect();
+    serde_json::from_str::<serde_json::Value>(&json).unwrap_or_else(|e| panic!("shipped configuration: {e}\n{json}"));
+    json
+}
+
+/// `yaml` (a rendered shipped configuration) made ready for `connections` concurrent
+/// connections: the listener's accept queue (`tcp_backlog_size`, Envoy's default 128) and the
+/// upstream cluster's circuit breakers (`max_connections`, `max_pending_requests`,
+/// `max_requests`, Envoy's default 1024 each) raised to `connections`. Nothing else changes.
+pub fn for_many_connections(yaml: &str, connections: u32) -> String {
+    let listener = "    filter_chains:\n";
+    let cluster = "    connect_timeout: 2s\n";
+    assert_eq!(yaml.matches(listener).count(), 1, "one listener with filter_chains");
+    assert_eq!(yaml.matches(cluster).count(), 1, "one cluster with connect_timeout: 2s");
+    yaml.replace(listener, &format!("    tcp_backlog_size: {connections}\n{listener}")).replace(
+        cluster,
+        &format!(
+            "{cluster}    circuit_breakers:\n      thresholds:\n      - max_connections: {connections}\n        \
+             max_pending_requests: {connections}\n        max_requests: {connections}\n"
+        ),
+    )
+}
+
+/// Makes sure this process (and the Envoy and mock it starts, which inherit it) may open at least
+/// `min` file descriptors: raises the soft `RLIMIT_NOFILE` (with util-linux `prlimit`) when it is
+/// lower, up to the hard limit. Returns the soft limit in force.
+pub fn ensure_fd_limit(min: u64) -> u64 {
+    let read = || -> (u64, u64) {
+        let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+        let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap_or_default();
+        let mut n = line.split_whitespace().skip(3).map(|v| v.parse().unwrap_or(u64::MAX));
+        (n.next().unwrap_or(0), n.next().unwrap_or(0))
+    };
+    let (soft, hard) = read();
+    if soft >= min {
+        return soft;
+    }
+    let want = min.min(hard);
+    let status = Command::new("prlimit")
+        .args(["--pid", &std::process::id().to_string(), &format!("--nofile={want}:{hard}")])
+        .status();
+    let (soft, _) = read();
+    assert!(
+        soft >= min,
+        "need {min} file descriptors, have {soft} (hard limit {hard}; prlimit: {status:?}): raise `ulimit -n`"
+    );
+    soft
+}
+
+// ---- Wasm VM failure (tests/vm_failure.rs) ----
+
+/// The test-only filter that traps on demand (cargo feature `trap-on-demand`: the request header
+/// `x-llm-meter-trap` names the callback to trap in), built by `just build-trap` into its own
+/// target directory so it never replaces the release build.
+pub fn trap_wasm() -> PathBuf {
+    require(&root().join("target/trap/wasm32-wasip1/release/llm_meter.wasm"), "just build-trap")
+}
+
+/// Like [`render_config`], with the filter loaded from `wasm` instead of the release build.
+pub fn render_config_with_wasm(upstream_port: u16, filter_config: &str, wasm: &Path) -> String {
+    let release = root().join("target/wasm32-wasip1/release/llm_meter.wasm");
+    let from = format!("filename: {}\n", release.display());
+    let yaml = render_config(upstream_port, filter_config);
+    assert_eq!(yaml.matches(&from).count(), 1, "one filter loading {}", release.display());
+    yaml.replace(&from, &format!("filename: {}\n", wasm.display()))
+}
+
+impl Envoy {
+    /// Connections each worker thread accepted on the listener (`listener.<address>.worker_<n>.
+    /// downstream_cx_total`), by worker number.
+    pub fn accepted_by_worker(&self) -> BTreeMap<usize, u64> {
+        let (_, text) = http_get(self.admin, "/stats?filter=worker_[0-9]+\\.downstream_cx_total$").expect("/stats");
+        text.lines()
+            .filter_map(|l| {
+                let (name, value) = l.split_once(": ")?;
+                let worker = name.rsplit_once(".worker_")?.1.strip_suffix(".downstream_cx_total")?;
+                Some((worker.parse().ok()?, value.trim().parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// A connection to the listener that worker `worker` accepted. Linux spreads connections over
+    /// the workers' listening sockets (SO_REUSEPORT) by a hash of the addresses: this connects
+    /// until one lands on `worker` (told by its accepted-connections counter) and closes the
+    /// others. Make no other connections to this Envoy meanwhile.
+    pub fn connect_on_worker(&self, worker: usize) -> TcpStream {
+        for _ in 0..200 {
+            let before = self.accepted_by_worker();
+            let s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+            let landed = eventually(Duration::from_secs(5), "the accepted connection in /stats", || {
+                let after = self.accepted_by_worker();
+                after.iter().find(|(w, n)| before.get(w).copied().unwrap_or(0) < **n).map(|(w, _)| *w)
+            });
+            if landed == worker {
+                return s;
+            }
+        }
+        panic!("no connection landed on worker {worker} in 200 attempts: {:?}", self.accepted_by_worker());
+    }
+}
+
+/// A response read off a raw connection, as far as it came.
+#[derive(Debug, Default)]
+pub struct RawReply {
+    /// 0 when no response head arrived.
+    pub status: u16,
+    /// Names lower-case.
+    pub headers: Vec<(String, String)>,
+    /// The body (de-chunked), as far as it arrived.
+    pub body: Vec<u8>,
+    /// The body arrived whole (its content-length, or the last chunk).
+    pub complete: bool,
+    /// The connection ended (closed, reset, or silent for the timeout) while this was read.
+    pub closed: bool,
+}
+
+impl RawReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Writes a POST of `body` (JSON) to `path` on a raw HTTP/1.1 connection.
+pub fn raw_post(stream: &mut TcpStream, path: &str, headers: &[(&str, &str)], body: &str) -> std::io::Result<()> {
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n{extra}content-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Reads one response off `stream` (content-length, chunked, or until the connection closes),
+/// giving up after `timeout` without data. Never panics on a cut connection: that is the result.
+pub fn read_reply(stream: &mut TcpStream, timeout: Duration) -> RawReply {
+    let mut reply = RawReply::default();
+    stream.set_read_timeout(Some(timeout)).expect("read timeout");
+    let mut raw: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 16384];
+    // false when the connection ended (EOF, reset or timeout).
+    let mut more = |raw: &mut Vec<u8>, closed: &mut bool| match stream.read(&mut buf) {
+        Ok(0) | Err(_) => {
+            *closed = true;
+            false
+        }
+        Ok(n) => {
+            raw.extend_from_slice(buf.get(..n).unwrap_or_default());
+            true
+        }
+    };
+    let head_end = loop {
+        if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        if !more(&mut raw, &mut reply.closed) {
+            return reply;
+        }
+    };
+    let head = String::from_utf8_lossy(&raw[..head_end]).to_string();
+    let mut lines = head.split("\r\n");
+    reply.status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|c| c.parse().ok()).unwrap_or(0);
+    reply.headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut rest: Vec<u8> = raw[head_end + 4..].to_vec();
+    if let Some(len) = reply.header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        while rest.len() < len && more(&mut rest, &mut reply.closed) {}
+        reply.complete = rest.len() >= len;
+        rest.truncate(len);
+        reply.body = rest;
+    } else if reply.header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        loop {
+            // A whole chunk (size line, data, CRLF) at the front of `rest`?
+            let parsed = rest.windows(2).position(|w| w == b"\r\n").and_then(|eol| {
+                let size = usize::from_str_radix(String::from_utf8_lossy(&rest[..eol]).trim(), 16).ok()?;
+                (rest.len() >= eol + 2 + size + 2).then_some((eol, size))
+            });
+            match parsed {
+                Some((eol, 0)) => {
+                    rest.drain(..eol + 4);
+                    reply.complete = true;
+                    break;
+                }
+                Some((eol, size)) => {
+                    reply.body.extend_from_slice(&rest[eol + 2..eol + 2 + size]);
+                    rest.drain(..eol + 2 + size + 2);
+                }
+                None if more(&mut rest, &mut reply.closed) => {}
+                None => break,
+            }
+        }
+    } else {
+        while more(&mut rest, &mut reply.closed) {}
+        reply.body = rest;
+        reply.complete = reply.closed;
+    }
+    reply
+}
