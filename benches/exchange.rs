@@ -15,7 +15,7 @@ mod native {
     use criterion::{Criterion, Throughput};
     use llm_meter::config::Config;
     use llm_meter::filter::{Exchange, Host, MetricKind, Worker};
-    use llm_meter::labels::{SharedStore, StoreError};
+    use llm_meter::meter::labels::{SharedStore, StoreError};
     use std::cell::{Cell, RefCell};
     use std::collections::HashMap;
     use std::hint::black_box;

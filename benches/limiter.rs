@@ -7,10 +7,10 @@
 mod native {
     use criterion::Criterion;
     use llm_meter::config::Config;
-    use llm_meter::enforce::{self, LimitHost, RequestFacts, Verdict};
-    use llm_meter::labels::{SharedStore, StoreError};
-    use llm_meter::limiter::{Acquire, BucketKind, Charge, Limiter};
-    use llm_meter::usage::Usage;
+    use llm_meter::limit::enforce::{self, LimitHost, RequestFacts, Verdict};
+    use llm_meter::limit::limiter::{Acquire, BucketKind, Charge, Limiter};
+    use llm_meter::meter::labels::{SharedStore, StoreError};
+    use llm_meter::scan::usage::Usage;
     use std::cell::RefCell;
     use std::collections::HashMap;
     use std::hint::black_box;
@@ -141,7 +141,7 @@ mod native {
         let facts = RequestFacts { model: Some("gpt-4o-mini"), body_bytes: 2048, max_output: Some(1024) };
         let usage = Usage { input: 400, output: 300, ..Usage::default() };
         // A worker's memory of admitted buckets, as the filter keeps it.
-        let mut admitted = llm_meter::limiter::AdmittedKeys::default();
+        let mut admitted = llm_meter::limit::limiter::AdmittedKeys::default();
         let mut group = c.benchmark_group("enforce");
         group.bench_function("check/2_rules", |b| {
             b.iter(|| match enforce::check(&host, &config, black_box(facts), &mut admitted).0 {

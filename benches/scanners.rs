@@ -6,10 +6,10 @@
 #[cfg(not(target_arch = "wasm32"))]
 mod native {
     use criterion::{BenchmarkId, Criterion, Throughput};
-    use llm_meter::body::{BodyFormat, ResponseScanner};
-    use llm_meter::json_scan::{Found, JsonScanner};
-    use llm_meter::sse::{SseScanner, SseSink};
-    use llm_meter::usage::UsageFormat;
+    use llm_meter::scan::body::{BodyFormat, ResponseScanner};
+    use llm_meter::scan::json_scan::{Found, JsonScanner};
+    use llm_meter::scan::sse::{SseScanner, SseSink};
+    use llm_meter::scan::usage::UsageFormat;
     use std::hint::black_box;
 
     /// Body chunk size handed to the scanners.

@@ -12,7 +12,8 @@ pub use limits::{
     DEFAULT_MAX_LIMIT_KEYS, DEFAULT_SERVICE_TIMEOUT_MS,
 };
 
-use crate::pricing::{Price, Pricing};
+use crate::meter::pricing::{Price, Pricing};
+pub use crate::meter::upstream::UsageHeaders;
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -31,11 +32,7 @@ pub const MAX_LABEL_VALUES: usize = 10_000;
 pub const DEFAULT_MODEL_LOOKAHEAD_BYTES: usize = 64 * 1024;
 /// Upper bound for `request.model_lookahead_bytes`.
 pub const MAX_MODEL_LOOKAHEAD_BYTES: usize = 16 * 1024 * 1024;
-/// Upper bound on a price, USD per 1M tokens (catches unit mistakes such as per-token prices).
-/// Highest price accepted, in USD per 1M tokens (o1-pro, the dearest model listed today, costs
-/// 600 for output). Bounded so that a cost, at most 2·10⁹ tokens ([`crate::usage::MAX_TOKENS`]
-/// input plus as many output) at this price, fits `u64` pico-USD (2·10¹⁸ < 1.8·10¹⁹).
-pub const MAX_PRICE: f64 = 1_000.0;
+pub use crate::meter::pricing::MAX_PRICE;
 
 /// Smallest `memory.max_stream_bytes` (and total) accepted: room for a gzip decoder and a scan.
 pub const MIN_MEMORY_BYTES: u64 = 256 * 1024;
@@ -87,29 +84,6 @@ pub struct MetricsConfig {
     pub app_header: Option<String>,
     /// Bound on distinct `app` label values.
     pub max_apps: usize,
-}
-
-/// Response headers that carry usage (`usage_headers`), the fallback when a body has none.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UsageHeaders {
-    /// Input tokens header.
-    pub input: Option<String>,
-    /// Output tokens header.
-    pub output: Option<String>,
-    /// Cached input tokens header.
-    pub cached_input: Option<String>,
-    /// Reasoning tokens header.
-    pub reasoning: Option<String>,
-    /// Cache-creation input tokens header.
-    pub cache_creation_input: Option<String>,
-}
-
-impl UsageHeaders {
-    /// True when no header is configured.
-    pub fn is_empty(&self) -> bool {
-        *self == UsageHeaders::default()
-    }
 }
 
 /// Validated `request` section.
@@ -335,7 +309,7 @@ fn validate_metrics(raw: RawMetrics) -> Result<MetricsConfig, ConfigError> {
                 if m.is_empty() || m.len() > 256 {
                     return Err(err(format!("metrics.models[{i}]"), "must be 1 to 256 characters"));
                 }
-                if m == crate::labels::OTHER || m == crate::labels::UNKNOWN {
+                if m == crate::meter::labels::OTHER || m == crate::meter::labels::UNKNOWN {
                     return Err(err(
                         format!("metrics.models[{i}]"),
                         format!("\"{m}\" is reserved for overflow/absent models"),

@@ -1,36 +1,28 @@
-//! llm-meter: an Envoy proxy-wasm filter that meters LLM API traffic per model.
+//! llm-meter: an Envoy proxy-wasm filter that meters and rate-limits LLM API traffic per model.
 //!
-//! Everything that does not need the proxy-wasm host lives in plain modules (scanners, usage
-//! parsers, configuration, labels, pricing, metric naming, error classification) and is tested
-//! natively and on wasm32 through wasm-bindgen-test. The [`filter`] module drives one HTTP
-//! exchange through a small [`filter::Host`] trait, so the whole request lifecycle is tested with
-//! a fake host; `wasm` (compiled only for `wasm32-wasip1`) adapts proxy-wasm callbacks to it.
+//! The crate is layered; each folder's doc says what it is for, and dependencies point down
+//! only (a module never uses a folder above its own):
+//!
+//! - [`host`] is the proxy-wasm glue (compiled for `wasm32-wasip1`): Envoy's callbacks in,
+//!   hostcalls out. Open it for "what does Envoy see?".
+//! - [`filter`] is one HTTP exchange through a small [`filter::Host`] trait ([`filter::Exchange`],
+//!   in the order Envoy calls it) and the per-worker state ([`filter::Worker`]). Open it for
+//!   "what happens to a request, step by step?".
+//! - [`limit`] is admission: "why was this request rejected?"
+//! - [`config`] is the filter configuration, validated with the field named.
+//! - [`meter`] holds metric names, labels, prices, error classes: "why this series, this cost?"
+//! - [`scan`] reads bodies as they stream: "why is this token count wrong?" (`scan::usage`)
+//! - [`memory`] is the per-VM budget every stream's allocations are charged to.
+//!
+//! Everything below [`host`] is plain Rust, tested natively and on wasm32 through
+//! wasm-bindgen-test; the exchange is tested with a fake host.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
 
-pub mod body;
-pub mod classify;
 pub mod config;
-pub mod decode;
-pub mod enforce;
 pub mod filter;
-pub mod global;
-pub mod header_map;
-pub mod hold;
-pub mod inject;
-pub mod json_scan;
-pub mod labels;
-pub mod limiter;
+pub mod host;
+pub mod limit;
 pub mod memory;
-pub mod metrics;
-pub mod operation;
-pub mod pricing;
-pub mod rls;
-pub mod sse;
-pub mod upstream;
-pub mod usage;
-
-#[cfg(target_os = "wasi")]
-mod wasm;
-#[cfg(target_os = "wasi")]
-mod wasm_abi;
+pub mod meter;
+pub mod scan;

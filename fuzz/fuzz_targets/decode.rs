@@ -2,7 +2,7 @@
 //! decode the same bytes (or fail) however the body is cut.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use llm_meter::decode::{Decoder, Encoding};
+use llm_meter::scan::decode::{Decoder, Encoding};
 
 mod common;
 

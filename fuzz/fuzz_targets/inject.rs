@@ -2,7 +2,7 @@
 //! the option set; the usage-chunk stripper gives the same stream however it is cut.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use llm_meter::inject::{rewrite_request, UsageChunkStripper};
+use llm_meter::scan::inject::{rewrite_request, UsageChunkStripper};
 
 mod common;
 

@@ -2,7 +2,7 @@
 //! however the body is cut.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use llm_meter::body::RequestScanner;
+use llm_meter::scan::body::RequestScanner;
 
 mod common;
 

@@ -2,8 +2,8 @@
 //! and the same usage and model however the body is cut.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use llm_meter::body::{BodyFormat, ResponseScanner};
-use llm_meter::usage::UsageFormat;
+use llm_meter::scan::body::{BodyFormat, ResponseScanner};
+use llm_meter::scan::usage::UsageFormat;
 
 mod common;
 

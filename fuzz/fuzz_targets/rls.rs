@@ -6,10 +6,10 @@
 //! - as a description of an answer (its codes, limits, remaining counts and resets, which
 //!   fields are present, in which order, with unknown fields between them): the bytes a
 //!   service would send for it decode to exactly that answer, out-of-range numbers clamped as
-//!   `llm_meter::rls` documents.
+//!   `llm_meter::limit::rls` documents.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use llm_meter::rls::{decode_response, Code, Response, Status};
+use llm_meter::limit::rls::{decode_response, Code, Response, Status};
 
 fuzz_target!(|input: &[u8]| {
     if let Ok(r) = decode_response(input) {

@@ -2,7 +2,7 @@
 //! events however the stream is cut.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use llm_meter::sse::{SseScanner, SseSink};
+use llm_meter::scan::sse::{SseScanner, SseSink};
 
 mod common;
 

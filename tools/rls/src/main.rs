@@ -249,7 +249,7 @@ async fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use llm_meter::rls as filter;
+    use llm_meter::limit::rls as filter;
     use prost::Message;
     use proto::{Entry, RateLimitOverride};
 

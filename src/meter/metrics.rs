@@ -8,10 +8,10 @@
 //! `wasmcustom.` namespace when the filter defines the stat and strips it again for Prometheus.
 //!
 //! Label values are re-checked here, whatever the caller did: a byte outside the label character
-//! set ([`crate::labels::is_label_byte`]) becomes `_`, so no stat name can break the tag regexes or
+//! set ([`crate::meter::labels::is_label_byte`]) becomes `_`, so no stat name can break the tag regexes or
 //! the Prometheus text format.
 
-use crate::labels::is_label_byte;
+use crate::meter::labels::is_label_byte;
 
 /// Kind of an Envoy stat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,7 +163,7 @@ pub fn stat_name(prefix: &str, metric: Metric, values: &[&str]) -> String {
             Some(v) if !v.is_empty() => {
                 name.extend(v.bytes().map(|b| if is_label_byte(b) { b as char } else { '_' }));
             }
-            _ => name.push_str(crate::labels::UNKNOWN),
+            _ => name.push_str(crate::meter::labels::UNKNOWN),
         }
         name.push_str(";.;");
     }
@@ -210,7 +210,7 @@ mod tests {
 
     #[test]
     fn shipped_envoy_config_extracts_every_label_and_buckets_every_histogram() {
-        let yaml = include_str!("../envoy/envoy.yaml");
+        let yaml = include_str!("../../envoy/envoy.yaml");
         for key in LABEL_KEYS {
             let entry = format!("- tag_name: {key}\n    regex: '({key}=\\.=(.*?);\\.;)'");
             assert!(yaml.contains(&entry), "envoy.yaml lacks the stats_tags entry {entry}");

@@ -2,13 +2,13 @@
 //! what a request is estimated to cost, the rejection response, the `x-ratelimit-*` headers, and
 //! reconciliation with the real usage at the end.
 //!
-//! The bucket arithmetic is in [`crate::limiter`]; this module turns a request into charges.
+//! The bucket arithmetic is in [`crate::limit::limiter`]; this module turns a request into charges.
 
 use crate::config::{Config, FailureMode, KeySource, Limit, Rule, TokenType};
-use crate::labels::{sanitize, SharedStore};
-use crate::limiter::{Acquire, AdmittedKeys, BucketKind, Charge, Held, Limiter};
-use crate::pricing::Price;
-use crate::usage::Usage;
+use crate::limit::limiter::{Acquire, AdmittedKeys, BucketKind, Charge, Held, Limiter};
+use crate::meter::labels::{sanitize, SharedStore};
+use crate::meter::pricing::Price;
+use crate::scan::usage::Usage;
 use sha2::{Digest, Sha256};
 
 /// What the filter knows about a request when it decides.
@@ -80,11 +80,11 @@ pub enum Verdict {
     Reject(Rejection),
 }
 
-/// Estimated input tokens of a request body, at most [`crate::usage::MAX_TOKENS`] (a client's
+/// Estimated input tokens of a request body, at most [`crate::scan::usage::MAX_TOKENS`] (a client's
 /// `content-length` can claim anything; the bound keeps an estimate's cost exact, and is far
 /// above any limit a rule can be configured to admit in one request).
 pub fn estimate_input(config: &Config, body_bytes: u64) -> u64 {
-    body_bytes.div_ceil(config.limits.estimate.bytes_per_token.max(1)).min(crate::usage::MAX_TOKENS)
+    body_bytes.div_ceil(config.limits.estimate.bytes_per_token.max(1)).min(crate::scan::usage::MAX_TOKENS)
 }
 
 /// Checks a request against `max_input_tokens` and every rule that applies, charging the rules'
@@ -123,7 +123,7 @@ pub fn check<H: LimitHost>(
     let mut key_ids = KeyIds::default();
     for (i, rule) in limits.rules.iter().enumerate() {
         if rule.global.is_some() {
-            // Counted by the rate limit service (see `crate::global`).
+            // Counted by the rate limit service (see `crate::limit::global`).
             continue;
         }
         if !applies(rule, facts.model) {
@@ -252,7 +252,7 @@ pub struct Released {
 }
 
 /// Releases a reservation when the exchange ends. `price`: the exchange's price as
-/// [`crate::pricing::Pricing::resolve`] finds it (the same the cost metric uses); `usage`: the
+/// [`crate::meter::pricing::Pricing::resolve`] finds it (the same the cost metric uses); `usage`: the
 /// real usage, if any was reported; `failed`: the request did not complete (error status,
 /// reset, client gone), so an unreported usage is taken as none.
 pub fn release<H: LimitHost>(
@@ -487,8 +487,8 @@ mod tests {
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     use super::*;
-    use crate::labels::tests::FakeStore;
-    use crate::labels::StoreError;
+    use crate::meter::labels::tests::FakeStore;
+    use crate::meter::labels::StoreError;
     use std::collections::HashMap;
 
     #[derive(Default)]

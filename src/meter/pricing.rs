@@ -6,10 +6,16 @@
 //! which keeps the sub-micro-USD remainder per series instead of rounding it away on every
 //! request (a 7-token prompt to a $0.15/1M model costs 1.05 µUSD).
 
-use crate::usage::Usage;
+use crate::scan::usage::Usage;
 use std::collections::HashMap;
 
 const PICO_PER_MICRO: u128 = 1_000_000;
+
+/// Highest price the configuration accepts, in USD per 1M tokens (o1-pro, the dearest model
+/// listed today, costs 600 for output; the bound also catches unit mistakes such as per-token
+/// prices). Bounded so that a cost, at most 2·10⁹ tokens ([`crate::scan::usage::MAX_TOKENS`]
+/// input plus as many output) at this price, fits `u64` pico-USD (2·10¹⁸ < 1.8·10¹⁹).
+pub const MAX_PRICE: f64 = 1_000.0;
 
 /// Price of one model, in pico-USD per token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,7 +28,7 @@ pub struct Price {
 
 impl Price {
     /// From USD per 1M tokens (validated by the config: finite, 0 to
-    /// [`crate::config::MAX_PRICE`]); cache writes at the input price.
+    /// [`MAX_PRICE`]); cache writes at the input price.
     pub fn per_million(input: f64, output: f64, cached_input: f64) -> Self {
         Self::per_million_with_cache_writes(input, output, cached_input, input)
     }
@@ -43,7 +49,7 @@ impl Price {
     /// writes at their own prices, output (reasoning included) at the output price.
     ///
     /// Exact for every usage the filter accepts: input and output are at most
-    /// [`crate::usage::MAX_TOKENS`] each and prices at most [`crate::config::MAX_PRICE`], so the
+    /// [`crate::scan::usage::MAX_TOKENS`] each and prices at most [`MAX_PRICE`], so the
     /// cost is at most 2·10¹⁸ pico-USD. Counts beyond those bounds never reach here (they are
     /// `usage_invalid`); `None` says so rather than clamping if one ever did.
     pub fn cost_pico(&self, usage: &Usage) -> Option<u64> {
@@ -148,8 +154,7 @@ mod tests {
 
     #[test]
     fn the_dearest_accepted_usage_is_priced_exactly() {
-        use crate::config::MAX_PRICE;
-        use crate::usage::MAX_TOKENS;
+        use crate::scan::usage::MAX_TOKENS;
         let p = Price::per_million(MAX_PRICE, MAX_PRICE, MAX_PRICE);
         let u = Usage { input: MAX_TOKENS, output: MAX_TOKENS, ..Usage::default() };
         // 2·10⁹ tokens at 10⁹ pico-USD each: exact, no clamping.

@@ -14,7 +14,7 @@
 //! Shared data is never freed, so the keys are bounded: each rule admits at most `max_keys`
 //! distinct keys (a counter in shared data, CAS-incremented); later keys share one overflow bucket.
 
-use crate::labels::{SharedStore, StoreError};
+use crate::meter::labels::{SharedStore, StoreError};
 use std::collections::HashSet;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
@@ -195,7 +195,7 @@ pub struct Limiter;
 
 impl Limiter {
     /// Creates `key` as an empty bucket (or key count) unless it exists. See
-    /// [`crate::enforce::create_buckets`] for why this runs before traffic.
+    /// [`crate::limit::enforce::create_buckets`] for why this runs before traffic.
     pub fn create<S: SharedStore + ?Sized>(store: &S, key: &str) -> Result<(), StoreFailed> {
         update(store, key, |s| s.is_none().then_some(State::default())).map(|_| ())
     }
@@ -341,7 +341,7 @@ mod tests {
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     use super::*;
-    use crate::labels::tests::FakeStore;
+    use crate::meter::labels::tests::FakeStore;
 
     const MIN: u64 = 60_000;
 

@@ -1,5 +1,5 @@
 //! Rules with `scope: global`: counted by a rate limit service that every Envoy replica shares
-//! (Envoy's rate limit protocol, [`crate::rls`]), instead of this Envoy's shared data, which is
+//! (Envoy's rate limit protocol, [`crate::limit::rls`]), instead of this Envoy's shared data, which is
 //! per process.
 //!
 //! Per rule and request, one `ShouldRateLimit` call with `hits_addend` 1 decides before the
@@ -14,10 +14,10 @@
 //! header value or client IP: keys never leave Envoy in clear) and, with `per_model`, `model`.
 
 use crate::config::{Config, Limit, Rule};
-use crate::enforce::{self, KeyIds, LimitHost, Rejection};
-use crate::labels::sanitize;
-use crate::rls::{self, Code, Descriptor, Unit};
-use crate::usage::Usage;
+use crate::limit::enforce::{self, KeyIds, LimitHost, Rejection};
+use crate::limit::rls::{self, Code, Descriptor, Unit};
+use crate::meter::labels::sanitize;
+use crate::scan::usage::Usage;
 
 /// A global rule that applies to a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,7 +139,7 @@ mod tests {
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     use super::*;
-    use crate::labels::{SharedStore, StoreError};
+    use crate::meter::labels::{SharedStore, StoreError};
 
     struct Host(Vec<(&'static str, &'static str)>);
 

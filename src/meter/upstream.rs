@@ -6,8 +6,31 @@
 //! `x-ratelimit-limit` / `x-ratelimit-remaining` (taken as requests). Exporting them as gauges per
 //! model shows how close each upstream quota is to exhaustion before the 429s start.
 
-use crate::config::UsageHeaders;
-use crate::usage::Usage;
+use crate::scan::usage::Usage;
+use serde::Deserialize;
+
+/// Response headers that carry usage (`usage_headers`), the fallback when a body has none.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageHeaders {
+    /// Input tokens header.
+    pub input: Option<String>,
+    /// Output tokens header.
+    pub output: Option<String>,
+    /// Cached input tokens header.
+    pub cached_input: Option<String>,
+    /// Reasoning tokens header.
+    pub reasoning: Option<String>,
+    /// Cache-creation input tokens header.
+    pub cache_creation_input: Option<String>,
+}
+
+impl UsageHeaders {
+    /// True when no header is configured.
+    pub fn is_empty(&self) -> bool {
+        *self == UsageHeaders::default()
+    }
+}
 
 /// Which quota a rate-limit value is about (the `kind` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,7 +117,7 @@ pub fn usage_from_headers(
     let mut read = |name: &Option<String>| -> Result<u64, &'static str> {
         let Some(value) = name.as_deref().and_then(&header) else { return Ok(0) };
         any = true;
-        number(&value).filter(|&n| n <= crate::usage::MAX_TOKENS).ok_or("not a plausible token count")
+        number(&value).filter(|&n| n <= crate::scan::usage::MAX_TOKENS).ok_or("not a plausible token count")
     };
     let input = read(&names.input)?;
     let output = read(&names.output)?;

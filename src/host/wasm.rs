@@ -1,6 +1,6 @@
 //! proxy-wasm glue: adapts Envoy's callbacks to [`crate::filter`].
 //!
-//! Only this module and [`crate::wasm_abi`] touch proxy-wasm. The SDK provides the entry points
+//! Only this module and [`crate::host::wasm_abi`] touch proxy-wasm. The SDK provides the entry points
 //! (`proxy_on_*`, the context traits, the allocator); every hostcall goes through `wasm_abi`,
 //! which returns the host's status instead of panicking as the SDK's wrappers do (a panic kills
 //! the VM, and every later request on that worker passes unmetered). Hostcall errors are counted
@@ -11,18 +11,18 @@
 //! Envoy fails the call rather than the dispatch (see `WasmHost::grpc_call`).
 
 use crate::config::Config;
+use crate::filter::hold;
 use crate::filter::{Exchange, Flow, Host, InternalError, MetricKind, Worker};
-use crate::hold;
-use crate::labels::{SharedStore, StoreError};
-use crate::metrics::{stat_name, Metric};
-use crate::wasm_abi as abi;
+use crate::host::wasm_abi as abi;
+use crate::meter::labels::{SharedStore, StoreError};
+use crate::meter::metrics::{stat_name, Metric};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
-/// Timer period when global rules have usage reports to send (see [`crate::global`]): a
+/// Timer period when global rules have usage reports to send (see [`crate::limit::global`]): a
 /// report leaves at most this long after its response ended.
 const REPORT_EVERY_MS: u64 = 100;
 use std::rc::Rc;
@@ -100,7 +100,7 @@ impl Context for Root {
         let State { worker, metrics, reports, .. } = &mut *guard;
         let Some(rule) = reports.remove(&token_id) else { return };
         let response = grpc_response(status_code, response_size);
-        if crate::global::decision(response.as_deref().map_err(|_| ())).is_none() {
+        if crate::limit::global::decision(response.as_deref().map_err(|_| ())).is_none() {
             worker.count_service_error(&mut WasmHost::new(metrics, 0), rule);
         }
     }
@@ -142,7 +142,7 @@ impl RootContext for Root {
 
     /// Sends the usage reports of global rules (from the root context, whose calls outlive the
     /// streams that made them), and releases held requests that never got a body callback (see
-    /// [`crate::hold`]).
+    /// [`crate::filter::hold`]).
     fn on_tick(&mut self) {
         let Some(state) = self.state.as_ref() else { return };
         let Ok(mut guard) = state.try_borrow_mut() else { return };
@@ -209,7 +209,7 @@ fn set_tick(ms: u64) {
 }
 
 /// One HTTP stream. Callbacks forward traffic, except that request headers are held until the
-/// model is read (bounded by `request.model_lookahead_bytes` and the [`crate::hold`] watchdog).
+/// model is read (bounded by `request.model_lookahead_bytes` and the [`crate::filter::hold`] watchdog).
 struct Http {
     state: Option<Rc<RefCell<State>>>,
     context_id: u32,

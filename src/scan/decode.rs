@@ -3,7 +3,7 @@
 //! Why a copy is decoded: the filter only reads token usage out of the response, it never
 //! rewrites it. The client asked for (and still receives) the compressed bytes exactly as the
 //! upstream sent them; the filter decodes a copy of each body chunk as it streams through and
-//! feeds the decoded bytes to its scanners ([`crate::sse`], [`crate::json_scan`]). Decoding is
+//! feeds the decoded bytes to its scanners ([`crate::scan::sse`], [`crate::scan::json_scan`]). Decoding is
 //! incremental so usage in a streamed (SSE) response is seen as soon as the upstream flushes it,
 //! and nothing of the body has to be held back.
 //!

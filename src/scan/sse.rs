@@ -4,7 +4,7 @@
 //! the last. Envoy hands the filter the stream chunk by chunk, and lines and events are split
 //! anywhere. [`SseScanner`] follows the WHATWG event-stream parsing rules and streams each
 //! event's data straight to an [`SseSink`] (typically a per-event
-//! [`JsonScanner`](crate::json_scan::JsonScanner)), so nothing of the body is buffered.
+//! [`JsonScanner`](crate::scan::json_scan::JsonScanner)), so nothing of the body is buffered.
 //!
 //! Rules (WHATWG "event stream interpretation"): lines end with CRLF, LF or CR (a CR ending one
 //! chunk and an LF starting the next are one line end); a leading UTF-8 BOM is skipped; a line
@@ -402,7 +402,7 @@ mod tests {
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     use super::*;
-    use crate::json_scan::{Found, JsonScanner};
+    use crate::scan::json_scan::{Found, JsonScanner};
 
     static PATHS: &[&[&str]] = &[&["usage"], &["message", "usage"]];
 

@@ -6,7 +6,7 @@
 //! Paths that are no LLM operation (`/v1/models`, `/v1/messages/count_tokens`, health checks)
 //! pass through unmetered.
 
-use crate::usage::UsageFormat;
+use crate::scan::usage::UsageFormat;
 
 /// An LLM API operation the filter meters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

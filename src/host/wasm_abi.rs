@@ -10,7 +10,7 @@
 //! export (the SDK's allocator: a `Vec` of exactly the requested capacity), and taken over as a
 //! `Vec` the way the SDK does.
 
-use crate::header_map;
+use crate::host::header_map;
 use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType, Status};
 
 #[link(wasm_import_module = "env")]

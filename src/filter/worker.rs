@@ -1,0 +1,413 @@
+//! What one Envoy worker's exchanges share (one wasm VM): the configuration, this worker's view
+//! of the label registries, the stat ids of every `(model, app)` series with their cost
+//! remainders, the rate-limit buckets known to exist, the usage reports waiting for the timer,
+//! and log throttling.
+
+use super::hold::HoldWatch;
+use super::host::{add_to_counter, Host, InternalError, MetricKind};
+use crate::config::FailureMode;
+use crate::config::{Config, ModelLabels};
+use crate::limit::enforce;
+use crate::limit::global;
+use crate::limit::limiter::AdmittedKeys;
+use crate::memory::Pool;
+use crate::meter::classify::ErrorType;
+use crate::meter::labels::{sanitize, LabelSet, OTHER, UNKNOWN};
+use crate::meter::metrics::{stat_name, Metric};
+use crate::meter::pricing::CostCarry;
+use crate::meter::upstream::QuotaKind;
+use crate::scan::body::{Skip, Skips};
+use std::collections::HashMap;
+
+/// How model names become `model` labels on this worker.
+#[derive(Debug)]
+pub(crate) enum ModelLabeler {
+    Allowlist(std::collections::HashSet<String>),
+    FirstSeen(LabelSet),
+}
+
+/// State shared by all exchanges of one Envoy worker (one wasm VM): configuration, this worker's
+/// view of the label registries, and the cost remainders.
+#[derive(Debug)]
+pub struct Worker {
+    pub(crate) config: Config,
+    pub(crate) models: ModelLabeler,
+    pub(crate) apps: Option<LabelSet>,
+    pub(crate) skips_logged: [u64; Skip::ALL.len()],
+    /// Held requests of this worker; driven by the glue, which knows context ids and timers.
+    pub holds: HoldWatch,
+    /// Rate-limit failures on this worker, for log throttling.
+    pub(crate) limit_failures: u64,
+    /// Stat ids per `(model, app)` label pair, so that an exchange neither builds stat names
+    /// nor hashes them after the first exchange of its pair. Bounded like the labels:
+    /// `(max_models + 2) × (max_apps + 2)` pairs at most.
+    pub(crate) series: Vec<Series>,
+    pub(crate) series_index: HashMap<String, HashMap<String, usize>>,
+    /// Rate-limit buckets known to be admitted (see [`AdmittedKeys`]).
+    pub(crate) admitted: AdmittedKeys,
+    /// Per rule: the serialized `GrpcService` of a global rule's service and its timeout.
+    pub(crate) services: Vec<Option<(Vec<u8>, u64)>>,
+    /// Token usage reports for global rules, sent by the root context (see [`crate::limit::global`]).
+    pub(crate) reports: Vec<global::Call>,
+    /// Failed rate limit service calls on this worker, for log throttling.
+    pub(crate) service_failures: u64,
+    /// The id of `meter_memory_bytes`, once defined.
+    pub(crate) memory_gauge: Option<u32>,
+}
+
+/// Most token usage reports a worker queues between two timer ticks; beyond, a report is
+/// dropped and counted as a service error (the service is then far behind anyway).
+const MAX_QUEUED_REPORTS: usize = 10_000;
+
+/// The `token_type` values of `tokens_total`, in [`crate::scan::usage::Usage`] field order.
+pub(crate) const TOKEN_TYPES: [&str; 5] = ["input", "output", "cached_input", "reasoning", "cache_creation_input"];
+
+/// One stat of a [`Series`] (besides `requests_total`, which also has per-exchange labels).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Stat {
+    Active,
+    Duration,
+    Ttft,
+    UsageMissing,
+    Cost,
+    /// `tokens_total` of [`TOKEN_TYPES`]`[i]`.
+    Tokens(usize),
+    /// `tokens_per_request`, input (0) or output (1).
+    PerRequest(usize),
+    UpstreamRemaining(QuotaKind),
+    UpstreamLimit(QuotaKind),
+}
+
+impl Stat {
+    const COUNT: usize = 5 + TOKEN_TYPES.len() + 2 + 4;
+
+    pub(crate) fn slot(self) -> usize {
+        let kind = |k: QuotaKind| match k {
+            QuotaKind::Requests => 0,
+            QuotaKind::Tokens => 1,
+        };
+        match self {
+            Stat::Active => 0,
+            Stat::Duration => 1,
+            Stat::Ttft => 2,
+            Stat::UsageMissing => 3,
+            Stat::Cost => 4,
+            Stat::Tokens(i) => 5 + i,
+            Stat::PerRequest(i) => 5 + TOKEN_TYPES.len() + i,
+            Stat::UpstreamRemaining(k) => 5 + TOKEN_TYPES.len() + 2 + kind(k),
+            Stat::UpstreamLimit(k) => 5 + TOKEN_TYPES.len() + 4 + kind(k),
+        }
+    }
+
+    /// The stat name: the metric's labels filled from the series and the stat's own label
+    /// (`token_type` or `kind`).
+    pub(crate) fn name(self, prefix: &str, model: &str, app: &str) -> String {
+        let own = match self {
+            Stat::Tokens(i) | Stat::PerRequest(i) => TOKEN_TYPES.get(i).copied().unwrap_or(UNKNOWN),
+            Stat::UpstreamRemaining(k) | Stat::UpstreamLimit(k) => k.as_str(),
+            _ => UNKNOWN,
+        };
+        let metric = self.metric();
+        let values: Vec<&str> = metric
+            .label_keys()
+            .iter()
+            .map(|key| match *key {
+                "model" => model,
+                "app" => app,
+                _ => own,
+            })
+            .collect();
+        stat_name(prefix, metric, &values)
+    }
+
+    pub(crate) fn metric(self) -> Metric {
+        match self {
+            Stat::Active => Metric::ActiveRequests,
+            Stat::Duration => Metric::RequestDurationMs,
+            Stat::Ttft => Metric::TimeToFirstTokenMs,
+            Stat::UsageMissing => Metric::UsageMissingTotal,
+            Stat::Cost => Metric::CostMicrousdTotal,
+            Stat::Tokens(_) => Metric::TokensTotal,
+            Stat::PerRequest(_) => Metric::TokensPerRequest,
+            Stat::UpstreamRemaining(_) => Metric::UpstreamRatelimitRemaining,
+            Stat::UpstreamLimit(_) => Metric::UpstreamRatelimitLimit,
+        }
+    }
+}
+
+/// The stat ids of one `(model, app)` label pair, each defined on its first use (defining a
+/// stat creates it, so a stat never used is never shown), and the pair's cost remainder.
+#[derive(Debug)]
+pub(crate) struct Series {
+    pub(crate) model: String,
+    pub(crate) app: String,
+    pub(crate) ids: [Option<u32>; Stat::COUNT],
+    /// `requests_total` ids by (operation, status, error_type).
+    pub(crate) requests: Vec<(&'static str, u16, ErrorType, u32)>,
+    pub(crate) cost: CostCarry,
+}
+
+impl Worker {
+    /// Worker state for a validated configuration.
+    pub fn new(config: Config) -> Self {
+        // The VM's budget is the configuration's (the latest, when a reload runs two at once).
+        Pool::with(|p| p.set_max_total(config.memory.max_stream_bytes_total));
+        let prefix = &config.metrics.prefix;
+        let models = match &config.metrics.models {
+            ModelLabels::Allowlist(set) => ModelLabeler::Allowlist(set.clone()),
+            ModelLabels::FirstSeen(n) => {
+                ModelLabeler::FirstSeen(LabelSet::new(format!("llm_meter.{prefix}.models"), *n))
+            }
+        };
+        let apps = config
+            .metrics
+            .app_header
+            .as_ref()
+            .map(|_| LabelSet::new(format!("llm_meter.{prefix}.apps"), config.metrics.max_apps));
+        Self {
+            models,
+            apps,
+            skips_logged: [0; Skip::ALL.len()],
+            holds: HoldWatch::default(),
+            limit_failures: 0,
+            series: Vec::new(),
+            series_index: HashMap::new(),
+            admitted: AdmittedKeys::default(),
+            services: config
+                .limits
+                .rules
+                .iter()
+                .map(|r| r.global.as_ref().map(|g| (crate::limit::rls::encode_grpc_service(&g.cluster), g.timeout_ms)))
+                .collect(),
+            reports: Vec::new(),
+            service_failures: 0,
+            memory_gauge: None,
+            config,
+        }
+    }
+
+    /// Creates the shared label registries if no worker has yet. Run at configuration time: a
+    /// registry that exists has a CAS token, so every later update is a real compare-and-swap
+    /// (proxy-wasm cannot express "create only if absent").
+    pub fn init_shared<H: Host>(&mut self, host: &mut H) {
+        let sets = [
+            match &self.models {
+                ModelLabeler::FirstSeen(set) => Some(set),
+                ModelLabeler::Allowlist(_) => None,
+            },
+            self.apps.as_ref(),
+        ];
+        for set in sets.into_iter().flatten() {
+            if !set.init(&*host) {
+                self.count_error(host, InternalError::SharedData);
+            }
+        }
+        for _ in 0..enforce::create_buckets(&*host, &self.config) {
+            self.count_error(host, InternalError::RateLimit);
+        }
+        // One VM's budget, for the memory alert (every VM sets the same value), and the gauge of
+        // what streams hold, defined (at 0) so that it exists before the first large stream.
+        if let Some(id) = host.define_metric(MetricKind::Gauge, &self.name(Metric::MeterMemoryBudgetBytes, &[])) {
+            host.metric_record(id, self.config.memory.max_stream_bytes_total as u64);
+        }
+        self.memory_gauge = host.define_metric(MetricKind::Gauge, &self.name(Metric::MeterMemoryBytes, &[]));
+    }
+
+    /// Tells `meter_memory_bytes` how much this VM's streams hold, when that changed enough
+    /// to be worth a hostcall (see [`Pool::gauge_delta`]).
+    pub fn sync_memory<H: Host>(&mut self, host: &mut H) {
+        let Some(delta) = Pool::with(Pool::gauge_delta) else { return };
+        if self.memory_gauge.is_none() {
+            self.memory_gauge = host.define_metric(MetricKind::Gauge, &self.name(Metric::MeterMemoryBytes, &[]));
+        }
+        if let Some(id) = self.memory_gauge {
+            host.metric_add(id, delta);
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub(crate) fn name(&self, metric: Metric, values: &[&str]) -> String {
+        stat_name(&self.config.metrics.prefix, metric, values)
+    }
+
+    /// The series of a `(model, app)` label pair (both already bounded label values).
+    pub(crate) fn series(&mut self, model: &str, app: &str) -> usize {
+        if let Some(&i) = self.series_index.get(model).and_then(|apps| apps.get(app)) {
+            return i;
+        }
+        let i = self.series.len();
+        self.series.push(Series {
+            model: model.to_string(),
+            app: app.to_string(),
+            ids: [None; Stat::COUNT],
+            requests: Vec::new(),
+            cost: CostCarry::default(),
+        });
+        self.series_index.entry(model.to_string()).or_default().insert(app.to_string(), i);
+        i
+    }
+
+    /// The id of `stat` in `series`, defined on first use.
+    pub(crate) fn stat<H: Host>(&mut self, host: &mut H, series: usize, stat: Stat) -> Option<u32> {
+        let s = self.series.get_mut(series)?;
+        let slot = s.ids.get_mut(stat.slot())?;
+        if slot.is_none() {
+            let name = stat.name(&self.config.metrics.prefix, &s.model, &s.app);
+            *slot = host.define_metric(stat.metric().kind(), &name);
+        }
+        *slot
+    }
+
+    /// The id of `requests_total` in `series` for these per-exchange labels.
+    pub(crate) fn requests_stat<H: Host>(
+        &mut self,
+        host: &mut H,
+        series: usize,
+        operation: &'static str,
+        status: u16,
+        error: ErrorType,
+    ) -> Option<u32> {
+        let s = self.series.get_mut(series)?;
+        if let Some(&(_, _, _, id)) = s.requests.iter().find(|r| r.0 == operation && r.1 == status && r.2 == error) {
+            return Some(id);
+        }
+        let status_label = status.to_string();
+        let name = stat_name(
+            &self.config.metrics.prefix,
+            Metric::RequestsTotal,
+            &[&s.model, &s.app, operation, &status_label, error.as_str()],
+        );
+        let id = host.define_metric(MetricKind::Counter, &name)?;
+        s.requests.push((operation, status, error, id));
+        Some(id)
+    }
+
+    /// Adds to a counter of `series`.
+    pub(crate) fn add<H: Host>(&mut self, host: &mut H, series: usize, stat: Stat, value: u64) {
+        if let Some(id) = self.stat(host, series, stat) {
+            add_to_counter(host, id, value);
+        }
+    }
+
+    /// Sets a gauge or records a histogram value of `series`.
+    pub(crate) fn record<H: Host>(&mut self, host: &mut H, series: usize, stat: Stat, value: u64) {
+        if let Some(id) = self.stat(host, series, stat) {
+            host.metric_record(id, value);
+        }
+    }
+
+    /// Counts an internal error.
+    pub fn count_error<H: Host>(&self, host: &mut H, error: InternalError) {
+        let name = self.name(Metric::MeterErrorsTotal, &[error.as_str()]);
+        host.counter_add(&name, 1);
+    }
+
+    /// The limiter could not check a request (a store failure, a key that cannot be determined):
+    /// counted in `meter_errors_total{kind="ratelimit"}` and logged (1st, 2nd, 4th… time on this
+    /// worker); `failure_mode` decides.
+    pub(crate) fn limiter_failed<H: Host>(&mut self, host: &mut H) {
+        self.count_error(host, InternalError::RateLimit);
+        self.limit_failures = self.limit_failures.saturating_add(1);
+        if self.limit_failures.is_power_of_two() {
+            host.log_warn(&format!(
+                "llm-meter: the rate limiter could not check a request ({} times on this worker); failure_mode \
+                 {:?} applied",
+                self.limit_failures, self.config.limits.failure_mode
+            ));
+        }
+    }
+
+    /// True when some rule is counted by a rate limit service: the glue then ticks to send the
+    /// usage reports.
+    pub fn has_global_limits(&self) -> bool {
+        self.config.limits.has_global()
+    }
+
+    /// Starts `call` on its rule's rate limit service.
+    pub fn call_service<H: Host>(&self, host: &mut H, call: &global::Call) -> Option<u32> {
+        let (service, timeout_ms) = self.services.get(call.rule).and_then(Option::as_ref)?;
+        host.grpc_call(service, crate::limit::rls::SERVICE, crate::limit::rls::METHOD, &call.message, *timeout_ms)
+    }
+
+    /// A call to `rule`'s rate limit service failed or gave no usable answer: counted in
+    /// `ratelimit_service_errors_total{rule}` and logged (1st, 2nd, 4th… time on this worker).
+    pub fn count_service_error<H: Host>(&mut self, host: &mut H, rule: usize) {
+        let Some(r) = self.config.limits.rules.get(rule) else { return };
+        let name = self.name(Metric::RatelimitServiceErrorsTotal, &[&r.name]);
+        host.counter_add(&name, 1);
+        self.service_failures = self.service_failures.saturating_add(1);
+        if self.service_failures.is_power_of_two() {
+            let mode = r.global.as_ref().map_or(FailureMode::Allow, |g| g.failure_mode);
+            host.log_warn(&format!(
+                "llm-meter: the rate limit service of rule '{}' could not be called (unknown cluster?), failed \
+                 or did not answer in time ({} times on this worker); failure_mode {mode:?} applied",
+                r.name, self.service_failures
+            ));
+        }
+    }
+
+    /// Token usage reports waiting to be sent; the root context sends them on its timer.
+    pub fn take_reports(&mut self) -> Vec<global::Call> {
+        std::mem::take(&mut self.reports)
+    }
+
+    pub(crate) fn queue_report<H: Host>(&mut self, host: &mut H, call: global::Call) {
+        if self.reports.len() >= MAX_QUEUED_REPORTS {
+            self.count_service_error(host, call.rule);
+            return;
+        }
+        self.reports.push(call);
+    }
+
+    pub(crate) fn model_label<H: Host>(&mut self, host: &mut H, model: Option<&str>) -> String {
+        let Some(model) = model else { return UNKNOWN.to_string() };
+        let resolved = match &mut self.models {
+            ModelLabeler::Allowlist(set) => {
+                return if set.contains(model) { sanitize(model) } else { OTHER.to_string() }
+            }
+            ModelLabeler::FirstSeen(set) => set.resolve(&*host, &sanitize(model)),
+        };
+        if resolved.store_failed {
+            self.count_error(host, InternalError::SharedData);
+        }
+        resolved.label
+    }
+
+    pub(crate) fn app_label<H: Host>(&mut self, host: &mut H) -> String {
+        let (Some(header), Some(apps)) = (self.config.metrics.app_header.as_deref(), self.apps.as_mut()) else {
+            return UNKNOWN.to_string();
+        };
+        let value = host.request_header(header).filter(|v| !v.is_empty());
+        let Some(value) = value else { return UNKNOWN.to_string() };
+        let resolved = apps.resolve(&*host, &sanitize(value));
+        if resolved.store_failed {
+            self.count_error(host, InternalError::SharedData);
+        }
+        resolved.label
+    }
+
+    /// Counts skips and logs them, each reason on its 1st, 2nd, 4th, 8th… occurrence on this
+    /// worker, so a flood of bad input cannot flood the log.
+    pub(crate) fn record_skips<H: Host>(&mut self, host: &mut H, skips: &Skips, model: &str) {
+        for (skip, n) in skips.iter() {
+            let name = self.name(Metric::MeterSkipsTotal, &[skip.as_str()]);
+            host.counter_add(&name, u64::from(n));
+            if let Some(seen) = self.skips_logged.get_mut(skip as usize) {
+                let before = *seen;
+                *seen = seen.saturating_add(u64::from(n));
+                // Log when the count reaches the next power of two above the previous count.
+                if before.saturating_add(1).checked_next_power_of_two().is_none_or(|p| *seen >= p) {
+                    host.log_warn(&format!(
+                        "llm-meter: skipped {} (model {model}); seen {} times",
+                        skip.as_str(),
+                        *seen
+                    ));
+                }
+            }
+        }
+    }
+}
