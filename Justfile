@@ -1,4 +1,4 @@
-# llm-meter tasks. On a fresh machine `just run` and `just test` install what they need.
+# llm-meter tasks. On a fresh machine `just run` and `just test` install what they need (`just deps`).
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
 envoy_version := "1.40.0"
@@ -17,12 +17,52 @@ build: targets
 build-trap: targets
     cargo build --release --target wasm32-wasip1 --lib --features trap-on-demand --target-dir target/trap
 
+# Check the tools a recipe needs and install what is missing: Debian packages with apt-get when root (else print the exact command and stop; the Rust targets, Envoy, LiteLLM and wasm-bindgen-cli have recipes of their own); `just deps test` for everything `just test` needs (the default), `just deps run`, `just deps bench`
+deps what="test":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    missing=()
+    need() { command -v "$1" >/dev/null 2>&1 || missing+=("$2"); }
+    # Every recipe: the filter's build and Envoy from PyPI.
+    command -v cargo >/dev/null || { echo "just deps: no cargo: install Rust with rustup (https://rustup.rs), then run this again" >&2; exit 1; }
+    command -v python3 >/dev/null || missing+=(python3)
+    python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+    need curl curl
+    case "{{what}}" in
+      run) ;;
+      test|bench)
+        # Prometheus and promtool: the operations pack and the Prometheus integration test.
+        { command -v promtool >/dev/null && [ -x /usr/bin/prometheus ]; } || missing+=(prometheus)
+        # A real Redis behind the rate limit service (tests/global.rs); llm-rls links OpenSSL.
+        need redis-server redis-server
+        need pkg-config pkg-config
+        pkg-config --exists openssl 2>/dev/null || missing+=(libssl-dev)
+        # node runs the wasm32 unit tests (wasm-bindgen-test) and the manifest schemas (npm).
+        need node nodejs
+        need npm npm
+        # wrk drives `just bench` (and its smoke run in CI).
+        need wrk wrk
+        ;;
+      *) echo "just deps: unknown set '{{what}}' (run, test, bench)" >&2; exit 1 ;;
+    esac
+    if ((${#missing[@]})); then
+      if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "just deps: installing ${missing[*]} (Debian packages)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+      else
+        echo "just deps: missing ${missing[*]}. Install them, then run this again:" >&2
+        echo "  sudo apt-get update && sudo apt-get install -y --no-install-recommends ${missing[*]}" >&2
+        exit 1
+      fi
+    fi
+
 # Start the mock gateway and Envoy (envoy/envoy.yaml), send sample traffic, print the llm_* metrics and keep running until Ctrl-C; `just run --once` stops after printing
-run *flags: build mock envoy
+run *flags: (deps "run") build mock envoy
     scripts/run.sh {{flags}}
 
 # Everything CI checks: lint (fmt, clippy native + wasm32), unit tests native and on wasm32, the operations pack, integration tests with real Envoy (and Prometheus)
-test: lint unit unit-wasm ops integration
+test: (deps "test") lint unit unit-wasm ops integration
 
 # rustfmt check and clippy, native and wasm32
 lint: targets
@@ -36,16 +76,16 @@ unit:
     cargo test --workspace --lib --bins
 
 # Unit tests of the host-independent core compiled to wasm32, run under node by wasm-bindgen-test
-unit-wasm: targets wasm-bindgen-cli
+unit-wasm: (deps "test") targets wasm-bindgen-cli
     CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner cargo test -p llm-meter --lib --target wasm32-unknown-unknown
 
 # Integration tests: the mock gateway behind the real Envoy running the release filter, also through a real LiteLLM proxy (tests/litellm.rs), and the test-only build that traps on demand (tests/vm_failure.rs)
-integration: build build-trap mock rls envoy litellm
+integration: (deps "test") build build-trap mock rls envoy litellm
     cargo test -p mock-llm --test e2e
-    cargo test -p llm-meter --test '*'
+    cargo test -p llm-meter --no-fail-fast --test '*'
 
 # Check the operations pack: Prometheus config and alert rules (promtool check + unit tests), Grafana dashboard, Kubernetes manifests (also against the Istio, Envoy Gateway and Kubernetes schemas, with wrong copies that must fail)
-ops: ops-schemas
+ops: (deps "test") ops-schemas
     promtool check config envoy/prometheus/prometheus.yml
     promtool check rules envoy/prometheus/alerts.yml
     cd envoy/prometheus && promtool test rules alerts_test.yml
@@ -111,15 +151,22 @@ wasm-bindgen-cli:
     want=$(awk '$0 == "name = \"wasm-bindgen\"" { getline; gsub(/version = |"/, ""); print }' Cargo.lock)
     if wasm-bindgen-test-runner --version 2>/dev/null | grep -q " $want\b"; then exit 0; fi
     # --locked pins wasm-bindgen-cli's own lock file; fall back to a fresh resolution when a crate
-    # it pins is not available from the registry this machine reaches.
-    cargo install wasm-bindgen-cli --version "$want" --locked || cargo install wasm-bindgen-cli --version "$want"
+    # it pins is not available from the registry this machine reaches. The first attempt's
+    # output is kept out of sight unless both fail (its "error: failed to select a version" is
+    # expected here, not a failure).
+    log=$(mktemp)
+    if ! cargo install wasm-bindgen-cli --version "$want" --locked >"$log" 2>&1; then
+      echo "wasm-bindgen-cli $want: its locked dependencies are not all available here; resolving them afresh"
+      cargo install wasm-bindgen-cli --version "$want" || { cat "$log" >&2; exit 1; }
+    fi
+    rm -f "$log"
 
 # Benchmark plain Envoy vs Envoy + llm-meter vs Python proxies (wrk) and memory on 10 MB streams (BENCHMARKS.md); `just bench --smoke` checks the harness in seconds
-bench *flags: build envoy
+bench *flags: (deps "bench") build envoy
     python3 scripts/bench.py {{flags}}
 
 # Soak: mixed traffic (streaming and not, five API shapes, failures) at full speed through Envoy + the filter for `seconds`; asserts exact counters and flat memory (tests/soak.rs). `just test` runs 30 s of it
-soak seconds="600": build mock envoy
+soak seconds="600": (deps "test") build mock envoy
     LLM_METER_SOAK_SECS={{seconds}} cargo test -p llm-meter --test soak -- --nocapture
 
 # Fuzz every target (fuzz/, cargo-fuzz on the nightly toolchain) for `seconds` each, starting from fuzz/seeds; a crash stops with the input in fuzz/artifacts/
