@@ -9,8 +9,11 @@ use std::io::Write;
 
 /// Brotli quality: fast enough for multi-megabyte bodies, still a real brotli stream.
 const BROTLI_QUALITY: u32 = 5;
-/// Brotli window (log2).
-const BROTLI_WINDOW: u32 = 22;
+/// Brotli window (log2) unless `x-mock-brotli-lgwin` says otherwise: 4 MiB.
+pub const BROTLI_WINDOW: u32 = 22;
+/// The windows `x-mock-brotli-lgwin` accepts: RFC 7932's 10 to 24 (16 MiB; larger needs the
+/// non-standard "large window" brotli that HTTP does not use).
+pub const BROTLI_WINDOWS: std::ops::RangeInclusive<u32> = 10..=24;
 
 /// A `content-encoding` the mock can produce.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -57,17 +60,15 @@ enum Encoder {
 }
 
 impl Encoder {
-    fn new(encoding: Encoding) -> Encoder {
+    /// `lgwin`: the brotli window (log2, within [`BROTLI_WINDOWS`]); ignored by the others.
+    fn new(encoding: Encoding, lgwin: u32) -> Encoder {
         match encoding {
             Encoding::Gzip => Encoder::Gzip(GzEncoder::new(Vec::new(), Compression::default())),
             Encoding::Zlib => Encoder::Zlib(ZlibEncoder::new(Vec::new(), Compression::default())),
             Encoding::RawDeflate => Encoder::RawDeflate(DeflateEncoder::new(Vec::new(), Compression::default())),
-            Encoding::Brotli => Encoder::Brotli(Box::new(brotli::CompressorWriter::new(
-                Vec::new(),
-                4096,
-                BROTLI_QUALITY,
-                BROTLI_WINDOW,
-            ))),
+            Encoding::Brotli => {
+                Encoder::Brotli(Box::new(brotli::CompressorWriter::new(Vec::new(), 4096, BROTLI_QUALITY, lgwin)))
+            }
         }
     }
 
@@ -108,18 +109,18 @@ impl Encoder {
     }
 }
 
-/// Compresses a whole body.
-pub fn compress(encoding: Encoding, body: &[u8]) -> Vec<u8> {
-    let mut e = Encoder::new(encoding);
+/// Compresses a whole body; `lgwin` is the brotli window (log2).
+pub fn compress(encoding: Encoding, body: &[u8], lgwin: u32) -> Vec<u8> {
+    let mut e = Encoder::new(encoding, lgwin);
     e.writer().write_all(body).expect("compress into memory");
     e.finish()
 }
 
 /// Compresses a stream piece by piece: piece `i` of the result decodes (after the pieces before
 /// it) to exactly piece `i` of the input. The end of the compressed stream is added to the last
-/// piece, so the number of pieces does not change.
-pub fn compress_stream(encoding: Encoding, pieces: &[Vec<u8>]) -> Vec<Vec<u8>> {
-    let mut e = Encoder::new(encoding);
+/// piece, so the number of pieces does not change. `lgwin` is the brotli window (log2).
+pub fn compress_stream(encoding: Encoding, pieces: &[Vec<u8>], lgwin: u32) -> Vec<Vec<u8>> {
+    let mut e = Encoder::new(encoding, lgwin);
     let mut out: Vec<Vec<u8>> = pieces.iter().map(|p| e.flushed(p)).collect();
     let end = e.finish();
     match out.last_mut() {
@@ -180,12 +181,39 @@ mod tests {
     fn whole_bodies_round_trip() {
         let body = br#"{"usage":{"prompt_tokens":12}}"#.repeat(50);
         for e in ALL {
-            let c = compress(e, &body);
+            let c = compress(e, &body, BROTLI_WINDOW);
             assert!(c.len() < body.len(), "{e:?}");
             assert_eq!(decompress(e, &c), body, "{e:?}");
         }
-        assert_eq!(&compress(Encoding::Gzip, &body)[..2], [0x1f, 0x8b], "gzip magic");
-        assert_eq!(compress(Encoding::Zlib, &body)[0] & 0x0f, 8, "zlib header: deflate method");
+        assert_eq!(&compress(Encoding::Gzip, &body, BROTLI_WINDOW)[..2], [0x1f, 0x8b], "gzip magic");
+        assert_eq!(compress(Encoding::Zlib, &body, BROTLI_WINDOW)[0] & 0x0f, 8, "zlib header: deflate method");
+    }
+
+    /// The window a brotli stream declares (its WBITS, RFC 7932 section 9.1).
+    fn brotli_window(data: &[u8]) -> u32 {
+        let b = u32::from(data[0]);
+        if b & 1 == 0 {
+            return 16;
+        }
+        match ((b >> 1) & 7, (b >> 4) & 7) {
+            (0, 0) => 17,
+            (0, m) => 8 + m,
+            (n, _) => 17 + n,
+        }
+    }
+
+    #[test]
+    fn brotli_window_is_the_one_asked_for() {
+        let body = br#"{"choices":[{"message":{"content":"abc"}}]}"#.repeat(2000);
+        for lgwin in [10, 16, 18, 22, 24] {
+            let c = compress(Encoding::Brotli, &body, lgwin);
+            assert_eq!(brotli_window(&c), lgwin);
+            assert_eq!(decompress(Encoding::Brotli, &c), body, "lgwin {lgwin}");
+            let pieces = compress_stream(Encoding::Brotli, &[body.clone(), body.clone()], lgwin);
+            assert_eq!(brotli_window(&pieces[0]), lgwin);
+            assert_eq!(decompress(Encoding::Brotli, &pieces.concat()), body.repeat(2));
+        }
+        assert_eq!(brotli_window(&compress(Encoding::Brotli, &body, BROTLI_WINDOW)), 22, "the default");
     }
 
     #[test]
@@ -193,7 +221,7 @@ mod tests {
         let events: Vec<Vec<u8>> =
             (0..5).map(|i| format!("data: {{\"n\":{i},\"text\":\"hello hello\"}}\n\n").into_bytes()).collect();
         for e in ALL {
-            let pieces = compress_stream(e, &events);
+            let pieces = compress_stream(e, &events, BROTLI_WINDOW);
             assert_eq!(pieces.len(), events.len());
             for n in 1..=pieces.len() {
                 let got = decode_prefix(e, &pieces[..n].concat());

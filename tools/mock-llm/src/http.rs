@@ -292,7 +292,8 @@ pub fn serve_connection(stream: TcpStream, quiet: bool, plan_for: fn(&Request) -
         };
         let plan = plan_for(&req);
         if !quiet {
-            eprintln!("{} {} -> {} ({} body bytes)", req.method, req.path, plan.status, plan.body().len());
+            let bytes: usize = plan.pieces.iter().map(Vec::len).sum();
+            eprintln!("{} {} -> {} ({bytes} body bytes)", req.method, req.path, plan.status);
         }
         let reset = || {
             // Closing with a zero linger time sends RST instead of FIN.

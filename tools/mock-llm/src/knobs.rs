@@ -7,6 +7,8 @@ use std::time::Duration;
 
 /// Longest delay a header may ask for.
 const MAX_DELAY_MS: u64 = 600_000;
+/// Largest `x-mock-pad-bytes`.
+pub const MAX_PAD_BYTES: u64 = 256 << 20;
 /// Largest token count a header may script.
 const MAX_TOKENS: u64 = u32::MAX as u64;
 pub const MAX_DIMENSIONS: usize = 16_384;
@@ -92,6 +94,11 @@ pub struct Knobs {
     pub dimensions: Option<usize>,
     pub scenario: Scenario,
     pub encoding: Option<Encoding>,
+    /// `x-mock-brotli-lgwin`: the brotli window (log2) with `x-mock-encoding: br`.
+    pub brotli_lgwin: Option<u32>,
+    /// `x-mock-pad-bytes`: the assistant's text is padded with generated prose to this many
+    /// bytes (non-streaming chat and completions).
+    pub pad_bytes: Option<usize>,
     pub rate_limit: RateLimit,
     pub usage_in_headers: bool,
     /// `x-mock-anthropic-final-usage: full`: `message_delta` repeats the input and cache counts.
@@ -144,6 +151,12 @@ impl Knobs {
                 format!("mock-llm: header x-mock-encoding: unknown encoding {v:?}, expected one of {names}")
             })?,
         };
+        let windows = crate::encoding::BROTLI_WINDOWS;
+        let brotli_lgwin = number(req, "x-mock-brotli-lgwin", u64::from(*windows.start()), u64::from(*windows.end()))?
+            .map(|n| n as u32);
+        if brotli_lgwin.is_some() && encoding != Some(Encoding::Brotli) {
+            return Err("mock-llm: header x-mock-brotli-lgwin: only meaningful with x-mock-encoding: br".into());
+        }
         let style = choice(
             req,
             "x-mock-ratelimit-style",
@@ -191,6 +204,8 @@ impl Knobs {
             dimensions: number(req, "x-mock-dimensions", 1, MAX_DIMENSIONS as u64)?.map(|n| n as usize),
             scenario,
             encoding,
+            brotli_lgwin,
+            pad_bytes: number(req, "x-mock-pad-bytes", 0, MAX_PAD_BYTES)?.map(|n| n as usize),
             rate_limit: RateLimit {
                 style: style.unwrap_or(RateLimitStyle::Provider),
                 limit_requests: number(req, "x-mock-ratelimit-limit-requests", 0, u64::MAX)?,
@@ -203,6 +218,11 @@ impl Knobs {
             delta_input_tokens,
             responses_final: responses_final.unwrap_or(ResponsesFinal::Completed),
         })
+    }
+
+    /// The brotli window (log2) to compress with.
+    pub fn lgwin(&self) -> u32 {
+        self.brotli_lgwin.unwrap_or(crate::encoding::BROTLI_WINDOW)
     }
 
     /// Whether the body reports usage: not with `no_usage`, nor when it goes in headers instead.
@@ -258,6 +278,25 @@ mod tests {
         assert_eq!(k.rate_limit.style, RateLimitStyle::Provider);
         assert!(!k.usage_in_headers && !k.anthropic_full_final_usage && k.usage_in_body());
         assert_eq!(k.responses_final, ResponsesFinal::Completed);
+        assert_eq!((k.brotli_lgwin, k.lgwin(), k.pad_bytes), (None, 22, None));
+    }
+
+    #[test]
+    fn storm_headers_parse() {
+        let k = knobs(&[("x-mock-encoding", "br"), ("x-mock-brotli-lgwin", "24"), ("x-mock-pad-bytes", "20000000")])
+            .unwrap();
+        assert_eq!((k.brotli_lgwin, k.lgwin(), k.pad_bytes), (Some(24), 24, Some(20_000_000)));
+        assert_eq!(knobs(&[("x-mock-encoding", "br"), ("x-mock-brotli-lgwin", "10")]).unwrap().lgwin(), 10);
+        for bad in [
+            &[("x-mock-encoding", "br"), ("x-mock-brotli-lgwin", "25")][..],
+            &[("x-mock-encoding", "br"), ("x-mock-brotli-lgwin", "9")],
+            &[("x-mock-encoding", "gzip"), ("x-mock-brotli-lgwin", "24")],
+            &[("x-mock-brotli-lgwin", "24")],
+        ] {
+            assert!(knobs(bad).unwrap_err().contains("x-mock-brotli-lgwin"), "{bad:?}");
+        }
+        assert!(knobs(&[("x-mock-pad-bytes", "268435457")]).unwrap_err().contains("x-mock-pad-bytes"));
+        assert!(knobs(&[("x-mock-pad-bytes", "-1")]).unwrap_err().contains("x-mock-pad-bytes"));
     }
 
     #[test]

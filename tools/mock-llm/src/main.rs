@@ -84,6 +84,8 @@
 //! | `x-mock-scenario` | `ok` (default), `rate_limit` (429 with `retry-after: 1` and the API's rate-limit headers: OpenAI `x-ratelimit-*` with limit 500 requests, Anthropic `rate_limit_error` with `anthropic-ratelimit-requests-remaining: 0`, Gemini `RESOURCE_EXHAUSTED` without `retry-after`), `server_error` (500; Anthropic `api_error`, Gemini `INTERNAL`), `unavailable` (503; Anthropic 529 `overloaded_error`, Gemini `UNAVAILABLE`), `slow` (headers after 5 s and 500 ms between events unless the delay headers say otherwise), `reset_mid_stream` (200 and half the body, then a TCP reset: for Anthropic `message_start`, `content_block_start`, `ping` and half the deltas), `no_usage` (no usage anywhere), `malformed` (a truncated JSON body, or events that are not JSON) |
 //! | `x-mock-echo` | answer with the request body, byte for byte (status: the header's value if it is a status 200–599, else 200), for hostile-input tests; `x-mock-content-type` sets the content type (default `application/json`) |
 //! | `x-mock-encoding` | `gzip`, `deflate` (zlib), `raw-deflate` (a raw deflate stream, labelled `content-encoding: deflate`), `br` or `identity` (default): compresses the body (errors included) and sets `content-encoding`; `content-length` is the compressed length. A stream is compressed with a sync flush after every event, so each chunk decodes on arrival; the stream's end rides on the last event's chunk |
+//! | `x-mock-brotli-lgwin` | with `x-mock-encoding: br`: the brotli window, log2, 10 to 24 (default 22, 4 MiB; 24 is a 16 MiB window, which a decoder must hold for a long body); a 400 without `br` |
+//! | `x-mock-pad-bytes` | non-streaming chat and completions: the assistant's text is padded with generated prose (deterministic; about 23:1 with brotli, 20 MB to 0.86 MB) to this many bytes (at most 256 MiB), so the JSON body is that size plus a few hundred bytes, usage still at the end. Such a body is built and compressed once per distinct answer (knobs, model, counts, encoding, window) and then served from memory, so repeats carry the first one's `id` and `created`. A 400 on a stream or another API. Trickle it with `x-mock-split` and `x-mock-split-delay-ms` |
 //! | `x-mock-ratelimit-limit-requests`, `x-mock-ratelimit-remaining-requests`, `x-mock-ratelimit-limit-tokens`, `x-mock-ratelimit-remaining-tokens` | override the 2xx rate-limit numbers in the API's header family; when only a limit is given, remaining is limit − 1 (requests) or limit − 1000 (tokens) |
 //! | `x-mock-ratelimit-style` | `provider` (default: the family above), `generic` (only `x-ratelimit-limit` and `x-ratelimit-remaining`, the request numbers, on every API including Gemini, whose defaults are 1000/999), `none` |
 //! | `x-mock-usage-in-headers` | `1`/`true`: the answer carries `x-usage-input-tokens`, `x-usage-output-tokens`, and `x-usage-cached-tokens`, `x-usage-reasoning-tokens`, `x-usage-cache-creation-tokens` when not 0, and its body no usage (as with `no_usage`); `0`/`false` (default) |
@@ -94,6 +96,7 @@
 //! A control header with a bad value gets a 400 whose message names the header.
 
 mod anthropic;
+mod cache;
 mod encoding;
 mod gemini;
 mod http;
@@ -105,7 +108,7 @@ mod shape;
 mod text;
 
 use std::io::Write;
-use std::net::TcpListener;
+use std::net::{TcpListener, ToSocketAddrs};
 use std::process::ExitCode;
 
 const USAGE: &str = "usage: mock-llm [--host ADDR] [--port PORT] [--quiet]";
@@ -134,6 +137,24 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
     Ok(parsed)
 }
 
+/// Pending connections the listener queues (the kernel caps it at `net.core.somaxconn`): a proxy
+/// opening a thousand upstream connections at once must not see SYNs dropped, as with std's 128.
+const BACKLOG: i32 = 4096;
+
+fn listen(host: &str, port: u16) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let addr = (host, port)
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address"))?;
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    // As std does on Unix: a restarted mock may reuse a port in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
 fn main() -> ExitCode {
     let args = match parse_args(std::env::args().skip(1)) {
         Ok(a) => a,
@@ -145,7 +166,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let listener = match TcpListener::bind((args.host.as_str(), args.port)) {
+    let listener = match listen(&args.host, args.port) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("mock-llm: cannot listen on {}:{}: {e}", args.host, args.port);

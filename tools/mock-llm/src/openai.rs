@@ -134,12 +134,17 @@ fn text_plan(status: u16, text: &str) -> Plan {
 }
 
 pub fn json_plan(body: Value) -> Plan {
+    json_bytes_plan(body.to_string().into_bytes())
+}
+
+/// A 200 `application/json` answer with this body.
+pub fn json_bytes_plan(body: Vec<u8>) -> Plan {
     Plan {
         status: 200,
         headers: vec![("content-type".into(), "application/json".into()), request_id()],
         delay: Duration::ZERO,
         framing: Framing::Length,
-        pieces: vec![body.to_string().into_bytes()],
+        pieces: vec![body],
         gap: Duration::ZERO,
         reset_before: None,
     }
@@ -260,33 +265,72 @@ fn generate(endpoint: Endpoint, model: &str, body: &Value, knobs: &Knobs) -> Res
         cache_creation: 0,
     };
 
-    if body.get("stream").and_then(Value::as_bool) != Some(true) {
-        let text = pieces.concat();
-        let choice = if chat {
-            json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": null, "annotations": []},
-                "logprobs": null,
-                "finish_reason": finish,
-            })
-        } else {
-            json!({"text": text, "index": 0, "logprobs": null, "finish_reason": finish})
+    let stream = body.get("stream").and_then(Value::as_bool) == Some(true);
+    if stream && knobs.pad_bytes.is_some() {
+        return Err(invalid("mock-llm: header x-mock-pad-bytes: only for non-streaming answers"));
+    }
+    if !stream {
+        let build = || {
+            let mut text = pieces.concat();
+            if let Some(len) = knobs.pad_bytes {
+                crate::text::pad(&mut text, len);
+            }
+            let choice = if chat {
+                json!({
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text, "refusal": null, "annotations": []},
+                    "logprobs": null,
+                    "finish_reason": finish,
+                })
+            } else {
+                json!({"text": text, "index": 0, "logprobs": null, "finish_reason": finish})
+            };
+            let mut out = json!({
+                "id": id, "object": object, "created": created, "model": model,
+                "choices": [choice], "system_fingerprint": "fp_mock",
+            });
+            if chat {
+                out["service_tier"] = "default".into();
+            }
+            if with_usage {
+                // Serialized last (keys in order): after the whole text, however long.
+                out["usage"] = counts.usage(endpoint);
+            }
+            let mut bytes = out.to_string().into_bytes();
+            if knobs.scenario == Scenario::Malformed {
+                bytes.truncate(bytes.len() / 2);
+            }
+            bytes
         };
-        let mut out = json!({
-            "id": id, "object": object, "created": created, "model": model,
-            "choices": [choice], "system_fingerprint": "fp_mock",
-        });
-        if chat {
-            out["service_tier"] = "default".into();
-        }
-        if with_usage {
-            out["usage"] = counts.usage(endpoint);
-        }
-        let mut plan = json_plan(out);
-        if knobs.scenario == Scenario::Malformed {
-            let body = plan.body();
-            plan.pieces = vec![body[..body.len() / 2].to_vec()];
-        }
+        let mut plan = match knobs.pad_bytes {
+            None => json_bytes_plan(build()),
+            // Built and compressed once per distinct answer; repeats carry the first one's id
+            // and timestamp.
+            Some(len) => {
+                let key = format!(
+                    "{endpoint:?} {model:?} {prompt} {completion} {} {} {finish} {with_usage} {:?} {:?} {len} {:?} {}",
+                    knobs.cached_tokens,
+                    knobs.reasoning_tokens,
+                    knobs.content,
+                    knobs.scenario,
+                    knobs.encoding,
+                    knobs.lgwin()
+                );
+                let (encoding, lgwin) = (knobs.encoding, knobs.lgwin());
+                let bytes = crate::cache::body(&key, || {
+                    let raw = build();
+                    match encoding {
+                        Some(e) => crate::encoding::compress(e, &raw, lgwin),
+                        None => raw,
+                    }
+                });
+                let mut plan = json_bytes_plan(bytes.to_vec());
+                if let Some(e) = encoding {
+                    plan.headers.push(("content-encoding".into(), e.header().into()));
+                }
+                plan
+            }
+        };
         usage_headers(&mut plan, knobs, header_usage);
         return Ok(plan);
     }

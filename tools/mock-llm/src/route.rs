@@ -73,6 +73,10 @@ pub fn plan(req: &Request) -> Plan {
         Ok(k) => k,
         Err(msg) => return api.invalid(&msg),
     };
+    if knobs.pad_bytes.is_some() && !matches!(api, Api::OpenAi(openai::Endpoint::Chat | openai::Endpoint::Completions))
+    {
+        return api.invalid("mock-llm: header x-mock-pad-bytes: only for chat and completions");
+    }
     let mut plan = match &api {
         // Hostile-input tests: answer with exactly the bytes sent, as `x-mock-content-type`.
         _ if req.header("x-mock-echo").is_some() => echo(req),

@@ -99,15 +99,18 @@ pub fn usage_headers(plan: &mut Plan, knobs: &Knobs, u: HeaderUsage) {
 
 /// Applies the knobs every answer shares, in this order: rate-limit headers (2xx only),
 /// compression, splitting (of the compressed bytes), the mid-stream reset (2xx only), the delay.
+/// A plan that carries `content-encoding` already (a cached `x-mock-pad-bytes` body, compressed
+/// once) is not compressed again.
 pub fn finish(plan: &mut Plan, family: Family, knobs: &Knobs) {
     let ok = (200..300).contains(&plan.status);
     if ok {
         plan.headers.extend(rate_limit_headers(family, knobs));
     }
-    if let Some(e) = knobs.encoding {
+    let encoded = plan.headers.iter().any(|(k, _)| k == "content-encoding");
+    if let Some(e) = knobs.encoding.filter(|_| !encoded) {
         plan.pieces = match plan.framing {
-            Framing::Length => vec![encoding::compress(e, &plan.body())],
-            Framing::Chunked => encoding::compress_stream(e, &plan.pieces),
+            Framing::Length => vec![encoding::compress(e, &plan.body(), knobs.lgwin())],
+            Framing::Chunked => encoding::compress_stream(e, &plan.pieces, knobs.lgwin()),
         };
         plan.headers.push(("content-encoding".into(), e.header().into()));
     }
@@ -227,6 +230,68 @@ mod tests {
         let p = post("/v1/embeddings", &h[..2], json!({"model": "m", "input": "x"}));
         assert_eq!((header(&p, "x-usage-input-tokens"), header(&p, "x-usage-output-tokens")), (Some("20"), Some("0")));
         assert!(!String::from_utf8(p.body()).unwrap().contains("usage"));
+    }
+
+    #[test]
+    fn padded_bodies_are_compressed_once_with_the_window_asked_for() {
+        let h = [
+            ("x-mock-encoding", "br"),
+            ("x-mock-brotli-lgwin", "24"),
+            ("x-mock-pad-bytes", "1000000"),
+            ("x-mock-prompt-tokens", "11"),
+            ("x-mock-completion-tokens", "7"),
+            ("x-mock-split", "16384"),
+            ("x-mock-split-delay-ms", "3"),
+        ];
+        let p = post("/v1/chat/completions", &h, chat(false));
+        assert_eq!(p.status, 200);
+        let encodings: Vec<_> = p.headers.iter().filter(|(k, _)| k == "content-encoding").collect();
+        assert_eq!(encodings, [&("content-encoding".to_string(), "br".to_string())], "compressed once");
+        assert!(p.pieces.len() > 2 && p.pieces.iter().all(|piece| piece.len() <= 16384));
+        assert_eq!(p.gap, std::time::Duration::from_millis(3));
+        let wire = p.body();
+        assert_eq!(wire[0] & 0x0f, 0b1111, "WBITS 24: 1, then 7 (17 + 7), RFC 7932 9.1");
+        let mut out = Vec::new();
+        brotli::Decompressor::new(&wire[..], 4096).read_to_end(&mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.ends_with(r#""usage":{"completion_tokens":7,"completion_tokens_details":{"accepted_prediction_tokens":0,"audio_tokens":0,"reasoning_tokens":0,"rejected_prediction_tokens":0},"prompt_tokens":11,"prompt_tokens_details":{"audio_tokens":0,"cached_tokens":0},"total_tokens":18}}"#), "usage last: {}", &text[text.len() - 300..]);
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["choices"][0]["message"]["content"].as_str().unwrap().len(), 1_000_000);
+        assert!(wire.len() * 10 < text.len(), "compresses like text: {} of {}", wire.len(), text.len());
+
+        // The same answer again: the same bytes (built once), id included.
+        let again = post("/v1/chat/completions", &h, chat(false));
+        assert_eq!(again.body(), wire);
+        // Without compression, and for the legacy API, padded too.
+        let plain = post("/v1/chat/completions", &[("x-mock-pad-bytes", "5000")], chat(false));
+        let v: Value = serde_json::from_slice(&plain.body()).unwrap();
+        assert_eq!(v["choices"][0]["message"]["content"].as_str().unwrap().len(), 5000);
+        assert!(header(&plain, "content-encoding").is_none());
+        let legacy = post("/v1/completions", &[("x-mock-pad-bytes", "3000")], json!({"model": "m", "prompt": "x"}));
+        let v: Value = serde_json::from_slice(&legacy.body()).unwrap();
+        assert_eq!(v["choices"][0]["text"].as_str().unwrap().len(), 3000);
+
+        // Not for streams nor other APIs.
+        let p = post("/v1/chat/completions", &[("x-mock-pad-bytes", "5000")], chat(true));
+        assert_eq!(p.status, 400);
+        assert!(String::from_utf8(p.body()).unwrap().contains("x-mock-pad-bytes"));
+        let p = post(
+            "/v1/messages",
+            &[("x-mock-pad-bytes", "5000")],
+            json!({"model": "c", "max_tokens": 5, "messages": []}),
+        );
+        assert_eq!(p.status, 400);
+    }
+
+    #[test]
+    fn brotli_window_applies_to_streams_too() {
+        let p = post("/v1/chat/completions", &[("x-mock-encoding", "br"), ("x-mock-brotli-lgwin", "24")], chat(true));
+        assert_eq!(p.pieces[0][0] & 0x0f, 0b1111, "WBITS 24");
+        let mut out = Vec::new();
+        brotli::Decompressor::new(&p.body()[..], 4096).read_to_end(&mut out).unwrap();
+        assert!(out.ends_with(b"data: [DONE]\n\n"));
+        let p = post("/v1/chat/completions", &[("x-mock-brotli-lgwin", "24")], chat(true));
+        assert_eq!(p.status, 400);
     }
 
     #[test]

@@ -78,6 +78,45 @@ pub fn content_pieces(knobs: &Knobs, text_tokens: u64) -> Vec<String> {
     }
 }
 
+/// Sentences [`pad`] draws from.
+const SENTENCES: &[&str] = &[
+    "The meter reads every byte that passes and keeps only what it needs.",
+    "A stream may end at any moment, and the count must still be right.",
+    "Tokens in, tokens out, and the cost of both, per model and per app.",
+    "Nothing here is buffered whole; chunks come and go as they arrive.",
+    "Compressed bodies are decoded on the side while the client gets the original.",
+    "Budgets are shared by every worker thread of the proxy.",
+    "The gateway answered in time, and the usage was at the very end.",
+    "Each rule has a window, a key, and a limit that is exact.",
+    "Operators read the dashboards at night and sleep better for it.",
+    "A hostile body is a counted skip, never a crash.",
+    "Latency is measured from the request headers to the last byte.",
+    "The first token arrives, then the rest, one event at a time.",
+    "Labels stay bounded however many models the clients invent.",
+    "Memory per stream is bounded, whatever the size of the response.",
+    "The window of the decoder is the price of reading compressed text.",
+    "When in doubt, let the request through and count the doubt.",
+];
+
+/// Pads `text` with generated prose (ASCII, space-separated sentences drawn pseudo-randomly
+/// with a fixed seed, each with a number, so it compresses about as well as real text: 20 MB to
+/// 0.86 MB with brotli) until it is `len` bytes long. Longer text is left as it is.
+pub fn pad(text: &mut String, len: usize) {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    text.reserve(len.saturating_sub(text.len()));
+    while text.len() < len {
+        // xorshift64*
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let r = x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 32;
+        let sentence = SENTENCES[r as usize % SENTENCES.len()];
+        let piece = format!(" {} ({})", sentence, (r >> 8) % 100);
+        let room = len - text.len();
+        text.push_str(&piece[..piece.len().min(room)]);
+    }
+}
+
 /// A fresh id: `{prefix}mock` and a process-wide sequence number.
 pub fn id(prefix: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(1);
@@ -133,6 +172,24 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(1_735_787_045), "2025-01-02T03:04:05Z");
+    }
+
+    #[test]
+    fn padding() {
+        let mut t = "Hello there".to_string();
+        pad(&mut t, 1000);
+        assert_eq!(t.len(), 1000);
+        assert!(t.starts_with("Hello there The ") || t.starts_with("Hello there "), "{t}");
+        let mut u = "Hello there".to_string();
+        pad(&mut u, 1000);
+        assert_eq!(t, u, "deterministic");
+        let mut short = "already long enough".to_string();
+        pad(&mut short, 5);
+        assert_eq!(short, "already long enough");
+        let mut big = String::new();
+        pad(&mut big, 1 << 20);
+        assert_eq!(big.len(), 1 << 20);
+        assert!(big.is_ascii() && !big.contains('"') && !big.contains('\\'), "no JSON escapes");
     }
 
     #[test]

@@ -457,3 +457,30 @@ fn gzip_stream_events_decode_as_they_arrive() {
     assert!(all.starts_with(&first) && all.ends_with("data: [DONE]\n\n"), "{all}");
     assert!(all.contains(r#""completion_tokens":2"#));
 }
+
+#[test]
+fn padded_brotli_answers_are_built_once_and_trickled() {
+    let mock = Mock::start();
+    let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+    let headers = "x-mock-encoding: br\r\nx-mock-brotli-lgwin: 24\r\nx-mock-pad-bytes: 2000000\r\n\
+                   x-mock-completion-tokens: 7\r\nx-mock-split: 4096\r\nx-mock-split-delay-ms: 2\r\n";
+    let request = post("/v1/chat/completions", headers, body);
+    let (head, first) = exchange(&mock, &request);
+    assert_eq!(header(&head, "content-encoding").as_deref(), Some("br"));
+    assert_eq!(header(&head, "content-length"), Some(first.len().to_string()));
+    assert_eq!(first[0] & 0x0f, 0x0f, "WBITS 24");
+    let text = decompress("br", &first);
+    assert!(text.len() > 2_000_000 && text.len() < 2_001_000, "{}", text.len());
+    let v: serde_json::Value = serde_json::from_slice(&text).unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 7);
+    // Many at once: the listener queues them all (backlog) and every one gets the same bytes,
+    // built once.
+    let start = Instant::now();
+    let bodies: Vec<Vec<u8>> = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..300).map(|_| s.spawn(|| exchange(&mock, &request).1)).collect();
+        clients.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    assert!(bodies.iter().all(|b| *b == first));
+    let pieces = first.len().div_ceil(4096) as u32;
+    assert!(start.elapsed() >= Duration::from_millis(2) * (pieces - 1), "trickled");
+}
