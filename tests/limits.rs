@@ -418,7 +418,7 @@ fn a_flood_of_distinct_keys_shares_an_overflow_bucket_in_bounded_memory() {
     // 98,000 new keys cost no shared data. Envoy's allocated memory still moves: measured over
     // 13 runs it changed by -4 KB to +102 KB, in steps of about 17 KB, and the same flood with
     // a single key grew it as much (+82 to +86 KB in 3 runs), so that is Envoy's own churn,
-    // not the keys. The bound (README's number) is 2.5 times the largest change seen, and
+    // not the keys. The bound (the number in docs/limits.md) is 2.5 times the largest change seen, and
     // under 3 bytes per key: keeping the keys would take at least their 32-character hashes,
     // over 3 MB.
     const BOUND: u64 = 256 * 1024;

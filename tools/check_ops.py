@@ -60,7 +60,7 @@ DATASOURCE = "${datasource}"
 GRID_WIDTH = 24
 
 # llm-meter's metrics (prefix `llm`) and their labels, as /stats/prometheus prints them with the
-# shipped stats_tags (README, "Metrics reference"). Histograms also have `_bucket` (with `le`),
+# shipped stats_tags (docs/metrics.md, "Metrics reference"). Histograms also have `_bucket` (with `le`),
 # `_sum` and `_count` series.
 COUNTERS = {
     "llm_requests_total": {"model", "app", "operation", "status", "error_type"},
@@ -257,7 +257,7 @@ def check_expr(expr: str, where: str, errors: list[str]) -> None:
             continue
         labels = llm_metric_labels(name)
         if labels is None:
-            errors.append(f"{where}: unknown metric {name} (not an llm-meter metric of the README's Metrics reference)")
+            errors.append(f"{where}: unknown metric {name} (not an llm-meter metric of the docs/metrics.md, Metrics reference)")
             continue
         if "model" in labels and 'model=~"$model"' not in matchers:
             errors.append(f'{where}: {name} has a model label but the selector does not filter model=~"$model"')

@@ -1,6 +1,6 @@
 //! Token usage as reported by LLM APIs, normalised to one shape.
 //!
-//! Semantics (documented in the README): `input` includes cached input tokens and `output`
+//! Semantics (documented in docs/metrics.md): `input` includes cached input tokens and `output`
 //! includes reasoning tokens, as OpenAI reports them; `cached_input`, `cache_creation_input` and
 //! `reasoning` are subsets. Providers with other conventions are converted to these when parsed:
 //! Anthropic's `input_tokens` excludes both cache counts, so they are added back; Gemini's
