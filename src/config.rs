@@ -6,6 +6,7 @@
 //! half-understood one.
 
 mod limits;
+mod resilience;
 
 pub use limits::{
     FailureMode, GlobalService, KeySource, Limit, LimitsConfig, Rule, TokenEstimate, TokenType, Window,
@@ -14,6 +15,7 @@ pub use limits::{
 
 use crate::meter::pricing::{Price, Pricing};
 pub use crate::meter::upstream::UsageHeaders;
+pub use resilience::{BreakerConfig, ResilienceConfig, ANY_MODEL};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -129,6 +131,8 @@ pub struct Config {
     pub inject_stream_usage: bool,
     /// Memory budget for streams.
     pub memory: MemoryConfig,
+    /// Circuit breaker and fallback chains.
+    pub resilience: ResilienceConfig,
 }
 
 impl Default for Config {
@@ -146,6 +150,7 @@ impl Default for Config {
             usage_headers: UsageHeaders::default(),
             inject_stream_usage: true,
             memory: MemoryConfig::default(),
+            resilience: ResilienceConfig::default(),
         }
     }
 }
@@ -169,6 +174,8 @@ struct RawConfig {
     inject_stream_usage: Option<bool>,
     #[serde(default)]
     memory: RawMemory,
+    #[serde(default)]
+    resilience: resilience::RawResilience,
 }
 
 #[derive(Deserialize, Default)]
@@ -232,6 +239,7 @@ impl Config {
             usage_headers: validate_usage_headers(raw.usage_headers.unwrap_or_default())?,
             inject_stream_usage: raw.inject_stream_usage.unwrap_or(true),
             memory: validate_memory(raw.memory)?,
+            resilience: resilience::validate(raw.resilience)?,
         })
     }
 }
@@ -248,6 +256,19 @@ fn require_objects(value: &serde_json::Value) -> Result<(), ConfigError> {
     if let Some(r) = root.get("request") {
         if !r.is_object() {
             return Err(err("request", "must be an object"));
+        }
+    }
+    if let Some(r) = root.get("resilience") {
+        let r = r.as_object().ok_or_else(|| err("resilience", "must be an object"))?;
+        if let Some(b) = r.get("circuit_breaker") {
+            if !b.is_object() {
+                return Err(err("resilience.circuit_breaker", "must be an object"));
+            }
+        }
+        if let Some(f) = r.get("fallbacks") {
+            if !f.is_object() {
+                return Err(err("resilience.fallbacks", "must be an object mapping models to chains"));
+            }
         }
     }
     if let Some(m) = root.get("memory") {
@@ -536,6 +557,48 @@ mod tests {
         );
         expect_err(r#"{"memory":{"max_bytes":1}}"#, "memory.max_bytes: unknown field");
         expect_err(r#"{"memory":5}"#, "memory: must be an object");
+    }
+
+    #[test]
+    fn resilience_parses_and_bad_chains_are_refused_with_the_field_named() {
+        let c = Config::parse(
+            br#"{"resilience":{"circuit_breaker":{"failures":3,"open_seconds":30,"half_open_requests":1,
+                "on":["upstream_rate_limit","server_error","timeout","network"]},
+                "fallbacks":{"gpt-4.1":["claude-sonnet-4","gemini-2.5-flash"],"*":["deepseek-v3.2"]}}}"#,
+        )
+        .unwrap();
+        let b = c.resilience.breaker.clone().unwrap();
+        assert_eq!((b.failures, b.open_ms, b.half_open_requests, b.on.len()), (3, 30_000, 1, 4));
+        assert_eq!(c.resilience.chain("gpt-4.1"), ["claude-sonnet-4", "gemini-2.5-flash"]);
+        assert_eq!(c.resilience.chain("o3"), ["deepseek-v3.2"]);
+        assert!(c.resilience.names("gemini-2.5-flash") && !c.resilience.names("o3"));
+        let d = Config::parse(br#"{"resilience":{"circuit_breaker":{}}}"#).unwrap().resilience;
+        assert_eq!(d.breaker.unwrap().on.len(), 4, "defaults");
+        assert!(!Config::parse(b"{}").unwrap().resilience.is_active());
+        let cb = |extra: &str| format!(r#"{{"resilience":{{"circuit_breaker":{{{extra}}}}}}}"#);
+        expect_err(&cb(r#""on":["server_error","bogus"]"#), "resilience.circuit_breaker.on[1]: unknown error class");
+        expect_err(&cb(r#""on":[]"#), "resilience.circuit_breaker.on: must name");
+        expect_err(&cb(r#""failures":0"#), "resilience.circuit_breaker.failures: must be between 1");
+        expect_err(&cb(r#""open_seconds":0"#), "resilience.circuit_breaker.open_seconds:");
+        expect_err(&cb(r#""half_open_requests":0"#), "resilience.circuit_breaker.half_open_requests:");
+        expect_err(&cb(r#""retries":1"#), "resilience.circuit_breaker.retries: unknown field");
+        let fb = |chains: &str| format!(r#"{{"resilience":{{"circuit_breaker":{{}},"fallbacks":{chains}}}}}"#);
+        expect_err(&fb(r#"{"a":["b","a"]}"#), "resilience.fallbacks.a[1]: names the model itself");
+        expect_err(&fb(r#"{"a":[]}"#), "resilience.fallbacks.a: must name at least one model");
+        expect_err(&fb(r#"{"a":["b","b"]}"#), "resilience.fallbacks.a[1]: \"b\" is already");
+        expect_err(
+            &fb(r#"{"a":["b"],"b":["c"],"c":["a"]}"#),
+            "resilience.fallbacks.a: a fallback cycle: a → b → c → a",
+        );
+        expect_err(&fb(r#"{"a":["*"]}"#), "resilience.fallbacks.a[0]:");
+        expect_err(&fb(r#"{"a":"b"}"#), "resilience.fallbacks.a: invalid type");
+        expect_err(
+            r#"{"resilience":{"fallbacks":{"a":["b"]}}}"#,
+            "resilience.fallbacks: requires resilience.circuit_breaker",
+        );
+        expect_err(r#"{"resilience":[]}"#, "resilience: must be an object");
+        // A chain through `*` is no cycle: `*` is only for models without a chain of their own.
+        assert!(Config::parse(fb(r#"{"a":["b"],"*":["a"]}"#).as_bytes()).is_ok());
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //!   in the order Envoy calls it) and the per-worker state ([`filter::Worker`]). Open it for
 //!   "what happens to a request, step by step?".
 //! - [`limit`] is admission: "why was this request rejected?"
+//! - [`resilience`] is the per-model circuit breaker and fallback chains: "why did this request
+//!   go to another model?"
 //! - [`config`] is the filter configuration, validated with the field named.
 //! - [`meter`] holds metric names, labels, prices, error classes: "why this series, this cost?"
 //! - [`scan`] reads bodies as they stream: "why is this token count wrong?" (`scan::usage`)
@@ -25,4 +27,5 @@ pub mod host;
 pub mod limit;
 pub mod memory;
 pub mod meter;
+pub mod resilience;
 pub mod scan;

@@ -72,6 +72,9 @@ COUNTERS = {
     "llm_ratelimit_rejected_total": {"model", "rule"},
     "llm_ratelimit_key_overflow_total": {"rule"},
     "llm_ratelimit_service_errors_total": {"rule"},
+    "llm_circuit_transitions_total": {"model", "state"},
+    "llm_fallbacks_total": {"model", "to"},
+    "llm_upstream_retries_total": {"model"},
 }
 HISTOGRAMS = {
     "llm_request_duration_ms": {"model"},
@@ -84,10 +87,19 @@ GAUGES = {
     "llm_upstream_ratelimit_limit": {"model", "kind"},
     "llm_meter_memory_bytes": set(),
     "llm_meter_memory_budget_bytes": set(),
+    "llm_model_state": {"model"},
 }
 # Series that only exist after rare events: a query over nothing else must be marked mayBeEmpty
 # (or fall back to a value with `or vector(...)`).
-SPARSE = {"llm_meter_skips_total", "llm_ratelimit_key_overflow_total", "llm_ratelimit_service_errors_total"}
+SPARSE = {
+    "llm_meter_skips_total",
+    "llm_ratelimit_key_overflow_total",
+    "llm_ratelimit_service_errors_total",
+    "llm_model_state",
+    "llm_circuit_transitions_total",
+    "llm_fallbacks_total",
+    "llm_upstream_retries_total",
+}
 
 
 def llm_metric_labels(name: str) -> set[str] | None:

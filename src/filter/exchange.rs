@@ -10,9 +10,11 @@ use crate::limit::enforce::{self, LimitHost, Rejection, RequestFacts, Reservatio
 use crate::limit::global::{self, Answer};
 use crate::memory::Lease;
 use crate::meter::classify::{classify, ErrorType};
-use crate::meter::labels::{SharedStore, UNKNOWN};
+use crate::meter::labels::{sanitize, SharedStore, OTHER, UNKNOWN};
 use crate::meter::metrics::Metric;
 use crate::meter::upstream::{usage_from_headers, RateLimits};
+use crate::resilience::breaker::{self, Admit, Outcome};
+use crate::resilience::{self, retry_after, Route};
 use crate::scan::body::{BodyFormat, RequestScanner, ResponseScanner, Skip, Skips, RESPONSE_SCAN_BYTES};
 use crate::scan::decode::{DecodeError, Decoder, Encoding, MAX_DECODED_BYTES};
 use crate::scan::inject::{rewrite_request, Forward, UsageChunkStripper};
@@ -115,6 +117,18 @@ pub struct Exchange {
     stripper: Option<UsageChunkStripper>,
     /// This stream's share of the VM's memory budget, taken when it first needs one.
     lease: Option<Rc<Lease>>,
+    /// The circuit breaker decided where the request goes (see [`crate::resilience`]).
+    routed: bool,
+    /// The model a fallback serves the request with (it asked for `fallback_from`).
+    served: Option<String>,
+    /// The model the client asked for, when a fallback serves it.
+    fallback_from: Option<String>,
+    /// The circuit this request reports to when it ends, and what it said at admission.
+    circuit: Option<(String, Admit)>,
+    /// When a rate-limited upstream wants to be asked again, ms from its answer.
+    come_back_ms: Option<u64>,
+    /// The error type of a request the filter answered for a reason other than a limit.
+    local_error: Option<ErrorType>,
 }
 
 fn parse_u64(value: &[u8]) -> Option<u64> {
@@ -152,6 +166,9 @@ impl Exchange {
             }
         }
         if end_of_stream {
+            if let Some(flow) = self.route(host, worker, true) {
+                return flow;
+            }
             if let Some(flow) = self.check_limits(host, worker) {
                 return flow;
             }
@@ -161,7 +178,11 @@ impl Exchange {
         if worker.config.request.model_lookahead_bytes == 0 || !worker.holds.allows_hold() {
             return Flow::Continue;
         }
-        if self.path_model.is_some() && !worker.config.limits.is_active() && !self.inject_pending {
+        if self.path_model.is_some()
+            && !worker.config.limits.is_active()
+            && !self.inject_pending
+            && !worker.config.resilience.is_active()
+        {
             // The model is known already; nothing to wait for.
             return Flow::Continue;
         }
@@ -192,6 +213,10 @@ impl Exchange {
             return Flow::Hold;
         }
         if end_of_stream {
+            // Where it goes first: a fallback rewrites the body injection then reads.
+            if let Some(flow) = self.route(host, worker, true) {
+                return flow;
+            }
             if self.inject_pending {
                 self.inject_usage(host, worker);
                 if self.lease.is_some() {
@@ -207,7 +232,9 @@ impl Exchange {
         // With limits to check or `include_usage` to add, the whole body is read first (it sizes
         // the token estimate and may name `max_tokens` or `stream` after the model), up to the
         // lookahead.
-        let limits_pending = (worker.config.limits.is_active() && !self.limits_checked) || self.inject_pending;
+        let limits_pending = (worker.config.limits.is_active() && !self.limits_checked)
+            || self.inject_pending
+            || (worker.config.resilience.is_active() && !self.routed);
         let Some(held) = self.held_bytes.map(|h| h.saturating_add(chunk.len())) else { return Flow::Continue };
         self.held_bytes = Some(held);
         let enough = !limits_pending && self.request_model().is_some();
@@ -220,10 +247,94 @@ impl Exchange {
             self.inject_pending = false;
             self.inject_abandoned = true;
         }
+        if let Some(flow) = self.route(host, worker, false) {
+            return flow;
+        }
         if let Some(flow) = self.check_limits(host, worker) {
             return flow;
         }
         self.release()
+    }
+
+    /// Decides where the request goes, once, when the model is known as well as it will be
+    /// before the request is forwarded (see [`crate::resilience`]): its own model when its
+    /// circuit admits it, else the first model of its chain whose circuit does (the body's
+    /// `model`, or a Gemini path, rewritten; `whole_body`: the body is held whole, so it can
+    /// be), else a local 503. `Some(Flow::Respond)` when answered.
+    fn route<H: Host>(&mut self, host: &mut H, worker: &mut Worker, whole_body: bool) -> Option<Flow> {
+        if self.routed || !worker.config.resilience.is_active() {
+            return None;
+        }
+        self.routed = true;
+        let model = self.request_model()?.to_string();
+        // A model has a circuit when it has a label of its own (bounded like the labels) or
+        // the configuration names it.
+        let label = worker.model_label(host, Some(&model));
+        let own = label != OTHER && label != UNKNOWN;
+        let now_ms = host.now_nanos() / 1_000_000;
+        let config = &worker.config;
+        let tracked = |m: &str| (m == model && own) || config.resilience.names(m);
+        let route = resilience::route(&*host, &config.resilience, &config.metrics.prefix, &model, tracked, now_ms);
+        match route {
+            Route::Requested(admit) => {
+                self.admitted(host, worker, &model, admit);
+                None
+            }
+            Route::Fallback { to, admit } => {
+                if !self.rewrite_model(host, worker, &to, whole_body) {
+                    // Forwarded already, or not a JSON object: it goes where it asked.
+                    return None;
+                }
+                let to_label = worker.model_label(host, Some(&to));
+                host.counter_add(&worker.name(Metric::FallbacksTotal, &[&label, &to_label]), 1);
+                self.fallback_from = Some(sanitize(&model));
+                self.served = Some(to.clone());
+                self.admitted(host, worker, &to, admit);
+                None
+            }
+            Route::Unavailable { tried, retry_after_ms } => {
+                let rejection = resilience::unavailable(&tried, retry_after_ms);
+                self.local_error = Some(ErrorType::CircuitOpen);
+                Some(self.respond(host, worker, rejection))
+            }
+        }
+    }
+
+    /// The circuit of `model` admitted this request: it reports there at the end; a probe that
+    /// starts a half-open period is that period's transition.
+    fn admitted<H: Host>(&mut self, host: &mut H, worker: &mut Worker, model: &str, admit: Admit) {
+        if admit == (Admit::Probe { first: true }) {
+            worker.circuit_entered(host, model, breaker::State::HalfOpen);
+        }
+        self.circuit = Some((model.to_string(), admit));
+    }
+
+    /// Puts `to` into the held request (body `model`, or the path of a Gemini request).
+    fn rewrite_model<H: Host>(&mut self, host: &mut H, worker: &mut Worker, to: &str, whole_body: bool) -> bool {
+        if self.request.model().is_none() {
+            // Gemini names the model in the path, which can change while the headers are held.
+            let Some(path) = host.request_header(":path") else { return false };
+            let Some(new) = resilience::rewrite_path_model(&path, to) else { return false };
+            host.set_request_header(":path", &new);
+            return true;
+        }
+        if !whole_body || self.held_bytes.is_none() {
+            return false;
+        }
+        let lease = self.lease(worker);
+        let need = self.held_bytes.unwrap_or(0).saturating_mul(3);
+        if !lease.try_take(need) {
+            self.limit_skips.add(Skip::MemoryBudget);
+            return false;
+        }
+        let rewritten = host.request_body().map(|body| resilience::rewrite_model(&body, to));
+        lease.give(need);
+        let Some(Ok(body)) = rewritten else { return false };
+        host.set_request_body(&body);
+        if host.request_header("content-length").is_some() {
+            host.set_request_header("content-length", &body.len().to_string());
+        }
+        true
     }
 
     /// The whole request body is held: adds `stream_options.include_usage` if it is a streaming
@@ -392,6 +503,12 @@ impl Exchange {
         }
         let label = worker.model_label(host, self.request_model());
         host.counter_add(&worker.name(Metric::RatelimitRejectedTotal, &[&label, &rejection.rule]), 1);
+        self.respond(host, worker, rejection)
+    }
+
+    /// Answers the request locally instead of forwarding it.
+    fn respond<H: Host>(&mut self, host: &mut H, worker: &mut Worker, rejection: Rejection) -> Flow {
+        let label = worker.model_label(host, self.request_model());
         host.send_response(rejection.status, &rejection.headers, rejection.body.as_bytes());
         self.status = rejection.status;
         self.model_label = Some(label);
@@ -454,6 +571,21 @@ impl Exchange {
             }
         }
         self.status = header_value(&headers, ":status").map_or(0, parse_status);
+        if let Some(from) = &self.fallback_from {
+            host.set_response_header("x-llm-fallback-from", from);
+        }
+        // Retries Envoy made below the filter (`include_attempt_count_in_response`): the filter
+        // sees one request and its final response whatever happened below.
+        if let Some(attempts) = header_value(&headers, "x-envoy-attempt-count").and_then(parse_u64) {
+            if attempts > 1 {
+                let name = worker.name(Metric::UpstreamRetriesTotal, &[&label]);
+                host.counter_add(&name, attempts - 1);
+            }
+        }
+        if self.status == 429 && self.circuit.is_some() {
+            let now_ms = host.now_nanos() / 1_000_000;
+            self.come_back_ms = retry_after::come_back_after(|n| header_value(&headers, n).map(<[u8]>::to_vec), now_ms);
+        }
         if !(200..300).contains(&self.status) {
             return;
         }
@@ -567,11 +699,12 @@ impl Exchange {
         // make it `canceled`.
         let completed = self.response_end_nanos.is_some() && (100..400).contains(&status);
         let flags = if completed { 0 } else { host.response_flags().unwrap_or(0) };
-        let error = classify(status, flags, self.rejected_by.is_some());
+        let error = self.local_error.unwrap_or_else(|| classify(status, flags, self.rejected_by.is_some()));
         // Ended as the upstream sent it: its end passed through the filter, or nothing (no
         // response flag) says it was cut off (a response that ended with its headers).
         let ended = completed || flags == 0;
         self.record(host, worker, series, status, error, usage, ended);
+        self.report_circuit(host, worker, error);
         // One price for the cost metric and the USD budgets.
         let price = worker.config.pricing.resolve(request_model.as_deref(), response_model.as_deref()).copied();
 
@@ -636,6 +769,31 @@ impl Exchange {
         }
     }
 
+    /// Tells the served model's circuit how the request ended: a success, a failure of a
+    /// class the breaker counts (a 429 that says when to come back opens it until then), or
+    /// neither.
+    fn report_circuit<H: Host>(&mut self, host: &mut H, worker: &mut Worker, error: ErrorType) {
+        let Some((model, admit)) = self.circuit.take() else { return };
+        let (Some(params), Some(breaker)) =
+            (resilience::params(&worker.config.resilience), worker.config.resilience.breaker.as_ref())
+        else {
+            return;
+        };
+        let outcome = match (error, self.come_back_ms) {
+            (ErrorType::None, _) => Outcome::Success,
+            (ErrorType::UpstreamRateLimit, Some(ms)) if breaker.counts(error) => Outcome::ComeBackAfter { ms },
+            (e, _) if breaker.counts(e) => Outcome::Failure,
+            _ => Outcome::Neutral,
+        };
+        let key = resilience::circuit_key(&worker.config.metrics.prefix, &model);
+        let now_ms = host.now_nanos() / 1_000_000;
+        match breaker::report(&*host, &key, params, now_ms, admit, outcome) {
+            Ok(Some(state)) => worker.circuit_entered(host, &model, state),
+            Ok(None) => {}
+            Err(breaker::StoreFailed) => worker.count_error(host, InternalError::SharedData),
+        }
+    }
+
     /// Counts the request and its usage. `ended`: the response ended as the upstream sent it;
     /// only a complete 2xx without usage is a metering blind spot (`usage_missing`), a stream
     /// the client or the network cut off is a failed request (`canceled`, `network`).
@@ -697,7 +855,7 @@ impl Exchange {
 
     /// The request's model: the body's top-level `model`, else the one in the path.
     fn request_model(&self) -> Option<&str> {
-        self.request.model().or(self.path_model.as_deref())
+        self.served.as_deref().or(self.request.model()).or(self.path_model.as_deref())
     }
 
     /// This stream's memory lease, taken on first use with the configured per-stream cap.

@@ -213,6 +213,16 @@ impl Worker {
         self.memory_gauge = host.define_metric(MetricKind::Gauge, &self.name(Metric::MeterMemoryBytes, &[]));
     }
 
+    /// `model`'s circuit entered `state`: counted, and the model's state gauge set.
+    pub fn circuit_entered<H: Host>(&mut self, host: &mut H, model: &str, state: crate::resilience::breaker::State) {
+        let label = self.model_label(host, Some(model));
+        host.counter_add(&self.name(Metric::CircuitTransitionsTotal, &[&label, state.as_str()]), 1);
+        if let Some(id) = host.define_metric(MetricKind::Gauge, &self.name(Metric::ModelState, &[&label])) {
+            host.metric_record(id, state.gauge());
+        }
+        host.log_warn(&format!("llm-meter: the circuit of model {label} is now {}", state.as_str()));
+    }
+
     /// Tells `meter_memory_bytes` how much this VM's streams hold, when that changed enough
     /// to be worth a hostcall (see [`Pool::gauge_delta`]).
     pub fn sync_memory<H: Host>(&mut self, host: &mut H) {

@@ -56,11 +56,14 @@ pub enum ErrorType {
     Canceled,
     /// This filter rejected the request (its own 429).
     RateLimited,
+    /// The model and every model of its fallback chain had an open circuit: this filter
+    /// answered 503 (see [`crate::resilience`]).
+    CircuitOpen,
 }
 
 impl ErrorType {
     /// All values, in label order.
-    pub const ALL: [ErrorType; 8] = [
+    pub const ALL: [ErrorType; 9] = [
         ErrorType::None,
         ErrorType::UpstreamRateLimit,
         ErrorType::ClientError,
@@ -69,6 +72,7 @@ impl ErrorType {
         ErrorType::Network,
         ErrorType::Canceled,
         ErrorType::RateLimited,
+        ErrorType::CircuitOpen,
     ];
 
     /// The label value.
@@ -82,6 +86,7 @@ impl ErrorType {
             ErrorType::Network => "network",
             ErrorType::Canceled => "canceled",
             ErrorType::RateLimited => "rate_limited",
+            ErrorType::CircuitOpen => "circuit_open",
         }
     }
 }

@@ -64,11 +64,20 @@ pub enum Metric {
     MeterMemoryBytes,
     /// `meter_memory_budget_bytes`: one VM's budget (`memory.max_stream_bytes_total`).
     MeterMemoryBudgetBytes,
+    /// `model_state{model}`: a model's circuit, 0 closed, 1 half-open, 2 open.
+    ModelState,
+    /// `circuit_transitions_total{model,state}`: circuits entering a state.
+    CircuitTransitionsTotal,
+    /// `fallbacks_total{model,to}`: requests for `model` served by `to`.
+    FallbacksTotal,
+    /// `upstream_retries_total{model}`: retries Envoy made below the filter
+    /// (`x-envoy-attempt-count` − 1).
+    UpstreamRetriesTotal,
 }
 
 impl Metric {
     /// Every metric, for documentation and configuration checks.
-    pub const ALL: [Metric; 17] = [
+    pub const ALL: [Metric; 21] = [
         Metric::RequestsTotal,
         Metric::TokensTotal,
         Metric::CostMicrousdTotal,
@@ -86,6 +95,10 @@ impl Metric {
         Metric::UpstreamRatelimitLimit,
         Metric::MeterMemoryBytes,
         Metric::MeterMemoryBudgetBytes,
+        Metric::ModelState,
+        Metric::CircuitTransitionsTotal,
+        Metric::FallbacksTotal,
+        Metric::UpstreamRetriesTotal,
     ];
 
     /// Name after the prefix (`requests_total`).
@@ -108,6 +121,10 @@ impl Metric {
             Metric::UpstreamRatelimitLimit => "upstream_ratelimit_limit",
             Metric::MeterMemoryBytes => "meter_memory_bytes",
             Metric::MeterMemoryBudgetBytes => "meter_memory_budget_bytes",
+            Metric::ModelState => "model_state",
+            Metric::CircuitTransitionsTotal => "circuit_transitions_total",
+            Metric::FallbacksTotal => "fallbacks_total",
+            Metric::UpstreamRetriesTotal => "upstream_retries_total",
         }
     }
 
@@ -119,7 +136,8 @@ impl Metric {
             | Metric::UpstreamRatelimitRemaining
             | Metric::UpstreamRatelimitLimit
             | Metric::MeterMemoryBytes
-            | Metric::MeterMemoryBudgetBytes => Kind::Gauge,
+            | Metric::MeterMemoryBudgetBytes
+            | Metric::ModelState => Kind::Gauge,
             _ => Kind::Counter,
         }
     }
@@ -141,13 +159,16 @@ impl Metric {
             Metric::RatelimitKeyOverflowTotal | Metric::RatelimitServiceErrorsTotal => &["rule"],
             Metric::UpstreamRatelimitRemaining | Metric::UpstreamRatelimitLimit => &["model", "kind"],
             Metric::MeterMemoryBytes | Metric::MeterMemoryBudgetBytes => &[],
+            Metric::ModelState | Metric::UpstreamRetriesTotal => &["model"],
+            Metric::CircuitTransitionsTotal => &["model", "state"],
+            Metric::FallbacksTotal => &["model", "to"],
         }
     }
 }
 
 /// Every label key used by any metric: each needs a `stats_tags` entry in `envoy.yaml`.
-pub const LABEL_KEYS: [&str; 9] =
-    ["model", "app", "operation", "status", "error_type", "token_type", "reason", "kind", "rule"];
+pub const LABEL_KEYS: [&str; 11] =
+    ["model", "app", "operation", "status", "error_type", "token_type", "reason", "kind", "rule", "state", "to"];
 
 /// Builds the Envoy stat name of `metric` with label `values` (in [`Metric::label_keys`] order).
 ///
