@@ -8,7 +8,8 @@
 //! configuration, label registries, stat ids, the report queue. The glue in [`crate::host`]
 //! implements [`Host`] with hostcalls; `tests` implements it in memory, so the whole
 //! lifecycle, every metric included, is tested natively. [`hold`] watches requests held for
-//! their model.
+//! their model; `exchange/route.rs` holds the steps that route a request past an open circuit
+//! (see [`crate::resilience`]).
 //!
 //! What the filter changes, and only then: a streaming chat/completions request without
 //! `stream_options.include_usage` gets it added (`inject_stream_usage`), its `accept-encoding`
