@@ -13,7 +13,8 @@
 //! [`retry_after`] reads when a rate-limited upstream wants to be asked again;
 //! [`rewrite_model`] puts the chosen model into the request.
 //!
-//! Depends on [`crate::config`] and [`crate::meter`] (the shared store); only the exchange
+//! Depends on [`crate::config`], [`crate::meter`] (the shared store) and the reply shape of
+//! [`crate::limit::enforce`]; only the exchange
 //! ([`crate::filter`]) uses it. Without `resilience.circuit_breaker` none of it runs.
 
 pub mod breaker;
