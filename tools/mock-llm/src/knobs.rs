@@ -106,6 +106,44 @@ pub struct Knobs {
     /// `x-mock-delta-input-tokens`: the `input_tokens` that a full `message_delta` reports.
     pub delta_input_tokens: Option<u64>,
     pub responses_final: ResponsesFinal,
+    /// `x-mock-fail-model`: `(model, status)` pairs, matched against the model the request names.
+    pub fail_models: Vec<(String, u16)>,
+    /// `x-mock-fail-times` and `x-mock-fail-key`: the first n requests with this key fail.
+    pub fail_times: Option<(u64, String)>,
+    /// `x-mock-fail-status`: the status of those failures (default 503).
+    pub fail_status: u16,
+    /// `x-mock-retry-after`: the `retry-after` seconds of a scripted 429.
+    pub retry_after: Option<u64>,
+    /// `x-mock-fail-on`: the `--name`s of the mocks the scripted failures apply on (all if
+    /// absent).
+    pub fail_on: Option<Vec<String>>,
+}
+
+/// Statuses a scripted failure may answer with.
+const FAIL_STATUSES: std::ops::RangeInclusive<u64> = 400..=599;
+/// Longest `x-mock-fail-key`.
+const MAX_FAIL_KEY: usize = 256;
+
+/// `x-mock-fail-model: <model>=<status>[,<model>=<status>…]`.
+fn fail_models(req: &Request) -> Result<Vec<(String, u16)>, String> {
+    let Some(v) = req.header("x-mock-fail-model") else { return Ok(vec![]) };
+    v.split(',')
+        .map(|pair| {
+            let bad = || {
+                format!(
+                    "mock-llm: header x-mock-fail-model: expected <model>=<status>[,<model>=<status>…] with a status \
+                     from 400 to 599, got {pair:?}"
+                )
+            };
+            let (model, status) = pair.trim().rsplit_once('=').ok_or_else(bad)?;
+            let status = status.trim().parse::<u64>().ok().filter(|s| FAIL_STATUSES.contains(s)).ok_or_else(bad)?;
+            let model = model.trim();
+            if model.is_empty() {
+                return Err(bad());
+            }
+            Ok((model.to_string(), status as u16))
+        })
+        .collect()
 }
 
 fn number(req: &Request, name: &str, min: u64, max: u64) -> Result<Option<u64>, String> {
@@ -185,6 +223,32 @@ impl Knobs {
                 ("failed", ResponsesFinal::Failed),
             ],
         )?;
+        let fail_times = match (number(req, "x-mock-fail-times", 0, 1_000_000)?, req.header("x-mock-fail-key")) {
+            (None, None) => None,
+            (Some(n), Some(key)) if !key.is_empty() && key.len() <= MAX_FAIL_KEY => Some((n, key.to_string())),
+            (Some(_), Some(_)) => {
+                return Err(format!("mock-llm: header x-mock-fail-key: expected 1 to {MAX_FAIL_KEY} bytes"));
+            }
+            (Some(_), None) => return Err("mock-llm: header x-mock-fail-times: needs x-mock-fail-key".into()),
+            (None, Some(_)) => {
+                return Err("mock-llm: header x-mock-fail-key: only meaningful with x-mock-fail-times".into())
+            }
+        };
+        let fail_status = number(req, "x-mock-fail-status", *FAIL_STATUSES.start(), *FAIL_STATUSES.end())?;
+        if fail_status.is_some() && fail_times.is_none() {
+            return Err("mock-llm: header x-mock-fail-status: only meaningful with x-mock-fail-times".into());
+        }
+        let fail_on = req
+            .header("x-mock-fail-on")
+            .map(|v| v.split(',').map(str::trim).filter(|n| !n.is_empty()).map(str::to_string).collect::<Vec<_>>());
+        if fail_on.as_ref().is_some_and(Vec::is_empty) {
+            return Err("mock-llm: header x-mock-fail-on: expected <name>[,<name>…]".into());
+        }
+        if fail_on.is_some() && fail_times.is_none() && req.header("x-mock-fail-model").is_none() {
+            return Err(
+                "mock-llm: header x-mock-fail-on: only meaningful with x-mock-fail-model or x-mock-fail-times".into()
+            );
+        }
         Ok(Knobs {
             prompt_tokens: tokens(req, "x-mock-prompt-tokens")?,
             completion_tokens: tokens(req, "x-mock-completion-tokens")?,
@@ -217,6 +281,11 @@ impl Knobs {
             anthropic_full_final_usage: full,
             delta_input_tokens,
             responses_final: responses_final.unwrap_or(ResponsesFinal::Completed),
+            fail_models: fail_models(req)?,
+            fail_times,
+            fail_status: fail_status.map_or(503, |s| s as u16),
+            retry_after: number(req, "x-mock-retry-after", 0, 86_400)?,
+            fail_on,
         })
     }
 
@@ -318,6 +387,53 @@ mod tests {
         assert!(k.usage_in_headers && !k.usage_in_body());
         assert_eq!((k.anthropic_full_final_usage, k.delta_input_tokens), (true, Some(9)));
         assert_eq!(k.responses_final, ResponsesFinal::Failed);
+    }
+
+    #[test]
+    fn failure_headers_parse() {
+        let k = knobs(&[]).unwrap();
+        assert!(k.fail_models.is_empty() && k.fail_times.is_none() && k.retry_after.is_none());
+        assert_eq!(k.fail_status, 503);
+        let k = knobs(&[
+            ("x-mock-fail-model", "gpt-4o=503, claude-sonnet-4=429 ,models/x:y=500"),
+            ("x-mock-fail-times", "2"),
+            ("x-mock-fail-key", "test-1"),
+            ("x-mock-fail-status", "429"),
+            ("x-mock-retry-after", "3"),
+        ])
+        .unwrap();
+        let want = [("gpt-4o", 503), ("claude-sonnet-4", 429), ("models/x:y", 500)];
+        assert_eq!(k.fail_models, want.map(|(m, s)| (m.to_string(), s)));
+        assert_eq!((k.fail_times, k.fail_status, k.retry_after), (Some((2, "test-1".into())), 429, Some(3)));
+        assert_eq!(k.fail_on, None);
+        let k = knobs(&[("x-mock-fail-model", "m=503"), ("x-mock-fail-on", "primary, eu-1")]).unwrap();
+        assert_eq!(k.fail_on, Some(vec!["primary".to_string(), "eu-1".to_string()]));
+        for bad in [
+            &[("x-mock-fail-model", "gpt-4o")][..],
+            &[("x-mock-fail-model", "gpt-4o=200")],
+            &[("x-mock-fail-model", "gpt-4o=600")],
+            &[("x-mock-fail-model", "=503")],
+            &[("x-mock-fail-model", "a=503,")],
+            &[("x-mock-fail-model", "a=x")],
+        ] {
+            assert!(knobs(bad).unwrap_err().contains("x-mock-fail-model"), "{bad:?}");
+        }
+        for (bad, name) in [
+            (&[("x-mock-fail-times", "1")][..], "x-mock-fail-times"),
+            (&[("x-mock-fail-times", "x"), ("x-mock-fail-key", "k")], "x-mock-fail-times"),
+            (&[("x-mock-fail-key", "k")], "x-mock-fail-key"),
+            (&[("x-mock-fail-times", "1"), ("x-mock-fail-key", "")], "x-mock-fail-key"),
+            (&[("x-mock-fail-status", "503")], "x-mock-fail-status"),
+            (
+                &[("x-mock-fail-times", "1"), ("x-mock-fail-key", "k"), ("x-mock-fail-status", "302")],
+                "x-mock-fail-status",
+            ),
+            (&[("x-mock-retry-after", "soon")], "x-mock-retry-after"),
+            (&[("x-mock-fail-on", "primary")], "x-mock-fail-on"),
+            (&[("x-mock-fail-model", "m=503"), ("x-mock-fail-on", " , ")], "x-mock-fail-on"),
+        ] {
+            assert!(knobs(bad).unwrap_err().contains(name), "{bad:?}");
+        }
     }
 
     #[test]

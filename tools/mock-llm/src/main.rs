@@ -4,10 +4,11 @@
 //! test can script exactly the token counts, timing and failures it wants to see metered.
 //!
 //! ```text
-//! mock-llm [--host 127.0.0.1] [--port 8000] [--quiet]
+//! mock-llm [--host 127.0.0.1] [--port 8000] [--quiet] [--name NAME]
 //! ```
 //!
-//! `--port 0` picks a free port. The first line on stdout is always `listening on HOST:PORT`;
+//! `--port 0` picks a free port. `--name NAME` adds `x-mock-server: NAME` to every answer, so a
+//! test behind a proxy with two mocks (a primary and a secondary gateway) sees which one served. The first line on stdout is always `listening on HOST:PORT`;
 //! one line per request goes to stderr unless `--quiet`.
 //!
 //! # Endpoints
@@ -92,12 +93,23 @@
 //! | `x-mock-anthropic-final-usage` | `full`: Anthropic's `message_delta` usage also repeats `input_tokens`, `cache_creation_input_tokens` and `cache_read_input_tokens`; `output` (default): only `output_tokens` |
 //! | `x-mock-delta-input-tokens` | with `x-mock-anthropic-final-usage: full`, the `input_tokens` in `message_delta` (default: the same as `message_start`); a 400 without it |
 //! | `x-mock-responses-final` | `completed` (default), `incomplete` (final event `response.incomplete`: status `incomplete`, `incomplete_details: {"reason": "max_output_tokens"}`, usage present), `failed` (`response.failed`: status `failed`, `error: {"code": "server_error", …}`, usage present); non-streaming answers get the same status |
+//! | `x-mock-fail-model` | `<model>=<status>[,<model>=<status>…]` (status 400–599): when the model the request names (body `model`; for Gemini the path's `models/{model}`) is listed, the answer is that status with the API's error body (OpenAI `{"error": {…}}` with type `requests`/code `rate_limit_exceeded` on 429, `server_error` on 5xx, else `invalid_request_error`; Anthropic `{"type": "error", …}` with `rate_limit_error`, `overloaded_error` on 529, `api_error` on other 5xx, …; Gemini `RESOURCE_EXHAUSTED`, `UNAVAILABLE`, `INTERNAL`, …), `content-length` framed, streaming requested or not, no usage and no 2xx rate-limit headers; other models answer normally. Checked before `x-mock-fail-times`, and whatever `x-mock-scenario` says |
+//! | `x-mock-fail-times`, `x-mock-fail-key` | `x-mock-fail-times: N` (0–1,000,000) with `x-mock-fail-key: K` (1–256 bytes; each needs the other): the first N requests that carry key K fail (as `x-mock-fail-model` does, status `x-mock-fail-status`), later ones with K answer normally. Counted per mock process (two mocks count apart) and per key, in a map of at most 10,000 keys (a new key beyond that forgets the others); a request `x-mock-fail-model` failed is not counted |
+//! | `x-mock-fail-status` | with `x-mock-fail-times`: the status of its failures, 400–599 (default 503); a 400 without it |
+//! | `x-mock-fail-on` | `<name>[,<name>…]`: the scripted failures (`x-mock-fail-model`, `x-mock-fail-times`) apply only on the mocks started with one of these `--name`s; elsewhere the request answers normally and is not counted against `x-mock-fail-times` (a mock without `--name` matches none). A 400 without `x-mock-fail-model` or `x-mock-fail-times` |
+//! | `x-mock-retry-after` | seconds (0–86,400): a scripted failure (`x-mock-fail-model` or `x-mock-fail-times`) with status 429 carries `retry-after: <seconds>`; without this header, or with another status, no `retry-after` |
+//!
+//! Every answer reports the model it received: `model` in OpenAI's, the Responses API's and
+//! Anthropic's bodies (streamed chunks and events included) is the request body's `model`, and
+//! Gemini's `modelVersion` is the path's model. A proxy that rewrites the model (llm-meter's
+//! fallbacks) is therefore visible in the answer.
 //!
 //! A control header with a bad value gets a 400 whose message names the header.
 
 mod anthropic;
 mod cache;
 mod encoding;
+mod fail;
 mod gemini;
 mod http;
 mod knobs;
@@ -111,17 +123,18 @@ use std::io::Write;
 use std::net::{TcpListener, ToSocketAddrs};
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: mock-llm [--host ADDR] [--port PORT] [--quiet]";
+const USAGE: &str = "usage: mock-llm [--host ADDR] [--port PORT] [--quiet] [--name NAME]";
 
 #[derive(Debug)]
 struct Args {
     host: String,
     port: u16,
     quiet: bool,
+    name: Option<String>,
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
-    let mut parsed = Args { host: "127.0.0.1".into(), port: 8000, quiet: false };
+    let mut parsed = Args { host: "127.0.0.1".into(), port: 8000, quiet: false, name: None };
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--host" => parsed.host = args.next().ok_or("--host needs a value")?,
@@ -130,11 +143,27 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
                 parsed.port = v.parse().map_err(|_| format!("--port: not a port number: {v:?}"))?;
             }
             "--quiet" => parsed.quiet = true,
+            "--name" => {
+                let v = args.next().ok_or("--name needs a value")?;
+                if v.is_empty() || !v.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(format!("--name: expected visible ASCII without spaces, got {v:?}"));
+                }
+                parsed.name = Some(v);
+            }
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
     Ok(parsed)
+}
+
+/// [`route::plan`], plus `x-mock-server` when the mock has a `--name`.
+fn plan(req: &http::Request) -> http::Plan {
+    let mut plan = route::plan(req);
+    if let Some(name) = fail::NAME.get() {
+        plan.headers.push(("x-mock-server".into(), name.clone()));
+    }
+    plan
 }
 
 /// Pending connections the listener queues (the kernel caps it at `net.core.somaxconn`): a proxy
@@ -166,6 +195,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(name) = args.name.clone() {
+        let _ = fail::NAME.set(name);
+    }
     let listener = match listen(&args.host, args.port) {
         Ok(l) => l,
         Err(e) => {
@@ -188,7 +220,7 @@ fn main() -> ExitCode {
         match conn {
             Ok(stream) => {
                 let quiet = args.quiet;
-                std::thread::spawn(move || http::serve_connection(stream, quiet, route::plan));
+                std::thread::spawn(move || http::serve_connection(stream, quiet, plan));
             }
             Err(e) => eprintln!("mock-llm: accept: {e}"),
         }
@@ -209,7 +241,10 @@ mod tests {
         let a = args(&[]).unwrap();
         assert_eq!((a.host.as_str(), a.port, a.quiet), ("127.0.0.1", 8000, false));
         let a = args(&["--host", "0.0.0.0", "--port", "0", "--quiet"]).unwrap();
-        assert_eq!((a.host.as_str(), a.port, a.quiet), ("0.0.0.0", 0, true));
+        assert_eq!((a.host.as_str(), a.port, a.quiet, a.name), ("0.0.0.0", 0, true, None));
+        assert_eq!(args(&["--name", "primary"]).unwrap().name.as_deref(), Some("primary"));
+        assert!(args(&["--name", "a b"]).unwrap_err().contains("--name"));
+        assert!(args(&["--name"]).is_err());
         assert!(args(&["--port", "http"]).unwrap_err().contains("--port"));
         assert!(args(&["--port"]).is_err());
         assert!(args(&["--verbose"]).unwrap_err().contains("--verbose"));

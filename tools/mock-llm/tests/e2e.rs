@@ -12,8 +12,13 @@ struct Mock {
 
 impl Mock {
     fn start() -> Mock {
+        Mock::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> Mock {
         let mut child = Command::new(env!("CARGO_BIN_EXE_mock-llm"))
             .args(["--port", "0", "--quiet"])
+            .args(extra)
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn mock-llm");
@@ -483,4 +488,35 @@ fn padded_brotli_answers_are_built_once_and_trickled() {
     assert!(bodies.iter().all(|b| *b == first));
     let pieces = first.len().div_ceil(4096) as u32;
     assert!(start.elapsed() >= Duration::from_millis(2) * (pieces - 1), "trickled");
+}
+
+#[test]
+fn named_mocks_count_scripted_failures_apart() {
+    let primary = Mock::start_with(&["--name", "primary"]);
+    let secondary = Mock::start_with(&["--name", "secondary"]);
+    let once =
+        "x-mock-fail-times: 1\r\nx-mock-fail-key: e2e-once\r\nx-mock-fail-status: 429\r\nx-mock-retry-after: 1\r\n";
+    let body = CHAT.replace(r#""stream":true"#, r#""stream":false"#);
+    for (mock, name) in [(&primary, "primary"), (&secondary, "secondary")] {
+        // Each process counts the key on its own: the first request to each fails.
+        let (head, body1) = exchange(mock, &post("/v1/chat/completions", once, &body));
+        assert!(head.starts_with("HTTP/1.1 429"), "{head}");
+        assert_eq!(header(&head, "retry-after").as_deref(), Some("1"));
+        assert_eq!(header(&head, "x-mock-server").as_deref(), Some(name));
+        let v: serde_json::Value = serde_json::from_slice(&body1).unwrap();
+        assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+        let (head, body2) = exchange(mock, &post("/v1/chat/completions", once, &body));
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(header(&head, "x-mock-server").as_deref(), Some(name));
+        let v: serde_json::Value = serde_json::from_slice(&body2).unwrap();
+        assert_eq!(v["model"], "gpt-4o");
+    }
+    // x-mock-fail-model on a stream: an error answer, not a stream.
+    let (head, body) = exchange(&primary, &post("/v1/chat/completions", "x-mock-fail-model: gpt-4o=503\r\n", CHAT));
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    assert!(header(&head, "content-type").unwrap().starts_with("application/json"), "{head}");
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"]["type"], "server_error");
+    let (head, _) = exchange(&Mock::start(), "GET /healthz HTTP/1.1\r\nhost: mock\r\n\r\n");
+    assert_eq!(header(&head, "x-mock-server"), None, "no --name, no header");
 }
