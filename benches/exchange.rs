@@ -191,6 +191,12 @@ mod native {
         "limits": [{"name": "rpm", "key": "header:x-api-key", "requests_per_minute": 100000000},
                    {"name": "tpm", "key": "header:x-api-key", "tokens_per_minute": 100000000000}]}"#;
 
+    /// The metrics configuration plus a circuit breaker and a fallback chain (no circuit open).
+    const RESILIENCE: &str = r#"{"metrics": {"app_header": "x-app-id"},
+        "pricing": {"gpt-4o-mini": {"input": 0.15, "output": 0.6, "cached_input": 0.075}},
+        "resilience": {"circuit_breaker": {"failures": 3, "open_seconds": 30},
+                       "fallbacks": {"gpt-4o-mini": ["gpt-4.1-mini"]}}}"#;
+
     fn host(content_type: &str) -> BenchHost {
         let mut host = BenchHost::default();
         for (k, v) in [
@@ -264,6 +270,7 @@ mod native {
         let sse = response_sse();
         case(&mut c, "chat_json_metrics", CONFIG, "application/json", &json, 16384);
         case(&mut c, "chat_json_metrics_2_limits", LIMITS, "application/json", &json, 16384);
+        case(&mut c, "chat_json_metrics_resilience", RESILIENCE, "application/json", &json, 16384);
         // Envoy hands a 60 KB upstream body to filters in chunks of up to 16 KiB.
         case(&mut c, "chat_sse_metrics", CONFIG, "text/event-stream", &sse, 16384);
         c.final_summary();

@@ -98,6 +98,8 @@ pub fn classify(status: u16, response_flags: u64, local_rejection: bool) -> Erro
     if local_rejection {
         return ErrorType::RateLimited;
     }
+    // URX (retries exhausted) says nothing of its own: the last attempt's answer is what the
+    // client got (its status), and a network failure of that attempt has its own flag.
     let any = |mask: u64| response_flags & mask != 0;
     if any(DOWNSTREAM_CONNECTION_TERMINATION | DOWNSTREAM_REMOTE_RESET) {
         return ErrorType::Canceled;
@@ -111,7 +113,6 @@ pub fn classify(status: u16, response_flags: u64, local_rejection: bool) -> Erro
         | UPSTREAM_CONNECTION_FAILURE
         | UPSTREAM_CONNECTION_TERMINATION
         | UPSTREAM_OVERFLOW
-        | UPSTREAM_RETRY_LIMIT_EXCEEDED
         | UPSTREAM_PROTOCOL_ERROR)
     {
         return ErrorType::Network;
@@ -154,6 +155,13 @@ mod tests {
         assert_eq!(classify(200, DOWNSTREAM_CONNECTION_TERMINATION, false), ErrorType::Canceled);
         assert_eq!(classify(0, DOWNSTREAM_REMOTE_RESET | UPSTREAM_REMOTE_RESET, false), ErrorType::Canceled);
         assert_eq!(classify(0, 0, false), ErrorType::Network);
+        // Retries exhausted: the last answer decides, unless the last attempt failed itself.
+        assert_eq!(classify(503, UPSTREAM_RETRY_LIMIT_EXCEEDED, false), ErrorType::ServerError);
+        assert_eq!(classify(429, UPSTREAM_RETRY_LIMIT_EXCEEDED, false), ErrorType::UpstreamRateLimit);
+        assert_eq!(
+            classify(503, UPSTREAM_RETRY_LIMIT_EXCEEDED | UPSTREAM_CONNECTION_FAILURE, false),
+            ErrorType::Network
+        );
     }
 
     #[test]

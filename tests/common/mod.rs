@@ -829,3 +829,47 @@ pub fn read_reply(stream: &mut TcpStream, timeout: Duration) -> RawReply {
     }
     reply
 }
+
+// ---- Retries and provider failover (tests/resilience_envoy.rs) ----
+
+impl Mock {
+    /// Starts a mock on any free port that names itself `name` (`--name`: every answer carries
+    /// `x-mock-server: <name>`, and `x-mock-fail-on` can pick it).
+    pub fn start_named(name: &str) -> Mock {
+        let bin = require(&root().join("target/release/mock-llm"), "just mock");
+        let mut child = Command::new(bin)
+            .args(["--host", "127.0.0.1", "--port", "0", "--quiet", "--name", name])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mock-llm");
+        let stdout = child.stdout.take().expect("mock stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("read mock banner");
+        let port = line
+            .trim()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected mock banner {line:?}"));
+        Mock { child, port }
+    }
+}
+
+/// The shipped `envoy/envoy-resilience.yaml` for a primary and a secondary gateway on these
+/// ports, with `filter_config` as the filter's JSON (see [`render_shipped`]).
+pub fn render_resilience(primary_port: u16, secondary_port: u16, filter_config: &str) -> String {
+    let yaml = render_shipped("envoy/envoy-resilience.yaml", primary_port, filter_config);
+    assert_eq!(yaml.matches("port_value: 8001").count(), 1, "one secondary gateway on port 8001");
+    yaml.replace("port_value: 8001", &format!("port_value: {secondary_port}"))
+}
+
+impl Envoy {
+    /// A counter or gauge of Envoy's own `/stats` (e.g. `cluster.llm_primary.upstream_rq_total`),
+    /// 0 when absent.
+    pub fn stat(&self, name: &str) -> u64 {
+        // The filter is a regex (a dot matches any character); the exact name is matched below.
+        let (_, text) = http_get(self.admin, &format!("/stats?filter={name}")).expect("/stats");
+        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(": ")?.trim().parse().ok()).unwrap_or(0)
+    }
+}
