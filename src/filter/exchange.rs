@@ -625,7 +625,7 @@ impl Exchange {
         // response flag) says it was cut off (a response that ended with its headers).
         let ended = completed || flags == 0;
         self.record(host, worker, series, status, error, usage, ended);
-        self.report_circuit(host, worker, error);
+        self.report_circuit(host, worker, error, end);
         // One price for the cost metric and the USD budgets.
         let price = worker.config.pricing.resolve(request_model.as_deref(), response_model.as_deref()).copied();
 

@@ -25,7 +25,8 @@ impl Exchange {
         // the configuration names it.
         let label = worker.model_label(host, Some(&model));
         let own = label != OTHER && label != UNKNOWN;
-        let now_ms = host.now_nanos() / 1_000_000;
+        // The request's start, read once already: a few ms early is as good for a circuit.
+        let now_ms = self.started_nanos / 1_000_000;
         let config = &worker.config;
         let tracked = |m: &str| (m == model && own) || config.resilience.names(m);
         let route = resilience::route(&*host, &config.resilience, &config.metrics.prefix, &model, tracked, now_ms);
@@ -94,7 +95,13 @@ impl Exchange {
     /// Tells the served model's circuit how the request ended: a success, a failure of a
     /// class the breaker counts (a 429 that says when to come back opens it until then), or
     /// neither.
-    pub(super) fn report_circuit<H: Host>(&mut self, host: &mut H, worker: &mut Worker, error: ErrorType) {
+    pub(super) fn report_circuit<H: Host>(
+        &mut self,
+        host: &mut H,
+        worker: &mut Worker,
+        error: ErrorType,
+        end_nanos: u64,
+    ) {
         let Some((model, admit)) = self.circuit.take() else { return };
         let (Some(params), Some(breaker)) =
             (resilience::params(&worker.config.resilience), worker.config.resilience.breaker.as_ref())
@@ -108,7 +115,7 @@ impl Exchange {
             _ => Outcome::Neutral,
         };
         let key = resilience::circuit_key(&worker.config.metrics.prefix, &model);
-        let now_ms = host.now_nanos() / 1_000_000;
+        let now_ms = end_nanos / 1_000_000;
         match breaker::report(&*host, &key, params, now_ms, admit, outcome) {
             Ok(Some(state)) => worker.circuit_entered(host, &model, state),
             Ok(None) => {}
