@@ -14,9 +14,10 @@
 //! untouched. A lease gives everything back when the stream ends, however it ends (it is
 //! released in `on_log` and, failing that, when the exchange is dropped).
 //!
-//! The pool is thread-local: a VM runs on one Envoy worker thread, and several root contexts
-//! (a configuration and its replacement during a reload) share one VM and so one pool. Native
-//! tests get a pool per test thread.
+//! The VM's pool is thread-local: a VM runs on one Envoy worker thread, and several root
+//! contexts (a configuration and its replacement during a reload) share one VM and so one pool.
+//! Tests that need a pool of their own make one ([`Pool::new`], [`Lease::in_pool`]): on wasm32
+//! every test runs on the one thread.
 //!
 //! Allocations charged here are also made fallibly (`try_reserve`, [`try_box`]), so that even
 //! a VM whose memory is short for other reasons gets an error the filter handles rather than an
@@ -44,14 +45,7 @@ pub struct Pool {
 }
 
 thread_local! {
-    static POOL: Pool = const {
-        Pool {
-            held: Cell::new(0),
-            max_total: Cell::new(DEFAULT_MAX_TOTAL),
-            reported: Cell::new(0),
-            peak: Cell::new(0),
-        }
-    };
+    static VM_POOL: Rc<Pool> = Pool::new(DEFAULT_MAX_TOTAL);
 }
 
 /// Changes of at least this many bytes are reported to the gauge at once; smaller ones wait
@@ -59,9 +53,24 @@ thread_local! {
 pub const GAUGE_STEP: usize = 1024 * 1024;
 
 impl Pool {
+    /// A pool of `max_total` bytes, empty.
+    pub fn new(max_total: usize) -> Rc<Pool> {
+        Rc::new(Pool {
+            held: Cell::new(0),
+            max_total: Cell::new(max_total),
+            reported: Cell::new(0),
+            peak: Cell::new(0),
+        })
+    }
+
+    /// This VM's pool.
+    pub fn vm() -> Rc<Pool> {
+        VM_POOL.with(Rc::clone)
+    }
+
     /// Runs `f` on this VM's pool.
     pub fn with<R>(f: impl FnOnce(&Pool) -> R) -> R {
-        POOL.with(f)
+        VM_POOL.with(|p| f(p))
     }
 
     /// Sets the limit (the configuration in force; a lower limit applies to new charges only).
@@ -116,22 +125,28 @@ impl Pool {
 /// e.g. the brotli decoder's allocator.
 #[derive(Debug)]
 pub struct Lease {
+    pool: Rc<Pool>,
     held: Cell<usize>,
     max: usize,
     refused: Cell<bool>,
 }
 
 impl Lease {
-    /// A lease of at most `max_stream` bytes.
+    /// A lease of at most `max_stream` bytes of this VM's pool.
     pub fn new(max_stream: usize) -> Rc<Lease> {
-        Rc::new(Lease { held: Cell::new(0), max: max_stream, refused: Cell::new(false) })
+        Self::in_pool(&Pool::vm(), max_stream)
+    }
+
+    /// A lease of at most `max_stream` bytes of `pool`.
+    pub fn in_pool(pool: &Rc<Pool>, max_stream: usize) -> Rc<Lease> {
+        Rc::new(Lease { pool: pool.clone(), held: Cell::new(0), max: max_stream, refused: Cell::new(false) })
     }
 
     /// Charges `bytes` if both this stream's cap and the VM's pool allow it; otherwise charges
     /// nothing, remembers the refusal ([`Lease::was_refused`]) and returns false.
     pub fn try_take(&self, bytes: usize) -> bool {
         let fits = self.held.get().checked_add(bytes).is_some_and(|n| n <= self.max);
-        if fits && Pool::with(|p| p.try_take(bytes)) {
+        if fits && self.pool.try_take(bytes) {
             self.held.set(self.held.get() + bytes);
             return true;
         }
@@ -143,7 +158,7 @@ impl Lease {
     pub fn give(&self, bytes: usize) {
         let bytes = bytes.min(self.held.get());
         self.held.set(self.held.get() - bytes);
-        Pool::with(|p| p.give(bytes));
+        self.pool.give(bytes);
     }
 
     /// Gives back everything this lease holds.
@@ -218,51 +233,53 @@ mod tests {
 
     use super::*;
 
-    /// Each test thread has its own pool; tests set the limit they need.
-    fn pool(max: usize) {
-        Pool::with(|p| {
-            assert_eq!(p.held(), 0, "a test left bytes held");
-            p.set_max_total(max);
-        });
-    }
-
     #[test]
     fn leases_draw_on_one_pool_within_their_own_cap() {
-        pool(100);
-        let a = Lease::new(60);
-        let b = Lease::new(60);
+        let pool = Pool::new(100);
+        let a = Lease::in_pool(&pool, 60);
+        let b = Lease::in_pool(&pool, 60);
         assert!(a.try_take(50));
         assert!(!a.try_take(20), "over the stream's cap");
         assert!(a.was_refused());
         assert!(b.try_take(50));
         assert!(!b.try_take(1), "over the pool: 100 held");
-        assert_eq!(Pool::with(Pool::held), 100);
+        assert_eq!(pool.held(), 100);
         a.give(30);
         assert!(b.try_take(10));
-        assert_eq!((a.held(), b.held(), Pool::with(Pool::held)), (20, 60, 80));
+        assert_eq!((a.held(), b.held(), pool.held()), (20, 60, 80));
         drop(a);
-        assert_eq!(Pool::with(Pool::held), 60, "a dropped lease gives everything back");
+        assert_eq!(pool.held(), 60, "a dropped lease gives everything back");
         b.release();
         b.give(5);
-        assert_eq!(Pool::with(Pool::held), 0, "giving back more than held gives back what is held");
-        assert_eq!(Pool::with(Pool::peak), 100);
-        Pool::with(|p| p.set_max_total(DEFAULT_MAX_TOTAL));
+        assert_eq!(pool.held(), 0, "giving back more than held gives back what is held");
+        assert_eq!(pool.peak(), 100);
     }
 
     #[test]
     fn the_gauge_is_told_in_steps_and_always_when_back_to_zero() {
-        pool(DEFAULT_MAX_TOTAL);
-        let l = Lease::new(DEFAULT_MAX_STREAM);
-        assert_eq!(Pool::with(Pool::gauge_delta), None);
+        let pool = Pool::new(DEFAULT_MAX_TOTAL);
+        let l = Lease::in_pool(&pool, DEFAULT_MAX_STREAM);
+        assert_eq!(pool.gauge_delta(), None);
         assert!(l.try_take(1000));
-        assert_eq!(Pool::with(Pool::gauge_delta), None, "below the step");
+        assert_eq!(pool.gauge_delta(), None, "below the step");
         assert!(l.try_take(GAUGE_STEP));
-        assert_eq!(Pool::with(Pool::gauge_delta), Some((GAUGE_STEP + 1000) as i64));
+        assert_eq!(pool.gauge_delta(), Some((GAUGE_STEP + 1000) as i64));
         l.give(10);
-        assert_eq!(Pool::with(Pool::gauge_delta), None);
+        assert_eq!(pool.gauge_delta(), None);
         l.release();
-        assert_eq!(Pool::with(Pool::gauge_delta), Some(-((GAUGE_STEP + 1000) as i64)));
-        assert_eq!(Pool::with(Pool::gauge_delta), None);
+        assert_eq!(pool.gauge_delta(), Some(-((GAUGE_STEP + 1000) as i64)));
+        assert_eq!(pool.gauge_delta(), None);
+    }
+
+    #[test]
+    fn leases_of_the_vm_pool_share_it() {
+        let before = Pool::with(Pool::held);
+        let l = Lease::new(1024);
+        assert!(l.try_take(1000));
+        assert_eq!(Pool::with(Pool::held), before + 1000);
+        assert!(Rc::ptr_eq(&Pool::vm(), &Pool::vm()));
+        drop(l);
+        assert_eq!(Pool::with(Pool::held), before);
     }
 
     #[test]

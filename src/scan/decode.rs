@@ -1473,10 +1473,12 @@ mod tests {
     #[test]
     fn a_tiny_budget_refuses_every_allocation_path_and_nothing_leaks() {
         use crate::memory::{Lease, Pool};
+        // A pool of its own: on wasm32 every test shares the VM's.
+        let pool = Pool::new(crate::memory::DEFAULT_MAX_TOTAL);
         let plain = b"{\"usage\":{\"prompt_tokens\":1}}".repeat(100);
         // Each codec's state is refused before anything is allocated.
         for format in FORMATS {
-            let lease = Lease::new(1024);
+            let lease = Lease::in_pool(&pool, 1024);
             let mut d = Decoder::with_lease(format.encoding(), MAX_DECODED_BYTES, lease.clone());
             assert_eq!(d.feed(&format.compress(&plain), &mut |_| {}), Err(DecodeError::Memory), "{format:?}");
             assert!(lease.was_refused());
@@ -1488,16 +1490,16 @@ mod tests {
         // it by the output so far, doubling up to the declared window): brotli asks the
         // allocator, is refused before allocating, and reports it.
         let body = brotli_lgwin_24();
-        let lease = Lease::new(4 << 20);
+        let lease = Lease::in_pool(&pool, 4 << 20);
         let mut d = Decoder::with_lease(Encoding::Brotli, MAX_DECODED_BYTES, lease.clone());
         let mut out = 0;
         assert_eq!(d.feed(&body, &mut |b| out += b.len()), Err(DecodeError::Memory));
         assert!(lease.was_refused() && lease.held() < 4 << 20);
         drop(d);
         drop(lease);
-        assert_eq!(Pool::with(Pool::held), 0, "a dropped decoder and lease give everything back");
+        assert_eq!(pool.held(), 0, "a dropped decoder and lease give everything back");
         // With room, the same stream decodes whole and its ring buffer is charged.
-        let lease = Lease::new(32 << 20);
+        let lease = Lease::in_pool(&pool, 32 << 20);
         let mut d = Decoder::with_lease(Encoding::Brotli, MAX_DECODED_BYTES, lease.clone());
         let mut out = 0;
         d.feed(&body, &mut |b| out += b.len()).unwrap();
@@ -1505,17 +1507,16 @@ mod tests {
         assert_eq!(out, 6_000_000);
         assert!(lease.held() > 8 << 20, "held {}", lease.held());
         lease.release();
-        assert_eq!(Pool::with(Pool::held), 0);
-        // The VM's pool refuses as well as the stream's cap does.
-        Pool::with(|p| p.set_max_total(1 << 20));
-        let lease = Lease::new(32 << 20);
+        assert_eq!(pool.held(), 0);
+        // The pool refuses as well as the stream's cap does.
+        let small = Pool::new(1 << 20);
+        let lease = Lease::in_pool(&small, 32 << 20);
         let mut d = Decoder::with_lease(Encoding::Brotli, MAX_DECODED_BYTES, lease.clone());
         assert_eq!(d.feed(&body, &mut |_| {}), Err(DecodeError::Memory));
-        Pool::with(|p| p.set_max_total(crate::memory::DEFAULT_MAX_TOTAL));
         drop(d);
         drop(lease);
         // An empty body allocates nothing at all.
-        let lease = Lease::new(0);
+        let lease = Lease::in_pool(&pool, 0);
         let mut d = Decoder::with_lease(Encoding::Gzip, MAX_DECODED_BYTES, lease.clone());
         assert_eq!((d.feed(b"", &mut |_| {}), d.finish(&mut |_| {})), (Ok(()), Ok(())));
         assert!(!lease.was_refused());

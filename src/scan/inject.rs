@@ -716,10 +716,11 @@ mod tests {
     #[test]
     fn a_refused_budget_makes_the_stripper_pass_everything_without_losing_a_byte() {
         use crate::memory::{Lease, Pool};
+        let pool = Pool::new(crate::memory::DEFAULT_MAX_TOTAL);
         // Room for a little pending data only: the usage chunk cut across chunks needs more.
         let body = STREAM.as_bytes();
         for i in 0..=body.len() {
-            let lease = Lease::new(40);
+            let lease = Lease::in_pool(&pool, 40);
             let mut s = UsageChunkStripper::with_lease(lease.clone());
             let (a, b) = body.split_at(i);
             let mut out = s.process(a, false);
@@ -732,18 +733,18 @@ mod tests {
             }
             drop(s);
             drop(lease);
-            assert_eq!(Pool::with(Pool::held), 0, "split at {i}");
+            assert_eq!(pool.held(), 0, "split at {i}");
         }
         // Abandoned between chunks (another part of the stream was refused): what was held goes
         // out with the next chunk.
-        let mut s = UsageChunkStripper::with_lease(Lease::new(1 << 20));
+        let mut s = UsageChunkStripper::with_lease(Lease::in_pool(&pool, 1 << 20));
         let half = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]";
         assert_eq!(s.forward(half.as_bytes(), false), Forward::Bytes(Vec::new()));
         s.abandon();
         assert_eq!(s.forward(b"}\n\n", false), Forward::Bytes(format!("{half}}}\n\n").into_bytes()));
         assert_eq!(s.forward(b"data: x\n\n", true), Forward::Unchanged);
         // A large chunk's allocation is not kept for the rest of the stream.
-        let lease = Lease::new(8 << 20);
+        let lease = Lease::in_pool(&pool, 8 << 20);
         let mut s = UsageChunkStripper::with_lease(lease.clone());
         let big =
             format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"{}\"}}}}]}}\n\ndata: {{", "x".repeat(1 << 20));
