@@ -17,7 +17,7 @@ use crate::resilience::breaker::Admit;
 use crate::resilience::retry_after;
 use crate::scan::body::{BodyFormat, RequestScanner, ResponseScanner, Skip, Skips, RESPONSE_SCAN_BYTES};
 use crate::scan::decode::{DecodeError, Decoder, Encoding, MAX_DECODED_BYTES};
-use crate::scan::inject::{rewrite_request, Forward, UsageChunkStripper};
+use crate::scan::inject::{rewrite_request, Forward, Unchanged, UsageChunkStripper};
 use crate::scan::operation::Operation;
 use crate::scan::usage::{Usage, UsageFormat};
 use std::rc::Rc;
@@ -284,14 +284,20 @@ impl Exchange {
         let body = host.request_body();
         let rewritten = body.as_deref().map(rewrite_request);
         lease.give(need);
-        if let Some(Ok(rewritten)) = rewritten {
-            host.set_request_body(&rewritten);
-            if host.request_header("content-length").is_some() {
-                host.set_request_header("content-length", &rewritten.len().to_string());
+        match rewritten {
+            Some(Ok(rewritten)) => {
+                host.set_request_body(&rewritten);
+                if host.request_header("content-length").is_some() {
+                    host.set_request_header("content-length", &rewritten.len().to_string());
+                }
+                // The usage chunk is cut from the stream, which needs it uncompressed.
+                host.remove_request_header("accept-encoding");
+                self.injected = true;
             }
-            // The usage chunk is cut from the stream, which needs it uncompressed.
-            host.remove_request_header("accept-encoding");
-            self.injected = true;
+            Some(Err(Unchanged::NotNeeded)) => {}
+            // The body the scan took for a stream without usage could not be read back or
+            // rewritten: it stays unmetered, and says so.
+            Some(Err(Unchanged::NotJson)) | None => self.limit_skips.add(Skip::NotInjected),
         }
     }
 

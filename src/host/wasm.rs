@@ -504,6 +504,9 @@ impl Host for WasmHost<'_> {
 
     fn set_request_body(&mut self, body: &[u8]) {
         self.check("set_buffer", abi::set_buffer(BufferType::HttpRequestBody, 0, self.request_body_size, body));
+        // The buffer is now `body`: a later read or rewrite in this callback (injection after a
+        // fallback rewrote the model) must cover all of it, not the size it had before.
+        self.request_body_size = body.len();
     }
 
     fn set_response_header(&mut self, name: &str, value: &str) {
