@@ -7,6 +7,8 @@ One machine, one run, the same load from wrk against every setup, in alternating
   b        Envoy + llm-meter, metrics only (the shipped metrics/pricing configuration, no limits)
   c        Envoy + llm-meter, metrics + 2 rate-limit rules (rpm and tpm per x-api-key, set so high
            that nothing is ever rejected)
+  r        Envoy + llm-meter, metrics + resilience (b plus a circuit breaker and fallback chains;
+           the upstream never fails, so no circuit opens: what resilience costs while all is well)
   py       a typical Python exporter proxy: FastAPI + uvicorn + httpx + prometheus_client
            (bench/py_proxy.py, venv .venv-bench from bench/requirements-py-proxy.txt)
   litellm  LiteLLM proxy (venv .venv-litellm from bench/requirements-litellm.txt), when it installs
@@ -68,20 +70,28 @@ LL_VENV = ROOT / ".venv-litellm"
 LL_REQS = ROOT / "bench" / "requirements-litellm.txt"
 
 PORT = {
-    "a": 19001, "b": 19002, "c": 19003, "py": 19004, "litellm": 19005, "n": 19006,
+    "a": 19001, "b": 19002, "c": 19003, "py": 19004, "litellm": 19005, "n": 19006, "r": 19007,
     "mem_a": 19011, "mem_b": 19012,
     "up_json": 19100, "up_sse": 19101, "up_big": 19102, "up_admin": 19190,
-    "a_admin": 19901, "b_admin": 19902, "c_admin": 19903, "n_admin": 19906,
+    "a_admin": 19901, "b_admin": 19902, "c_admin": 19903, "n_admin": 19906, "r_admin": 19907,
     "mem_a_admin": 19911, "mem_b_admin": 19912,
 }
 LIMIT_RULES = [
     {"name": "rpm", "key": "header:x-api-key", "requests_per_minute": 100000000},
     {"name": "tpm", "key": "header:x-api-key", "tokens_per_minute": 100000000000},
 ]
+# Setup (r): the configuration of issue 16. The benchmark's model (gpt-4o) has its own label, so it
+# has a circuit (one shared-data read per request) and the `*` chain; it never fails.
+RESILIENCE = {
+    "circuit_breaker": {"failures": 3, "open_seconds": 30, "half_open_requests": 1,
+                        "on": ["upstream_rate_limit", "server_error", "timeout", "network"]},
+    "fallbacks": {"gpt-4.1": ["claude-sonnet-4", "gemini-2.5-flash"], "*": ["deepseek-v3.2"]},
+}
 SETUPS = {
     "a": "plain Envoy (no wasm)",
     "b": "Envoy + llm-meter (metrics)",
     "c": "Envoy + llm-meter (metrics + 2 limits)",
+    "r": "Envoy + llm-meter (metrics+resilience)",
     "py": "Python proxy (FastAPI+httpx+prom)",
     "litellm": "LiteLLM proxy",
     "n": "Envoy + empty wasm filter (V8)",
@@ -97,7 +107,9 @@ WORKLOADS = {
                "streaming request WITH stream_options.include_usage -> SSE: 200 chat.completion.chunk "
                "events + usage chunk + [DONE], {sse} bytes"),
 }
-ENVOY_SETUPS = ("a", "n", "b", "c")
+ENVOY_SETUPS = ("a", "n", "b", "c", "r")
+# The llm-meter setups, whose metering is checked after each workload.
+METER_SETUPS = ("b", "c", "r")
 CPU_PROXY, CPU_LOAD = "0", "1"
 # LiteLLM's proxy refuses to start without a master key, and then checks it on every request; all
 # setups get the same `authorization: Bearer` header. A local benchmark value, not a credential.
@@ -419,7 +431,7 @@ def shipped_filter_config(shipped):
 
 
 def front_yaml(setup, listen, admin, upstream, shipped):
-    """The shipped envoy.yaml with its ports swapped; (a) without the wasm filter, (b)/(c) with
+    """The shipped envoy.yaml with its ports swapped; (a) without the wasm filter, (b)/(c)/(r) with
     the filter configuration replaced, (n) with the empty filter in llm-meter's place."""
     cfg = shipped
     wasm = WORK / "noop.wasm" if setup == "n" else WASM
@@ -439,6 +451,8 @@ def front_yaml(setup, listen, admin, upstream, shipped):
     filter_cfg = {} if setup == "n" else metrics_config(shipped)
     if setup == "c":
         filter_cfg["limits"] = LIMIT_RULES
+    if setup == "r":
+        filter_cfg["resilience"] = json.loads(json.dumps(RESILIENCE))
     if setup != "n":
         merge(filter_cfg, FILTER_EXTRA)
     begin = cfg.find("# llm-meter configuration begin")
@@ -450,7 +464,7 @@ def front_yaml(setup, listen, admin, upstream, shipped):
     return cfg[:begin] + block + cfg[end:]
 
 
-# --filter-extra: JSON merged into the (b) and (c) filter configurations (an experiment's knob).
+# --filter-extra: JSON merged into the (b), (c) and (r) filter configurations (an experiment's knob).
 FILTER_EXTRA = {}
 
 
@@ -774,6 +788,8 @@ def meter_report(name, admin):
             "ok": prom_sum(text, "llm_requests_total", 'status="200"'),
             "output_tokens": prom_sum(text, "llm_tokens_total", 'token_type="output"'),
             "rejected": prom_sum(text, "llm_ratelimit_rejected_total"),
+            "fallbacks": prom_sum(text, "llm_fallbacks_total"),
+            "circuit_open": prom_sum(text, "llm_requests_total", 'error_type="circuit_open"'),
             "skips": prom_sum(text, "llm_meter_skips_total"),
             "errors": prom_sum(text, "llm_meter_errors_total"),
             "usage_missing": prom_sum(text, "llm_usage_missing_total")}
@@ -840,19 +856,28 @@ def run_workload(procs, workload, args, setups, shipped, files_sizes):
         procs.resume(started[k])
     s = summarize(results, setups)
     print_table(title, s, setups, args, connections)
+    if "r" in s and "b" in s:
+        r = s["r"]
+        log(f"   (r) resilience next to (b): throughput {fmt(r.get('ratio_b'), '.3f')} of (b), CPU per request "
+            f"{fmt(r.get('dcpu_b'), '+.1f')} us, p50 {fmt(r.get('dp50_b'), '+.3f')} ms, "
+            f"p99 {fmt(r.get('dp99_b'), '+.3f')} ms (medians over rounds of the per-round differences)")
     if args.perf:
         perf_pass(procs, started, setups, url, args, stream, connections, workload, s)
     sent = {k: sum(r["requests"] for r in results[k]) for k in setups}
-    for k in ("b", "c"):
+    for k in [k for k in METER_SETUPS if k in setups]:
         m = meter_report(k, PORT[f"{k}_admin"])
         log(f"   ({k}) metered {m['requests']:.0f} requests ({m['ok']:.0f} with status 200; wrk completed "
             f"{sent[k]} in the rounds, plus warm-up and check), {m['output_tokens']:.0f} output tokens, "
             f"rejected {m['rejected']:.0f}, usage missing {m['usage_missing']:.0f}, skips {m['skips']:.0f}, "
-            f"errors {m['errors']:.0f}")
+            f"errors {m['errors']:.0f}" + (f", fallbacks {m['fallbacks']:.0f}, circuit_open "
+                                           f"{m['circuit_open']:.0f}" if k == "r" else ""))
         if m["requests"] == 0 or m["output_tokens"] == 0:
             raise RuntimeError(f"setup {k} metered nothing: the filter is not running?")
         if m["rejected"]:
             raise RuntimeError(f"setup {k} rejected {m['rejected']:.0f} requests: the limits are not high enough")
+        if m["fallbacks"] or m["circuit_open"]:
+            raise RuntimeError(f"setup {k}: a circuit opened ({m['fallbacks']:.0f} fallbacks, "
+                               f"{m['circuit_open']:.0f} circuit_open): the upstream failed?")
     if "py" in setups:
         _, text = http(f"http://127.0.0.1:{PORT['py']}/metrics")
         text = text.decode()
@@ -1039,12 +1064,12 @@ def print_targets(workloads):
     if not any(w in workloads for w in ("chat", "chat-1conn")):
         return
     log()
-    log("targets (non-streaming): (b)/(a) and (c)/(a) throughput >= 0.95, p99 added <= 0.2 ms")
+    log("targets (non-streaming): (b)/(a), (c)/(a) and (r)/(a) throughput >= 0.95, p99 added <= 0.2 ms")
     for w in ("chat", "chat-1conn"):
         if w not in workloads:
             continue
         s = workloads[w]["summary"]
-        for k in ("b", "c"):
+        for k in METER_SETUPS:
             if k not in s:
                 continue
             ratio, dp99 = s[k].get("ratio_a"), s[k].get("dp99_a")
@@ -1082,10 +1107,10 @@ def parse_args():
     ap.add_argument("--retries", type=int, default=int(os.environ.get("BENCH_RETRIES", 3)),
                     help="repeat a measurement disturbed by other processes at most this many times")
     ap.add_argument("--filter", default=os.environ.get("BENCH_FILTER", ""),
-                    help="the llm-meter .wasm to measure in (b) and (c) (default: the `just build` output), "
+                    help="the llm-meter .wasm to measure in (b), (c) and (r) (default: the `just build` output), "
                          "e.g. another commit's build, to compare builds")
     ap.add_argument("--filter-extra", default=os.environ.get("BENCH_FILTER_EXTRA", ""),
-                    help="JSON object merged into the llm-meter configuration of (b) and (c), e.g. "
+                    help="JSON object merged into the llm-meter configuration of (b), (c) and (r), e.g. "
                          "'{\"request\":{\"model_lookahead_bytes\":0}}' to measure a configuration's cost")
     ap.add_argument("--perf", action="store_true", default=env_flag("BENCH_PERF", False),
                     help="after each workload's rounds, profile each Envoy setup with perf (cpu-clock) "
@@ -1165,7 +1190,7 @@ def main():
     if busy:
         sys.exit(f"ports already in use: {busy} (a previous bench still running?)")
 
-    setups = ["a", "b", "c"] + (["n"] if args.noop else [])
+    setups = ["a", "b", "r", "c"] + (["n"] if args.noop else [])
     if args.python:
         if ensure_venv(PY_VENV, PY_REQS, "the Python proxy (FastAPI, uvicorn, httpx, prometheus-client)", 600):
             setups.append("py")
@@ -1179,7 +1204,7 @@ def main():
 
     log(f"just bench{' --smoke (timings meaningless)' if args.smoke else ''}: {machine()}")
     if FILTER_EXTRA:
-        log(f"--filter-extra merged into the (b) and (c) configurations: {json.dumps(FILTER_EXTRA)}")
+        log(f"--filter-extra merged into the (b), (c) and (r) configurations: {json.dumps(FILTER_EXTRA)}")
     log(f"front Envoys: --concurrency {args.concurrency}; "
         + (f"pinned: proxies under test on CPU {CPU_PROXY}, wrk and the upstream Envoy on CPU {CPU_LOAD}"
            if args.pin else "unpinned"))

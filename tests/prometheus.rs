@@ -103,7 +103,7 @@ fn alert_queries() -> Vec<(String, String)> {
             out.push((format!("alert:{alert}"), query));
         }
     }
-    assert_eq!(out.len(), 16, "alerts.yml: every rule is one `expr:` line");
+    assert_eq!(out.len(), 19, "alerts.yml: every rule is one `expr:` line");
     out
 }
 
@@ -136,7 +136,9 @@ const CONFIG: &str = r#"{
               "claude-sonnet-4-5": {"input": 3, "output": 15}},
   "limits": [{"name": "key-rph", "key": "header:x-api-key", "models": ["gpt-4o-mini"], "requests_per_hour": 3},
              {"name": "global-rpm", "key": "global", "models": ["gpt-4o-mini"], "requests_per_minute": 1000,
-              "scope": "global", "service": {"cluster": "no_rate_limit_service", "domain": "llm"}}]
+              "scope": "global", "service": {"cluster": "no_rate_limit_service", "domain": "llm"}}],
+  "resilience": {"circuit_breaker": {"failures": 2, "open_seconds": 600, "on": ["server_error"]},
+                 "fallbacks": {"gpt-4.1": ["gpt-4.1-mini"]}}
 }"#;
 
 #[test]
@@ -181,6 +183,28 @@ fn every_alert_and_dashboard_query_returns_data_from_a_real_prometheus() {
             send(&agent, &url, &[("x-api-key", key.as_str())], &chat("gpt-4o-mini", false));
             sent += 1;
         }
+        // Resilience: gpt-4.1 fails twice (its circuit opens), the next request for it is served
+        // by gpt-4.1-mini; then gpt-4.1-mini fails twice too, and requests for gpt-4.1 are
+        // answered 503 circuit_open by the filter (once per round; the circuits stay open).
+        if round == 0 {
+            for model in ["gpt-4.1", "gpt-4.1-mini"] {
+                let fail = format!("{model}=500");
+                for _ in 0..2 {
+                    assert_eq!(
+                        send(&agent, &url, &[("x-mock-fail-model", fail.as_str())], &chat(model, false)).status,
+                        500
+                    );
+                    sent += 1;
+                }
+                if model == "gpt-4.1" {
+                    let r = send(&agent, &url, &[], &chat("gpt-4.1", false));
+                    assert_eq!((r.status, r.header("x-llm-fallback-from")), (200, Some("gpt-4.1")), "{}", r.body);
+                    sent += 1;
+                }
+            }
+        }
+        assert_eq!(send(&agent, &url, &[], &chat("gpt-4.1", false)).status, 503);
+        sent += 1;
         let anthropic = json!({"model": "claude-sonnet-4-5", "max_tokens": 100, "stream": true,
             "messages": [{"role": "user", "content": "hi"}]});
         let r =
@@ -202,6 +226,10 @@ fn every_alert_and_dashboard_query_returns_data_from_a_real_prometheus() {
     );
     assert_eq!(prom.scalar(r#"sum(llm_usage_missing_total)"#), Some(2.0));
     assert_eq!(prom.scalar(r#"sum(llm_active_requests)"#), Some(0.0));
+    assert_eq!(prom.scalar(r#"sum(llm_fallbacks_total{model="gpt-4.1",to="gpt-4.1-mini"})"#), Some(1.0));
+    assert_eq!(prom.scalar(r#"sum(llm_requests_total{model="gpt-4.1",error_type="circuit_open"})"#), Some(2.0));
+    assert_eq!(prom.scalar(r#"max(llm_model_state{model="gpt-4.1"})"#), Some(2.0));
+    assert_eq!(prom.scalar(r#"max(llm_model_state{model="gpt-4.1-mini"})"#), Some(2.0));
     // Histograms reach Prometheus at Envoy's stats flush.
     eventually(Duration::from_secs(30), "histograms in Prometheus", || {
         prom.scalar(r#"sum(llm_request_duration_ms_count)"#).filter(|&v| v == sent as f64)
@@ -211,7 +239,10 @@ fn every_alert_and_dashboard_query_returns_data_from_a_real_prometheus() {
         alert_queries().into_iter().map(|(source, expr)| (source, expr, false)).collect();
     // Envoy's VM reload counter is defined (at 0) for every Wasm plugin, so it has data too.
     queries.extend(dashboard_queries());
-    queries.retain(|(_, _, may_be_empty)| !may_be_empty);
+    // Series that only exist after rare events are allowed to be empty; this traffic made the
+    // circuit and fallback ones happen, so those must have data too (not Envoy's retries).
+    let made = ["llm_model_state", "llm_fallbacks_total", "llm_circuit_transitions_total"];
+    queries.retain(|(_, expr, may_be_empty)| !may_be_empty || made.iter().any(|m| expr.contains(m)));
     // Some expressions need history, not just a sample: `increase(x[10m:5s])` needs two
     // subquery steps (5 s apart, aligned to wall-clock multiples of 5 s) after the first scrape,
     // which a fast run can query before. So a query without data is retried for a while; a
@@ -234,7 +265,7 @@ fn every_alert_and_dashboard_query_returns_data_from_a_real_prometheus() {
     let rules = prom.api("/api/v1/rules");
     let groups = rules["data"]["groups"].as_array().unwrap();
     let all: Vec<&Value> = groups.iter().flat_map(|g| g["rules"].as_array().unwrap()).collect();
-    assert_eq!(all.len(), 16, "{rules}");
+    assert_eq!(all.len(), 19, "{rules}");
     for r in &all {
         assert_eq!(r["health"], "ok", "rule {} failed: {}\n{}", r["name"], r["lastError"], prom.log());
     }

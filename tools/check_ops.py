@@ -55,7 +55,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ENVOY_YAML = ROOT / "envoy" / "envoy.yaml"
 
-PANEL_TYPES = {"timeseries", "stat", "bargauge", "table"}
+PANEL_TYPES = {"timeseries", "stat", "bargauge", "table", "state-timeline"}
 DATASOURCE = "${datasource}"
 GRID_WIDTH = 24
 
