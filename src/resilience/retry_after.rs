@@ -46,32 +46,47 @@ fn seconds(value: &str) -> Option<u64> {
 }
 
 /// OpenAI's durations: a sequence of `<number><unit>` with units `h`, `m`, `s`, `ms`, and
-/// fractions allowed (`1m30s`, `6ms`, `0.5s`, `1h2m3.5s`), in ms.
+/// fractions allowed (`1m30s`, `6ms`, `0.5s`, `1h2m3.5s`), in ms (rounded up). Parsed in
+/// integers: milliseconds are as fine as any pause needs.
 fn duration(value: &str) -> Option<u64> {
     let mut rest = value;
-    let mut total = 0f64;
+    let mut total: u64 = 0;
     if rest.is_empty() {
         return None;
     }
     while !rest.is_empty() {
-        let digits = rest.bytes().take_while(|b| b.is_ascii_digit() || *b == b'.').count();
-        let (number, tail) = rest.split_at(digits);
-        let n: f64 = number.parse().ok()?;
+        let whole_len = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let (whole, tail) = rest.split_at(whole_len);
+        let (frac, tail) = match tail.strip_prefix('.') {
+            Some(t) => {
+                let n = t.bytes().take_while(u8::is_ascii_digit).count();
+                t.split_at(n)
+            }
+            None => ("", tail),
+        };
+        if whole.is_empty() && frac.is_empty() {
+            return None;
+        }
         let (scale, tail) = if let Some(t) = tail.strip_prefix("ms") {
-            (1.0, t)
+            (1u64, t)
         } else if let Some(t) = tail.strip_prefix('h') {
-            (3_600_000.0, t)
+            (3_600_000, t)
         } else if let Some(t) = tail.strip_prefix('m') {
-            (60_000.0, t)
+            (60_000, t)
         } else if let Some(t) = tail.strip_prefix('s') {
-            (1000.0, t)
+            (1000, t)
         } else {
             return None;
         };
-        total += n * scale;
+        let whole: u64 = if whole.is_empty() { 0 } else { whole.parse().ok()? };
+        // The fraction, to 9 digits, in billionths of the unit.
+        let digits = frac.bytes().take(9).fold(0u64, |a, c| a * 10 + u64::from(c - b'0'));
+        let billionths = digits * 10u64.pow(9 - frac.len().min(9) as u32);
+        let part = whole.checked_mul(scale)?.checked_add((billionths * scale).div_ceil(1_000_000_000))?;
+        total = total.checked_add(part)?;
         rest = tail;
     }
-    (total.is_finite() && total >= 0.0).then(|| total.ceil().min(u64::MAX as f64) as u64)
+    Some(total)
 }
 
 /// Days from 1970-01-01 to `y-m-d` (proleptic Gregorian), for dates after 1970.
