@@ -16,6 +16,7 @@ use crate::meter::labels::{sanitize, LabelSet, OTHER, UNKNOWN};
 use crate::meter::metrics::{stat_name, Metric};
 use crate::meter::pricing::CostCarry;
 use crate::meter::upstream::QuotaKind;
+use crate::resilience::breaker::State;
 use crate::scan::body::{Skip, Skips};
 use std::collections::HashMap;
 
@@ -53,6 +54,12 @@ pub struct Worker {
     pub(crate) service_failures: u64,
     /// The id of `meter_memory_bytes`, once defined.
     pub(crate) memory_gauge: Option<u32>,
+    /// Circuits this worker last showed as not closed, by model, with the state shown: their
+    /// `model_state` gauge is kept true by [`Worker::refresh_circuits`] (an open circuit turns
+    /// half-open with time alone, no request telling).
+    pub(crate) circuits_shown: HashMap<String, State>,
+    /// When [`Worker::refresh_circuits`] looks next, ms.
+    pub(crate) next_circuit_refresh_ms: u64,
 }
 
 /// Most token usage reports a worker queues between two timer ticks; beyond, a report is
@@ -182,6 +189,8 @@ impl Worker {
             reports: Vec::new(),
             service_failures: 0,
             memory_gauge: None,
+            circuits_shown: HashMap::new(),
+            next_circuit_refresh_ms: 0,
             config,
         }
     }
@@ -214,13 +223,46 @@ impl Worker {
     }
 
     /// `model`'s circuit entered `state`: counted, and the model's state gauge set.
-    pub fn circuit_entered<H: Host>(&mut self, host: &mut H, model: &str, state: crate::resilience::breaker::State) {
+    pub fn circuit_entered<H: Host>(&mut self, host: &mut H, model: &str, state: State) {
         let label = self.model_label(host, Some(model));
         host.counter_add(&self.name(Metric::CircuitTransitionsTotal, &[&label, state.as_str()]), 1);
-        if let Some(id) = host.define_metric(MetricKind::Gauge, &self.name(Metric::ModelState, &[&label])) {
+        self.show_circuit(host, model, &label, state);
+        host.log_warn(&format!("llm-meter: the circuit of model {label} is now {}", state.as_str()));
+    }
+
+    fn show_circuit<H: Host>(&mut self, host: &mut H, model: &str, label: &str, state: State) {
+        if let Some(id) = host.define_metric(MetricKind::Gauge, &self.name(Metric::ModelState, &[label])) {
             host.metric_record(id, state.gauge());
         }
-        host.log_warn(&format!("llm-meter: the circuit of model {label} is now {}", state.as_str()));
+        if state == State::Closed {
+            self.circuits_shown.remove(model);
+        } else {
+            self.circuits_shown.insert(model.to_string(), state);
+        }
+    }
+
+    /// Keeps the `model_state` gauge of every circuit this worker showed as not closed true to
+    /// the shared state, at most once a second (run from the root context's timer): an open
+    /// circuit turns half-open when its time is up, with no request to tell, and another worker
+    /// may have closed it. One shared-data read per such circuit.
+    pub fn refresh_circuits<H: Host>(&mut self, host: &mut H) {
+        if self.circuits_shown.is_empty() {
+            return;
+        }
+        let now_ms = host.now_nanos() / 1_000_000;
+        if now_ms < self.next_circuit_refresh_ms {
+            return;
+        }
+        self.next_circuit_refresh_ms = now_ms.saturating_add(1000);
+        let shown: Vec<(String, State)> = self.circuits_shown.iter().map(|(m, s)| (m.clone(), *s)).collect();
+        for (model, was) in shown {
+            let key = crate::resilience::circuit_key(&self.config.metrics.prefix, &model);
+            let now = crate::resilience::breaker::read(&*host, &key).state(now_ms);
+            if now != was {
+                let label = self.model_label(host, Some(&model));
+                self.show_circuit(host, &model, &label, now);
+            }
+        }
     }
 
     /// Tells `meter_memory_bytes` how much this VM's streams hold, when that changed enough

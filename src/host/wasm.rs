@@ -132,7 +132,7 @@ impl RootContext for Root {
         log(LogLevel::Info, "llm-meter: configured");
         if worker.has_global_limits() {
             set_tick(REPORT_EVERY_MS);
-        } else if worker.config().request.model_lookahead_bytes > 0 {
+        } else if worker.config().request.model_lookahead_bytes > 0 || worker.config().resilience.is_active() {
             set_tick(hold::CHECK_EVERY_MS);
         }
         self.state =
@@ -148,6 +148,7 @@ impl RootContext for Root {
         let Ok(mut guard) = state.try_borrow_mut() else { return };
         let State { worker, metrics, released, reports } = &mut *guard;
         let mut host = WasmHost::new(metrics, 0);
+        worker.refresh_circuits(&mut host);
         for call in worker.take_reports() {
             match worker.call_service(&mut host, &call) {
                 Some(token) => {
@@ -172,7 +173,7 @@ impl RootContext for Root {
                 "llm-meter: a held request got no body callback; set `allow_on_headers_stop_iteration: true` in \
                  the Wasm filter's config (Envoy >= 1.35). Holding requests for the model is off on this worker.",
             );
-            if !worker.has_global_limits() {
+            if !worker.has_global_limits() && !worker.config().resilience.is_active() {
                 set_tick(0);
             }
         }

@@ -124,3 +124,28 @@ fn without_resilience_nothing_changes() {
     assert!(host.store.data.borrow().keys().all(|k| !k.contains(".cb.")), "no circuit kept");
     assert!(host.counters.keys().all(|k| !k.contains("circuit") && !k.contains("fallbacks")));
 }
+
+#[test]
+fn the_state_gauge_follows_the_clock_without_requests() {
+    let mut host = FakeHost { now: 1_000_000 * MS, ..FakeHost::default() };
+    let mut w = worker(r#"{"resilience":{"circuit_breaker":{"failures":1,"open_seconds":2}}}"#);
+    resilient_exchange(&mut host, &mut w, "gpt-4.1", 503, &[]);
+    assert_eq!(host.gauges.get("model=.=gpt-4.1;.;llm_model_state"), Some(&2));
+    // Open for 2 s: the timer changes nothing before, and shows half-open after.
+    host.now += 1_500 * MS;
+    w.refresh_circuits(&mut host);
+    assert_eq!(host.gauges.get("model=.=gpt-4.1;.;llm_model_state"), Some(&2));
+    // (At most once a second: the next look is at 2.5 s.)
+    host.now += 1_000 * MS;
+    w.refresh_circuits(&mut host);
+    assert_eq!(host.gauges.get("model=.=gpt-4.1;.;llm_model_state"), Some(&1));
+    // Another worker's probe closed it: shown closed, and no longer looked at.
+    host.store.data.borrow_mut().remove("llm_meter.llm.cb.gpt-4.1");
+    host.now += 1_000 * MS;
+    w.refresh_circuits(&mut host);
+    assert_eq!(host.gauges.get("model=.=gpt-4.1;.;llm_model_state"), Some(&0));
+    let reads = host.store.reads.get();
+    host.now += 1_000 * MS;
+    w.refresh_circuits(&mut host);
+    assert_eq!(host.store.reads.get(), reads, "closed circuits cost nothing");
+}
