@@ -14,7 +14,7 @@
 //! Shared data is never freed, so the keys are bounded: each rule admits at most `max_keys`
 //! distinct keys (a counter in shared data, CAS-incremented); later keys share one overflow bucket.
 
-use crate::meter::labels::{SharedStore, StoreError};
+use crate::meter::labels::{cas_update, SharedStore};
 use std::collections::HashSet;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
@@ -149,26 +149,15 @@ fn encode(s: State) -> [u8; 16] {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreFailed;
 
-/// Read-modify-write with compare-and-swap. `f` gets the current state (`None`: the key does
-/// not exist) and returns the state to write, or `None` to leave it. Returns what `f` returned.
+/// Read-modify-write with compare-and-swap (see [`cas_update`]). `f` gets the current state
+/// (`None`: the key does not exist) and returns the state to write, or `None` to leave it.
+/// Returns what was read and what was written.
 fn update<S: SharedStore + ?Sized>(
     store: &S,
     key: &str,
-    mut f: impl FnMut(Option<State>) -> Option<State>,
+    f: impl FnMut(Option<State>) -> Option<State>,
 ) -> Result<(Option<State>, Option<State>), StoreFailed> {
-    for _ in 0..CAS_RETRIES {
-        let (current, cas) = match store.get(key) {
-            Some((bytes, cas)) => (Some(decode(&bytes).ok_or(StoreFailed)?), Some(cas)),
-            None => (None, None),
-        };
-        let Some(next) = f(current) else { return Ok((current, None)) };
-        match store.set(key, &encode(next), cas) {
-            Ok(()) => return Ok((current, Some(next))),
-            Err(StoreError::CasMismatch) => continue,
-            Err(StoreError::Other) => return Err(StoreFailed),
-        }
-    }
-    Err(StoreFailed)
+    cas_update(store, key, CAS_RETRIES, decode, |s| encode(*s), f).map_err(|_| StoreFailed)
 }
 
 /// The window `now_ms` falls in, and the milliseconds left in it.

@@ -64,6 +64,40 @@ pub trait SharedStore {
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError>;
 }
 
+/// Read-modify-write of the value at `key` with compare-and-swap, the discipline every
+/// shared counter of the filter follows (rate-limit buckets, circuits): read the value and its
+/// token, compute, write with the token; when another worker wrote first, read again, at most
+/// `retries` times. `f` gets the decoded value (`None`: the key was never written) and returns
+/// the value to write, or `None` to leave it. Returns what was read and what was written;
+/// `Err` when the value does not decode, the store fails, or the conflicts outlast the retries.
+pub fn cas_update<S: SharedStore + ?Sized, T: Copy, B: AsRef<[u8]>>(
+    store: &S,
+    key: &str,
+    retries: usize,
+    decode: impl Fn(&[u8]) -> Option<T>,
+    encode: impl Fn(&T) -> B,
+    mut f: impl FnMut(Option<T>) -> Option<T>,
+) -> Result<(Option<T>, Option<T>), CasFailed> {
+    for _ in 0..retries {
+        let (current, cas) = match store.get(key) {
+            Some((bytes, cas)) => (Some(decode(&bytes).ok_or(CasFailed)?), Some(cas)),
+            None => (None, None),
+        };
+        let Some(next) = f(current) else { return Ok((current, None)) };
+        match store.set(key, encode(&next).as_ref(), cas) {
+            Ok(()) => return Ok((current, Some(next))),
+            Err(StoreError::CasMismatch) => continue,
+            Err(StoreError::Other) => return Err(CasFailed),
+        }
+    }
+    Err(CasFailed)
+}
+
+/// [`cas_update`] failed: a value that does not decode, a store failure, or conflicts that
+/// outlasted the retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CasFailed;
+
 /// What [`LabelSet::resolve`] decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolved {

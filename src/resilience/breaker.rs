@@ -16,7 +16,7 @@
 //! Half-open needs no write to enter: the first probe records it. So a request to a closed
 //! model costs one shared-data read, and a success on a model without failures no write.
 
-use crate::meter::labels::{SharedStore, StoreError};
+use crate::meter::labels::{cas_update, SharedStore};
 
 /// How often a compare-and-swap is retried before giving up (the request then goes through
 /// as if the circuit were closed: fail-open).
@@ -122,27 +122,18 @@ impl Circuit {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreFailed;
 
-/// Read-modify-write of `key` with compare-and-swap: `f` gets the circuit (default when the key
-/// does not exist) and returns the new one, or `None` to leave it. Returns what was read and
-/// what was written.
+/// Read-modify-write of `key` with compare-and-swap (see [`cas_update`]): `f` gets the circuit
+/// (default when the key does not exist) and returns the new one, or `None` to leave it.
+/// Returns what was read and what was written.
 fn update<S: SharedStore + ?Sized>(
     store: &S,
     key: &str,
     mut f: impl FnMut(Circuit) -> Option<Circuit>,
 ) -> Result<(Circuit, Option<Circuit>), StoreFailed> {
-    for _ in 0..CAS_RETRIES {
-        let (current, cas) = match store.get(key) {
-            Some((bytes, cas)) => (Circuit::decode(&bytes).ok_or(StoreFailed)?, Some(cas)),
-            None => (Circuit::default(), None),
-        };
-        let Some(next) = f(current) else { return Ok((current, None)) };
-        match store.set(key, &next.encode(), cas) {
-            Ok(()) => return Ok((current, Some(next))),
-            Err(StoreError::CasMismatch) => continue,
-            Err(StoreError::Other) => return Err(StoreFailed),
-        }
-    }
-    Err(StoreFailed)
+    let (read, written) =
+        cas_update(store, key, CAS_RETRIES, Circuit::decode, Circuit::encode, |c| f(c.unwrap_or_default()))
+            .map_err(|_| StoreFailed)?;
+    Ok((read.unwrap_or_default(), written))
 }
 
 /// May a request go to this model?

@@ -67,13 +67,14 @@ impl Mock {
 
     /// Starts the mock on `port` (0: any free port).
     pub fn start_on(port: u16) -> Mock {
+        Mock::spawn(&["--host", "127.0.0.1", "--port", &port.to_string()])
+    }
+
+    /// Starts `target/release/mock-llm` with `args` and reads the port from its banner.
+    fn spawn(args: &[&str]) -> Mock {
         let bin = require(&root().join("target/release/mock-llm"), "just mock");
-        let mut child = Command::new(bin)
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn mock-llm");
+        let mut child =
+            Command::new(bin).args(args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn mock-llm");
         let stdout = child.stdout.take().expect("mock stdout");
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).expect("read mock banner");
@@ -836,23 +837,7 @@ impl Mock {
     /// Starts a mock on any free port that names itself `name` (`--name`: every answer carries
     /// `x-mock-server: <name>`, and `x-mock-fail-on` can pick it).
     pub fn start_named(name: &str) -> Mock {
-        let bin = require(&root().join("target/release/mock-llm"), "just mock");
-        let mut child = Command::new(bin)
-            .args(["--host", "127.0.0.1", "--port", "0", "--quiet", "--name", name])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn mock-llm");
-        let stdout = child.stdout.take().expect("mock stdout");
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read mock banner");
-        let port = line
-            .trim()
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected mock banner {line:?}"));
-        Mock { child, port }
+        Mock::spawn(&["--host", "127.0.0.1", "--port", "0", "--quiet", "--name", name])
     }
 }
 
