@@ -24,6 +24,24 @@ use std::rc::Rc;
 
 mod route;
 
+/// What [`Exchange::with_held_body`] made of the held request body.
+enum BodyCopy<R> {
+    /// The memory budget had no room for the copy (counted).
+    Refused,
+    /// The host would not hand the body over.
+    Unreadable,
+    /// What the closure returned.
+    Read(R),
+}
+
+/// Replaces the held request body, fixing `content-length` when the request has one.
+fn replace_body<H: Host>(host: &mut H, body: &[u8]) {
+    host.set_request_body(body);
+    if host.request_header("content-length").is_some() {
+        host.set_request_header("content-length", &body.len().to_string());
+    }
+}
+
 /// A header's value from a list of headers.
 fn header_value<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
     headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_slice())
@@ -272,33 +290,35 @@ impl Exchange {
             self.limit_skips.add(Skip::NotInjected);
             return;
         }
-        // The body is copied into the VM, parsed and written again: about three times its size
-        // for the length of this callback.
+        match self.with_held_body(host, worker, rewrite_request) {
+            BodyCopy::Refused => {}
+            BodyCopy::Read(Ok(rewritten)) => {
+                replace_body(host, &rewritten);
+                // The usage chunk is cut from the stream, which needs it uncompressed.
+                host.remove_request_header("accept-encoding");
+                self.injected = true;
+            }
+            BodyCopy::Read(Err(Unchanged::NotNeeded)) => {}
+            // The body the scan took for a stream without usage could not be read back or
+            // rewritten: it stays unmetered, and says so.
+            BodyCopy::Read(Err(Unchanged::NotJson)) | BodyCopy::Unreadable => self.limit_skips.add(Skip::NotInjected),
+        }
+    }
+
+    /// Hands a copy of the held request body to `f`. The copy, its parse and the result (about
+    /// three times the body) are charged to the stream's memory lease for this callback; when
+    /// the budget refuses, nothing is read and the refusal is counted (`memory_budget`).
+    fn with_held_body<H: Host, R>(&mut self, host: &mut H, worker: &Worker, f: impl FnOnce(&[u8]) -> R) -> BodyCopy<R> {
         let lease = self.lease(worker);
         let need = self.held_bytes.unwrap_or(0).saturating_mul(3);
         if !lease.try_take(need) {
             self.limit_skips.add(Skip::MemoryBudget);
             self.release_memory();
-            return;
+            return BodyCopy::Refused;
         }
-        let body = host.request_body();
-        let rewritten = body.as_deref().map(rewrite_request);
+        let result = host.request_body().map(|body| f(&body));
         lease.give(need);
-        match rewritten {
-            Some(Ok(rewritten)) => {
-                host.set_request_body(&rewritten);
-                if host.request_header("content-length").is_some() {
-                    host.set_request_header("content-length", &rewritten.len().to_string());
-                }
-                // The usage chunk is cut from the stream, which needs it uncompressed.
-                host.remove_request_header("accept-encoding");
-                self.injected = true;
-            }
-            Some(Err(Unchanged::NotNeeded)) => {}
-            // The body the scan took for a stream without usage could not be read back or
-            // rewritten: it stays unmetered, and says so.
-            Some(Err(Unchanged::NotJson)) | None => self.limit_skips.add(Skip::NotInjected),
-        }
+        result.map_or(BodyCopy::Unreadable, BodyCopy::Read)
     }
 
     /// Checks the rate limits once, when the request is known as well as it will be before it is

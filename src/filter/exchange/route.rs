@@ -2,12 +2,11 @@
 //! steps of [`Exchange`] that route it to its model or a fallback, rewrite it, and tell the
 //! served model's circuit how it ended.
 
-use super::{Exchange, Flow, Host, InternalError, Metric, Worker};
+use super::{replace_body, BodyCopy, Exchange, Flow, Host, InternalError, Metric, Worker};
 use crate::meter::classify::ErrorType;
 use crate::meter::labels::{sanitize, OTHER, UNKNOWN};
 use crate::resilience::breaker::{self, Admit, Outcome};
 use crate::resilience::{self, Route};
-use crate::scan::body::Skip;
 
 impl Exchange {
     /// Decides where the request goes, once, when the model is known as well as it will be
@@ -76,19 +75,11 @@ impl Exchange {
         if !whole_body || self.held_bytes.is_none() {
             return false;
         }
-        let lease = self.lease(worker);
-        let need = self.held_bytes.unwrap_or(0).saturating_mul(3);
-        if !lease.try_take(need) {
-            self.limit_skips.add(Skip::MemoryBudget);
+        let BodyCopy::Read(Ok(body)) = self.with_held_body(host, worker, |body| resilience::rewrite_model(body, to))
+        else {
             return false;
-        }
-        let rewritten = host.request_body().map(|body| resilience::rewrite_model(&body, to));
-        lease.give(need);
-        let Some(Ok(body)) = rewritten else { return false };
-        host.set_request_body(&body);
-        if host.request_header("content-length").is_some() {
-            host.set_request_header("content-length", &body.len().to_string());
-        }
+        };
+        replace_body(host, &body);
         true
     }
 
