@@ -15,6 +15,9 @@ mod native {
     use std::collections::HashMap;
     use std::hint::black_box;
 
+    const MINUTE: llm_meter::limit::calendar::Period =
+        llm_meter::limit::calendar::Period { window: llm_meter::config::Window::Minute, offset_hours: 0 };
+
     /// Shared data in memory: value and CAS token per key.
     #[derive(Default)]
     struct MemStore {
@@ -81,14 +84,16 @@ mod native {
         let requests = Charge {
             rule: 0,
             key: "llm_meter.llm.rl.rpm.60.0123456789abcdef0123456789abcdef".into(),
-            kind: BucketKind::Requests { window_ms: 60_000 },
+            kind: BucketKind::Requests { period: MINUTE },
+            warn: None,
             max: HUGE,
             amount: 1,
         };
         let tokens = Charge {
             rule: 1,
             key: "llm_meter.llm.rl.tpm.60.0123456789abcdef0123456789abcdef".into(),
-            kind: BucketKind::Metered { window_ms: 60_000 },
+            kind: BucketKind::Metered { period: MINUTE },
+            warn: None,
             max: HUGE,
             amount: 4096,
         };
@@ -138,7 +143,8 @@ mod native {
             Err(e) => panic!("bad benchmark config: {e}"),
         };
         let host = Host { store: MemStore::default(), api_key: b"sk-proj-0123456789abcdefABCDEF".to_vec(), now: NOW };
-        let facts = RequestFacts { model: Some("gpt-4o-mini"), body_bytes: 2048, max_output: Some(1024) };
+        let facts =
+            RequestFacts { model: Some("gpt-4o-mini"), body_bytes: 2048, max_output: Some(1024), output_average: None };
         let usage = Usage { input: 400, output: 300, ..Usage::default() };
         // A worker's memory of admitted buckets, as the filter keeps it.
         let mut admitted = llm_meter::limit::limiter::AdmittedKeys::default();

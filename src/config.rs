@@ -668,6 +668,76 @@ mod tests {
     }
 
     #[test]
+    fn budgets_windows_offsets_soft_limits_and_shadow_mode() {
+        let c = Config::parse(
+            br#"{"limits":[
+                {"name":"day","key":"header:x-api-key","requests_per_day":1000},
+                {"name":"week","key":"global","tokens_per_week":1000000,"window_offset_hours":-8},
+                {"name":"month","key":"global","tokens_per_month":5000000,"warn_at":0.8,"mode":"shadow"},
+                {"name":"usd-w","key":"global","usd_per_week":100},
+                {"name":"usd-m","key":"global","usd_per_month":500,"window_offset_hours":14,"warn_at":0.95,
+                 "scope":"global","service":{"cluster":"rls","domain":"llm"}},
+                {"name":"cheap","key":"global","usd_per_month":500,"cost_unit_usd":0.01,
+                 "scope":"global","service":{"cluster":"rls","domain":"llm"}}]}"#,
+        )
+        .unwrap();
+        let r = &c.limits.rules;
+        assert_eq!(r[0].limit, Limit::Requests { per: Window::Day, max: 1000 });
+        assert_eq!(
+            (r[1].limit, r[1].offset_hours),
+            (Limit::Tokens { per: Window::Week, max: 1_000_000, token_type: TokenType::Total }, -8)
+        );
+        assert_eq!(
+            (r[2].warn_at_ppm, r[2].shadow, r[2].warn_threshold(5_000_000)),
+            (Some(800_000), true, Some(4_000_000))
+        );
+        assert_eq!(r[3].limit, Limit::Usd { per: Window::Week, max_pico: 100_000_000_000_000 });
+        let g = r[4].global.as_ref().unwrap();
+        // 500 USD in units of 1/10,000 USD.
+        assert_eq!((g.cost_unit_pico, g.max_hits, r[4].offset_hours), (100_000_000, 5_000_000, 14));
+        let g = r[5].global.as_ref().unwrap();
+        assert_eq!((g.cost_unit_pico, g.max_hits), (10_000_000_000, 50_000));
+        assert!(!r[0].shadow && r[0].warn_at_ppm.is_none());
+        assert!(r[4].exports_use() && !r[0].exports_use());
+        assert!(c.limits.reserves_output());
+
+        let rule = |body: &str| format!(r#"{{"limits":[{{"name":"r","key":"global",{body}}}]}}"#);
+        let service = r#""scope":"global","service":{"cluster":"rls","domain":"llm"}"#;
+        expect_err(&rule(r#""tokens_per_fortnight":1"#), "limits[0].tokens_per_fortnight: unknown field");
+        expect_err(&rule(r#""requests_per_year":1"#), "limits[0].requests_per_year: unknown field");
+        expect_err(&rule(r#""tokens_per_month":1,"tokens_per_week":2"#), "limits[0]: has both");
+        expect_err(&rule(r#""tokens_per_month":1,"window_offset_hours":15"#), "limits[0].window_offset_hours: must be");
+        expect_err(
+            &rule(r#""tokens_per_month":1,"window_offset_hours":-13"#),
+            "limits[0].window_offset_hours: must be",
+        );
+        expect_err(
+            &rule(r#""tokens_per_hour":1,"window_offset_hours":2"#),
+            "limits[0].window_offset_hours: only applies",
+        );
+        for bad in ["0", "1", "1.5", "-0.2"] {
+            expect_err(&rule(&format!(r#""usd_per_month":1,"warn_at":{bad}"#)), "limits[0].warn_at: must be");
+        }
+        expect_err(&rule(r#""max_concurrent":3,"warn_at":0.5"#), "limits[0].warn_at: only applies");
+        expect_err(&rule(r#""max_concurrent":3,"mode":"dry-run""#), "limits[0].mode: unknown variant");
+        expect_err(&rule(r#""usd_per_month":5,"cost_unit_usd":0.01"#), "limits[0].cost_unit_usd: only applies");
+        expect_err(
+            &rule(&format!(r#""usd_per_month":5,"cost_unit_usd":0,{service}"#)),
+            "limits[0].cost_unit_usd: must be",
+        );
+        // A global budget whose units do not fit the protocol's uint32, and one below a unit.
+        expect_err(
+            &rule(&format!(r#""usd_per_month":500000,{service}"#)),
+            "limits[0].usd_per_month: is 5000000000 cost units of 0.0001 USD (cost_unit_usd), above",
+        );
+        Config::parse(rule(&format!(r#""usd_per_month":500000,"cost_unit_usd":0.001,{service}"#)).as_bytes()).unwrap();
+        expect_err(
+            &rule(&format!(r#""usd_per_day":0.00001,{service}"#)),
+            "limits[0].usd_per_day: is less than one cost unit",
+        );
+    }
+
+    #[test]
     fn global_rules_name_their_service() {
         let c = Config::parse(
             br#"{"failure_mode":"deny","limits":[
@@ -685,7 +755,9 @@ mod tests {
                 cluster: "rls".into(),
                 domain: "llm".into(),
                 timeout_ms: DEFAULT_SERVICE_TIMEOUT_MS,
-                failure_mode: FailureMode::Deny
+                failure_mode: FailureMode::Deny,
+                cost_unit_pico: 0,
+                max_hits: 1000,
             }
         );
         let h = c.limits.rules[1].global.clone().unwrap();
@@ -697,8 +769,10 @@ mod tests {
         expect_err(&rule(r#""requests_per_minute":1,"scope":"global""#), "limits[0].service: scope: global needs");
         expect_err(&rule(&format!(r#""requests_per_minute":1,{service}"#)), "limits[0].service: only applies");
         expect_err(&rule(&format!(r#""max_concurrent":1,"scope":"global",{service}"#)), "limits[0].scope:");
-        expect_err(&rule(&format!(r#""usd_per_day":1,"scope":"global",{service}"#)), "limits[0].scope:");
-        expect_err(&rule(&format!(r#""tokens_per_day":5000000000,"scope":"global",{service}"#)), "limits[0]: a global");
+        expect_err(
+            &rule(&format!(r#""tokens_per_day":5000000000,"scope":"global",{service}"#)),
+            "limits[0].tokens_per_day: a global",
+        );
         expect_err(&rule(r#""requests_per_minute":1,"scope":"everywhere""#), "limits[0].scope: unknown variant");
         expect_err(
             &rule(r#""requests_per_minute":1,"scope":"global","service":{"cluster":"","domain":"d"}"#),

@@ -25,18 +25,41 @@ pub enum Window {
     Minute,
     /// 3600 s.
     Hour,
-    /// 86400 s.
+    /// A calendar day (00:00 to 00:00, UTC unless `window_offset_hours`).
     Day,
+    /// A calendar week, Monday to Monday.
+    Week,
+    /// A calendar month, the 1st to the 1st (28 to 31 days).
+    Month,
 }
 
 impl Window {
-    /// Length in seconds.
+    /// Length in seconds (a month: its longest, 31 days).
     pub fn secs(self) -> u64 {
         match self {
             Window::Second => 1,
             Window::Minute => 60,
             Window::Hour => 3600,
             Window::Day => 86_400,
+            Window::Week => 7 * 86_400,
+            Window::Month => 31 * 86_400,
+        }
+    }
+
+    /// True for the calendar windows (day, week, month), which `window_offset_hours` shifts.
+    pub fn is_calendar(self) -> bool {
+        matches!(self, Window::Day | Window::Week | Window::Month)
+    }
+
+    /// The window's name in messages (`per month`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Window::Second => "second",
+            Window::Minute => "minute",
+            Window::Hour => "hour",
+            Window::Day => "day",
+            Window::Week => "week",
+            Window::Month => "month",
         }
     }
 }
@@ -93,6 +116,37 @@ pub struct Rule {
     /// `scope: global`: counted by a rate limit service shared by every Envoy replica instead
     /// of this Envoy's shared data.
     pub global: Option<GlobalService>,
+    /// `window_offset_hours`: shifts a calendar window (day, week, month) from UTC.
+    pub offset_hours: i8,
+    /// `warn_at`: the fraction of the limit (0 < f < 1) whose crossing is counted, logged and
+    /// announced in `x-ratelimit-warning`, in millionths.
+    pub warn_at_ppm: Option<u32>,
+    /// `mode: shadow`: would-be rejections are counted, and the request goes on.
+    pub shadow: bool,
+}
+
+impl Rule {
+    /// The rule's window (`None` for `max_concurrent`).
+    pub fn period(&self) -> Option<crate::limit::calendar::Period> {
+        let window = match self.limit {
+            Limit::Requests { per, .. } | Limit::Tokens { per, .. } | Limit::Usd { per, .. } => per,
+            Limit::Concurrent { .. } => return None,
+        };
+        Some(crate::limit::calendar::Period { window, offset_hours: self.offset_hours })
+    }
+
+    /// True when the rule's use is exported (`llm_ratelimit_used`, `llm_ratelimit_limit`): one
+    /// bucket for everyone (keyed `global`, not per model), such as a team's monthly budget.
+    pub fn exports_use(&self) -> bool {
+        self.key == KeySource::Global && !self.per_model
+    }
+
+    /// The count at which a bucket of this rule limited to `max` crosses `warn_at` (at least 1).
+    pub fn warn_threshold(&self, max: u64) -> Option<u64> {
+        let ppm = u128::from(self.warn_at_ppm?);
+        let t = (u128::from(max) * ppm).div_ceil(1_000_000);
+        Some(u64::try_from(t).unwrap_or(u64::MAX).max(1))
+    }
 }
 
 /// Where a `scope: global` rule is counted: a service speaking Envoy's rate limit protocol
@@ -108,7 +162,15 @@ pub struct GlobalService {
     pub timeout_ms: u64,
     /// What a failed or late answer does to the request (default: the top-level `failure_mode`).
     pub failure_mode: FailureMode,
+    /// For a `usd_per_*` rule: the pico-USD one hit stands for (`cost_unit_usd`, default
+    /// 1/10,000 USD), and the limit in those units. 0 for other rules.
+    pub cost_unit_pico: u64,
+    /// The limit as the service counts it: requests, tokens, or cost units.
+    pub max_hits: u32,
 }
+
+/// Default for `limits[].cost_unit_usd`: 1/10,000 USD.
+pub const DEFAULT_COST_UNIT_USD: f64 = 0.0001;
 
 /// Default for `limits[].service.timeout_ms`.
 pub const DEFAULT_SERVICE_TIMEOUT_MS: u64 = 200;
@@ -170,6 +232,17 @@ impl LimitsConfig {
         !self.rules.is_empty() || self.max_input_tokens.is_some()
     }
 
+    /// True if some rule reserves a request's output tokens at admission (a local token rule
+    /// that counts output, or a USD rule): a request without `max_tokens` then reserves its
+    /// model's average output ([`crate::limit::estimate`]), which every completed response updates.
+    pub fn reserves_output(&self) -> bool {
+        self.rules.iter().any(|r| match r.limit {
+            Limit::Tokens { token_type, .. } => r.global.is_none() && token_type != TokenType::Input,
+            Limit::Usd { .. } => true,
+            _ => false,
+        })
+    }
+
     /// True if any rule is counted by a rate limit service.
     pub fn has_global(&self) -> bool {
         self.rules.iter().any(|r| r.global.is_some())
@@ -204,12 +277,28 @@ pub(super) struct RawRule {
     tokens_per_minute: Option<u64>,
     tokens_per_hour: Option<u64>,
     tokens_per_day: Option<u64>,
+    requests_per_day: Option<u64>,
+    tokens_per_week: Option<u64>,
+    tokens_per_month: Option<u64>,
     token_type: Option<TokenType>,
     usd_per_hour: Option<f64>,
     usd_per_day: Option<f64>,
+    usd_per_week: Option<f64>,
+    usd_per_month: Option<f64>,
     max_concurrent: Option<u64>,
     scope: Option<Scope>,
     service: Option<RawService>,
+    window_offset_hours: Option<i64>,
+    warn_at: Option<f64>,
+    mode: Option<Mode>,
+    cost_unit_usd: Option<f64>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum Mode {
+    Enforce,
+    Shadow,
 }
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -340,6 +429,7 @@ fn validate_rule(i: usize, r: RawRule, failure_mode: FailureMode) -> Result<Rule
         count(r.requests_per_second, "requests_per_second", &|max| Limit::Requests { per: Window::Second, max })?,
         count(r.requests_per_minute, "requests_per_minute", &|max| Limit::Requests { per: Window::Minute, max })?,
         count(r.requests_per_hour, "requests_per_hour", &|max| Limit::Requests { per: Window::Hour, max })?,
+        count(r.requests_per_day, "requests_per_day", &|max| Limit::Requests { per: Window::Day, max })?,
         count(r.tokens_per_minute, "tokens_per_minute", &|max| Limit::Tokens {
             per: Window::Minute,
             max,
@@ -347,8 +437,16 @@ fn validate_rule(i: usize, r: RawRule, failure_mode: FailureMode) -> Result<Rule
         })?,
         count(r.tokens_per_hour, "tokens_per_hour", &|max| Limit::Tokens { per: Window::Hour, max, token_type: tt })?,
         count(r.tokens_per_day, "tokens_per_day", &|max| Limit::Tokens { per: Window::Day, max, token_type: tt })?,
+        count(r.tokens_per_week, "tokens_per_week", &|max| Limit::Tokens { per: Window::Week, max, token_type: tt })?,
+        count(r.tokens_per_month, "tokens_per_month", &|max| Limit::Tokens {
+            per: Window::Month,
+            max,
+            token_type: tt,
+        })?,
         usd(r.usd_per_hour, &field("usd_per_hour"), Window::Hour)?.map(|l| ("usd_per_hour", l)),
         usd(r.usd_per_day, &field("usd_per_day"), Window::Day)?.map(|l| ("usd_per_day", l)),
+        usd(r.usd_per_week, &field("usd_per_week"), Window::Week)?.map(|l| ("usd_per_week", l)),
+        usd(r.usd_per_month, &field("usd_per_month"), Window::Month)?.map(|l| ("usd_per_month", l)),
         count(r.max_concurrent, "max_concurrent", &|max| Limit::Concurrent { max })?,
     ];
     limits.extend(candidates.into_iter().flatten());
@@ -357,8 +455,8 @@ fn validate_rule(i: usize, r: RawRule, failure_mode: FailureMode) -> Result<Rule
         [] => {
             return Err(err(
                 format!("limits[{i}]"),
-                "needs one limit: requests_per_second|minute|hour, tokens_per_minute|hour|day, \
-                 usd_per_hour|day or max_concurrent",
+                "needs one limit: requests_per_second|minute|hour|day, tokens_per_minute|hour|day|week|month, \
+                 usd_per_hour|day|week|month or max_concurrent",
             ))
         }
         [(a, _), (b, _), ..] => {
@@ -367,6 +465,35 @@ fn validate_rule(i: usize, r: RawRule, failure_mode: FailureMode) -> Result<Rule
     };
     if r.token_type.is_some() && !matches!(limit, Limit::Tokens { .. }) {
         return Err(err(field("token_type"), "only applies to tokens_per_* limits"));
+    }
+    let (window_name, calendar) = match limit {
+        Limit::Requests { per, .. } | Limit::Tokens { per, .. } | Limit::Usd { per, .. } => {
+            (limits.first().map_or("", |l| l.0), per.is_calendar())
+        }
+        Limit::Concurrent { .. } => ("max_concurrent", false),
+    };
+    let offset_hours = match r.window_offset_hours {
+        None => 0,
+        Some(_) if !calendar => {
+            return Err(err(
+                field("window_offset_hours"),
+                format!("only applies to calendar windows (*_per_day, *_per_week, *_per_month), not {window_name}"),
+            ))
+        }
+        Some(v @ -12..=14) => v as i8,
+        Some(_) => return Err(err(field("window_offset_hours"), "must be between -12 and 14 (hours from UTC)")),
+    };
+    let warn_at_ppm = match r.warn_at {
+        None => None,
+        Some(_) if matches!(limit, Limit::Concurrent { .. }) => {
+            return Err(err(field("warn_at"), "only applies to limits per window, not max_concurrent"))
+        }
+        Some(f) if f.is_finite() && f > 0.0 && f < 1.0 => Some(((f * 1e6).round() as u32).clamp(1, 999_999)),
+        Some(_) => return Err(err(field("warn_at"), "must be a fraction of the limit between 0 and 1 (e.g. 0.8)")),
+    };
+    let shadow = r.mode == Some(Mode::Shadow);
+    if r.cost_unit_usd.is_some() && !(matches!(limit, Limit::Usd { .. }) && r.scope == Some(Scope::Global)) {
+        return Err(err(field("cost_unit_usd"), "only applies to usd_per_* rules with scope: global"));
     }
     let global = match (r.scope.unwrap_or(Scope::Local), r.service) {
         (Scope::Local, None) => None,
@@ -377,33 +504,66 @@ fn validate_rule(i: usize, r: RawRule, failure_mode: FailureMode) -> Result<Rule
                 "scope: global needs service: {cluster, domain} (the rate limit service)",
             ))
         }
-        (Scope::Global, Some(service)) => Some(validate_service(i, service, &limit, failure_mode)?),
+        (Scope::Global, Some(service)) => {
+            Some(validate_service(i, service, &limit, window_name, r.cost_unit_usd, failure_mode)?)
+        }
     };
-    Ok(Rule { name: r.name, key, models, per_model: r.per_model, limit, global })
+    Ok(Rule { name: r.name, key, models, per_model: r.per_model, limit, global, offset_hours, warn_at_ppm, shadow })
 }
 
-/// A global rule's service, and the limits the protocol can carry: request and token counts
-/// per second/minute/hour/day up to 2^32 - 1 (`requests_per_unit` is a uint32). A service counts
-/// hits, so spend in USD and requests in flight (which need a release) stay local.
+/// A global rule's service, and the limits the protocol can carry: up to 2^32 - 1 hits per
+/// window (`requests_per_unit` is a uint32): requests, tokens, or cost units for USD (one unit is
+/// `cost_unit_usd`). Requests in flight need a release, which the protocol has not: they stay
+/// local.
 fn validate_service(
     i: usize,
     s: RawService,
     limit: &Limit,
+    window_name: &str,
+    cost_unit_usd: Option<f64>,
     failure_mode: FailureMode,
 ) -> Result<GlobalService, ConfigError> {
     let field = |name: &str| format!("limits[{i}].{name}");
-    match limit {
-        Limit::Requests { max, .. } | Limit::Tokens { max, .. } if *max > u64::from(u32::MAX) => {
-            return Err(err(format!("limits[{i}]"), "a global limit is at most 4294967295 (the protocol's uint32)"))
+    let (max_hits, cost_unit_pico) = match *limit {
+        Limit::Requests { max, .. } | Limit::Tokens { max, .. } => match u32::try_from(max) {
+            Ok(hits) => (hits, 0),
+            Err(_) => {
+                return Err(err(field(window_name), "a global limit is at most 4294967295 (the protocol's uint32)"))
+            }
+        },
+        Limit::Usd { max_pico, .. } => {
+            let unit = cost_unit_usd.unwrap_or(DEFAULT_COST_UNIT_USD);
+            if !(unit.is_finite() && (1e-9..=1000.0).contains(&unit)) {
+                return Err(err(field("cost_unit_usd"), "must be between 0.000000001 and 1000 (USD per cost unit)"));
+            }
+            let unit_pico = (unit * 1e12).round() as u64;
+            let units = max_pico / unit_pico;
+            match u32::try_from(units) {
+                Ok(0) => {
+                    return Err(err(
+                        field(window_name),
+                        format!("is less than one cost unit of {unit} USD (cost_unit_usd); lower cost_unit_usd"),
+                    ))
+                }
+                Ok(hits) => (hits, unit_pico),
+                Err(_) => {
+                    return Err(err(
+                        field(window_name),
+                        format!(
+                            "is {units} cost units of {unit} USD (cost_unit_usd), above the rate limit protocol's \
+                             4294967295 (uint32): raise cost_unit_usd"
+                        ),
+                    ))
+                }
+            }
         }
-        Limit::Requests { .. } | Limit::Tokens { .. } => {}
-        Limit::Usd { .. } | Limit::Concurrent { .. } => {
+        Limit::Concurrent { .. } => {
             return Err(err(
                 field("scope"),
-                "global rules count requests_per_* or tokens_per_*; usd_per_* and max_concurrent are local only",
+                "global rules count requests_per_*, tokens_per_* or usd_per_*; max_concurrent is local only",
             ))
         }
-    }
+    };
     let name_ok = |v: &str, max: usize| !v.is_empty() && v.len() <= max && v.bytes().all(|b| b.is_ascii_graphic());
     // At most 120 bytes: the cluster travels in a small protobuf that must stay ASCII (see
     // `rls::encode_grpc_service`).
@@ -423,6 +583,8 @@ fn validate_service(
         domain: s.domain,
         timeout_ms,
         failure_mode: s.failure_mode.unwrap_or(failure_mode),
+        cost_unit_pico,
+        max_hits,
     })
 }
 

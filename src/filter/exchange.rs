@@ -7,6 +7,7 @@ use super::host::{Host, InternalError};
 use super::worker::{Stat, Worker};
 use crate::config::FailureMode;
 use crate::limit::enforce::{self, LimitHost, Rejection, RequestFacts, Reservation, Verdict};
+use crate::limit::estimate;
 use crate::limit::global::{self, Answer};
 use crate::memory::Lease;
 use crate::meter::classify::{classify, ErrorType};
@@ -123,6 +124,10 @@ pub struct Exchange {
     global_charges: Vec<global::Charge>,
     /// Rate limit service calls awaited before the request is forwarded: (token, charge index).
     global_pending: Vec<(u32, usize)>,
+    /// What the rate limit service said of admitted global rules: `x-ratelimit-*` per family
+    /// with (remaining, limit) to pick the tighter, and the rules at their `warn_at`.
+    global_seen: Vec<global::Seen>,
+    global_warned: Vec<String>,
     /// Skips found while checking limits.
     limit_skips: Skips,
     /// Decodes a copy of a compressed response body for the scanner.
@@ -329,10 +334,20 @@ impl Exchange {
         }
         self.limits_checked = true;
         let content_length = header_value(&self.limit_headers, "content-length").and_then(parse_u64).unwrap_or(0);
+        let max_output = self.request.max_output_tokens();
+        // A request that does not say its output reserves its model's average (one read).
+        let output_average = match max_output {
+            None if worker.config.limits.reserves_output() => {
+                let label = worker.model_label(host, self.request_model());
+                estimate::read(&*host, &estimate::key(&worker.config.metrics.prefix, &label))
+            }
+            _ => None,
+        };
         let facts = RequestFacts {
             model: self.request_model(),
             body_bytes: content_length.max(self.request.bytes()),
-            max_output: self.request.max_output_tokens(),
+            max_output,
+            output_average,
         };
         let limits = Limits(&*host, &self.limit_headers);
         let (verdict, notes) = enforce::check(&limits, &worker.config, facts, &mut worker.admitted);
@@ -343,10 +358,15 @@ impl Exchange {
         for _ in 0..notes.failures {
             worker.limiter_failed(host);
         }
+        if !(notes.shadow_rejected.is_empty() && notes.crossed.is_empty() && notes.used.is_empty()) {
+            let label = worker.model_label(host, self.request_model());
+            worker.note_limits(host, &label, &notes.shadow_rejected, &notes.crossed, &notes.used);
+        }
         match verdict {
             Verdict::Admit(reservation) => {
+                let estimate = enforce::usage_estimate(&worker.config, &facts);
                 self.reservation = Some(reservation);
-                self.check_global(host, worker)
+                self.check_global(host, worker, &estimate)
             }
             Verdict::Reject(rejection) => Some(self.reject(host, worker, rejection)),
         }
@@ -355,12 +375,17 @@ impl Exchange {
     /// Asks the rate limit service of every global rule that applies (the local rules admitted
     /// the request). `Some(Flow::Hold)` while answers are awaited; `Some(Flow::Respond)` when a
     /// failure under `failure_mode: deny` rejected it at once.
-    fn check_global<H: Host>(&mut self, host: &mut H, worker: &mut Worker) -> Option<Flow> {
+    fn check_global<H: Host>(&mut self, host: &mut H, worker: &mut Worker, estimate: &Usage) -> Option<Flow> {
         if !worker.has_global_limits() {
             return None;
         }
-        let (charges, unknown) =
-            global::charges(&Limits(&*host, &self.limit_headers), &worker.config, self.request_model());
+        let (charges, unknown) = global::charges(
+            &Limits(&*host, &self.limit_headers),
+            &worker.config,
+            self.request_model(),
+            estimate,
+            &worker.ledger,
+        );
         for rule in unknown {
             worker.limiter_failed(host);
             if worker.config.limits.failure_mode == FailureMode::Deny {
@@ -419,10 +444,33 @@ impl Exchange {
         if self.rejected_by.is_some() || self.finished {
             return None;
         }
-        let rule = self.global_charges.get(i)?.rule;
+        let charge = self.global_charges.get(i)?.clone();
+        let rule = charge.rule;
         let now_ms = host.now_nanos() / 1_000_000;
-        match global::answer(&worker.config, rule, result, now_ms) {
-            Answer::Admit => {}
+        let answer = global::answer(&worker.config, &charge, result, now_ms);
+        if let Answer::Admit(status) | Answer::Shadow(status) = &answer {
+            charge.learn(&worker.config, &mut worker.ledger, status.as_ref());
+            let seen = status.as_ref().and_then(|s| {
+                global::seen(&worker.config, rule, charge.key(), charge.hits, s, now_ms, charge.window_end_ms())
+            });
+            if let Some(seen) = seen {
+                worker.note_global(host, rule, &seen);
+                let enforced = worker.config.limits.rules.get(rule).filter(|r| !r.shadow);
+                if let Some(r) = enforced {
+                    if seen.warned {
+                        self.global_warned.push(r.name.clone());
+                    }
+                    self.global_seen.push(seen);
+                }
+            }
+        }
+        match answer {
+            Answer::Admit(_) => {}
+            Answer::Shadow(_) => {
+                let label = worker.model_label(host, self.request_model());
+                let name = worker.config.limits.rules.get(rule).map_or_else(String::new, |r| r.name.clone());
+                worker.count_rejection(host, &label, &name, true);
+            }
             Answer::Reject(rejection) => {
                 self.global_pending.clear();
                 return Some(self.reject(host, worker, rejection));
@@ -449,7 +497,7 @@ impl Exchange {
             }
         }
         let label = worker.model_label(host, self.request_model());
-        host.counter_add(&worker.name(Metric::RatelimitRejectedTotal, &[&label, &rejection.rule]), 1);
+        worker.count_rejection(host, &label, &rejection.rule, false);
         self.respond(host, worker, rejection)
     }
 
@@ -497,11 +545,12 @@ impl Exchange {
                 Err(_) => self.response_skips.add(Skip::UsageInvalid),
             }
         }
-        if let Some(r) = &self.reservation {
+        let ours = self.limit_response_headers();
+        if !ours.is_empty() {
             // Per family (`requests`, `tokens`): when the upstream's own remaining is the lower,
             // its limit, remaining and reset stay, all three, so they describe one limit.
             let theirs_tighter = |family: &str| {
-                r.headers.iter().any(|(name, ours)| {
+                ours.iter().any(|(name, ours)| {
                     name.strip_prefix("x-ratelimit-remaining-") == Some(family)
                         && header_value(&headers, name)
                             .and_then(parse_u64)
@@ -509,7 +558,7 @@ impl Exchange {
                 })
             };
             let keep = [theirs_tighter("requests"), theirs_tighter("tokens")];
-            for (name, value) in &r.headers {
+            for (name, value) in &ours {
                 let family = name.rsplit('-').next().unwrap_or_default();
                 if (family == "requests" && keep[0]) || (family == "tokens" && keep[1]) {
                     continue;
@@ -563,6 +612,48 @@ impl Exchange {
             self.stripper = Some(UsageChunkStripper::with_lease(lease));
         }
         worker.sync_memory(host);
+    }
+
+    /// The `x-ratelimit-*` headers of an admitted request: the local rules' and the global
+    /// rules' (per family, the rule with the smallest share left), and `x-ratelimit-warning`
+    /// naming every rule at or above its `warn_at`.
+    fn limit_response_headers(&self) -> Vec<(String, String)> {
+        let local = self.reservation.as_ref().map_or(&[][..], |r| r.headers.as_slice());
+        if self.global_seen.is_empty() {
+            return local.to_vec();
+        }
+        let mut out: Vec<(String, String)> = Vec::new();
+        let mut warned: Vec<&str> = Vec::new();
+        for (name, value) in local {
+            if name == "x-ratelimit-warning" {
+                warned.extend(value.split(", "));
+            } else {
+                out.push((name.clone(), value.clone()));
+            }
+        }
+        for family in ["requests", "tokens", "usd"] {
+            let remaining = format!("x-ratelimit-remaining-{family}");
+            let limit = format!("x-ratelimit-limit-{family}");
+            let seen =
+                self.global_seen.iter().filter(|s| s.headers.iter().any(|(n, _)| *n == remaining)).min_by(|a, b| {
+                    (u128::from(a.ratio.0) * u128::from(b.ratio.1))
+                        .cmp(&(u128::from(b.ratio.0) * u128::from(a.ratio.1)))
+                });
+            let Some(seen) = seen else { continue };
+            // The local rule of the family, as remaining/limit, if there is one.
+            let value = |name: &str| out.iter().find(|(n, _)| n == name).and_then(|(_, v)| v.parse::<f64>().ok());
+            let local_share = value(&remaining).zip(value(&limit)).map(|(r, l)| r / l.max(f64::MIN_POSITIVE));
+            let global_share = seen.ratio.0 as f64 / (seen.ratio.1.max(1)) as f64;
+            if local_share.is_none_or(|l| global_share < l) {
+                out.retain(|(n, _)| !n.ends_with(&format!("-{family}")));
+                out.extend(seen.headers.iter().cloned());
+            }
+        }
+        warned.extend(self.global_warned.iter().map(String::as_str));
+        if !warned.is_empty() {
+            out.push(("x-ratelimit-warning".into(), warned.join(", ")));
+        }
+        out
     }
 
     /// A response body chunk: scanned for usage. Passed on untouched, except that a usage chunk
@@ -670,18 +761,35 @@ impl Exchange {
             if released.unpriced {
                 self.limit_skips.add(Skip::Unpriced);
             }
+            if !(released.crossed.is_empty() && released.used.is_empty()) {
+                worker.note_limits(host, &label, &[], &released.crossed, &released.used);
+            }
         }
 
-        // Global token rules learn the real usage (a request still waiting when the client left
-        // was never forwarded: nothing to report).
-        if let Some(u) = usage.as_ref().filter(|_| self.rejected_by.is_none() && self.global_pending.is_empty()) {
+        // Global token and USD rules learn the real usage (a request still waiting when the
+        // client left was never forwarded: nothing to report). A forwarded request that failed
+        // without usage still settles a USD reservation (its cost: none).
+        let forwarded = self.rejected_by.is_none() && self.global_pending.is_empty();
+        let settled = usage.or_else(|| (error != ErrorType::None).then(Usage::default));
+        if let Some(u) = settled.as_ref().filter(|_| forwarded) {
             for c in &self.global_charges {
-                if let Some(call) = c.report(&worker.config, u) {
+                if let Some(call) = c.report(&worker.config, u, price.as_ref(), &mut worker.ledger) {
                     worker.queue_report(host, call);
                 }
             }
         }
         self.global_pending.clear();
+
+        // Every completed response teaches its model's output size (for requests that do not
+        // say theirs).
+        if let Some(u) = usage.as_ref().filter(|_| error == ErrorType::None && worker.config.limits.reserves_output()) {
+            let key = estimate::key(&worker.config.metrics.prefix, &label);
+            match estimate::update(&*host, &key, u.output) {
+                Some((before, after)) if before != Some(after) => worker.show_estimate(host, &label, after),
+                Some(_) => {}
+                None => worker.count_error(host, InternalError::SharedData),
+            }
+        }
 
         if let Some(pico) = usage.as_ref().zip(price).and_then(|(u, p)| p.cost_pico(u)) {
             if let Some(s) = worker.series.get_mut(series) {

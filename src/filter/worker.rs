@@ -60,6 +60,21 @@ pub struct Worker {
     pub(crate) circuits_shown: HashMap<String, State>,
     /// When [`Worker::refresh_circuits`] looks next, ms.
     pub(crate) next_circuit_refresh_ms: u64,
+    /// What this worker knows of global USD budgets (see [`global::Ledger`]).
+    pub(crate) ledger: global::Ledger,
+    /// `output_tokens_estimate` gauge ids by model label.
+    pub(crate) estimate_gauges: HashMap<String, u32>,
+    /// Per rule whose use is exported: the `ratelimit_used` gauge, the value shown and when
+    /// its window ends (see [`Worker::refresh_use`]).
+    pub(crate) use_shown: Vec<Option<UseShown>>,
+}
+
+/// A rule's `ratelimit_used` gauge as this worker last set it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct UseShown {
+    id: u32,
+    value: u64,
+    window_end_ms: u64,
 }
 
 /// Most token usage reports a worker queues between two timer ticks; beyond, a report is
@@ -191,6 +206,9 @@ impl Worker {
             memory_gauge: None,
             circuits_shown: HashMap::new(),
             next_circuit_refresh_ms: 0,
+            ledger: global::Ledger::default(),
+            estimate_gauges: HashMap::new(),
+            use_shown: Vec::new(),
             config,
         }
     }
@@ -220,6 +238,115 @@ impl Worker {
             host.metric_record(id, self.config.memory.max_stream_bytes_total as u64);
         }
         self.memory_gauge = host.define_metric(MetricKind::Gauge, &self.name(Metric::MeterMemoryBytes, &[]));
+        // The limit of every rule whose use is exported, and its use (defined at 0: a budget
+        // nobody spent yet shows as 0 %, not as missing).
+        let mut shown = Vec::new();
+        for rule in &self.config.limits.rules {
+            if !rule.exports_use() {
+                shown.push(None);
+                continue;
+            }
+            if let Some(id) = host.define_metric(MetricKind::Gauge, &self.name(Metric::RatelimitLimit, &[&rule.name])) {
+                host.metric_record(id, exported_limit(rule));
+            }
+            let used = host.define_metric(MetricKind::Gauge, &self.name(Metric::RatelimitUsed, &[&rule.name]));
+            shown.push(used.map(|id| UseShown { id, value: 0, window_end_ms: 0 }));
+        }
+        self.use_shown = shown;
+    }
+
+    /// True when the root context's timer must run for the limits: usage reports to send, or
+    /// exported budgets whose window may end without a request.
+    pub fn limits_need_tick(&self) -> bool {
+        self.has_global_limits() || self.config.limits.rules.iter().any(crate::config::Rule::exports_use)
+    }
+
+    /// Shows what a rule keyed `global` has used (`ratelimit_used`), when it changed.
+    pub(crate) fn show_use<H: Host>(&mut self, host: &mut H, rule: usize, used: u64) {
+        let now_ms = host.now_nanos() / 1_000_000;
+        let end = self.config.limits.rules.get(rule).and_then(|r| r.period()).map_or(0, |p| p.at(now_ms).end_ms);
+        let Some(Some(shown)) = self.use_shown.get_mut(rule) else { return };
+        shown.window_end_ms = end;
+        if shown.value != used {
+            shown.value = used;
+            host.metric_record(shown.id, used);
+        }
+    }
+
+    /// A window of a rule keyed `global` ended with no request since: its use is what the new
+    /// window starts with (a local rule's debt, read from its bucket; 0 for a rate limit
+    /// service's counter, which starts anew). Run from the root context's timer.
+    pub fn refresh_use<H: Host>(&mut self, host: &mut H) {
+        let now_ms = host.now_nanos() / 1_000_000;
+        for i in 0..self.use_shown.len() {
+            let Some(Some(shown)) = self.use_shown.get(i).copied() else { continue };
+            if shown.window_end_ms == 0 || now_ms < shown.window_end_ms {
+                continue;
+            }
+            let used = enforce::global_use(&*host, &self.config, i, now_ms).unwrap_or(0);
+            self.show_use(host, i, used);
+        }
+    }
+
+    /// Counts what a check noted besides its verdict: shadow would-be rejections, `warn_at`
+    /// crossings, the use of rules keyed `global`.
+    pub(crate) fn note_limits<H: Host>(
+        &mut self,
+        host: &mut H,
+        model_label: &str,
+        shadow: &[String],
+        crossed: &[enforce::Crossing],
+        used: &[(usize, u64)],
+    ) {
+        for rule in shadow {
+            self.count_rejection(host, model_label, rule, true);
+        }
+        for c in crossed {
+            self.count_warning(host, c);
+        }
+        for &(rule, value) in used {
+            let value = self.config.limits.rules.get(rule).map_or(value, |r| exported_use(r, value));
+            self.show_use(host, rule, value);
+        }
+    }
+
+    /// Counts a rejection (`mode="enforce"`) or a shadow rule's would-be rejection.
+    pub(crate) fn count_rejection<H: Host>(&self, host: &mut H, model_label: &str, rule: &str, shadow: bool) {
+        let mode = if shadow { "shadow" } else { "enforce" };
+        host.counter_add(&self.name(Metric::RatelimitRejectedTotal, &[model_label, rule, mode]), 1);
+    }
+
+    /// A key crossed its rule's `warn_at`: counted, and logged (the key as the hash the
+    /// buckets know it by: never the raw key).
+    pub(crate) fn count_warning<H: Host>(&self, host: &mut H, c: &enforce::Crossing) {
+        let Some(rule) = self.config.limits.rules.get(c.rule) else { return };
+        host.counter_add(&self.name(Metric::RatelimitWarningsTotal, &[&rule.name]), 1);
+        let (used, max) = match rule.limit {
+            crate::config::Limit::Usd { .. } => (format!("{} USD", enforce::usd(c.used)), enforce::usd(c.max)),
+            _ => (c.used.to_string(), c.max.to_string()),
+        };
+        host.log_warn(&format!(
+            "llm-meter: rule '{}' key {} passed its warning threshold: {used} of {max} used in this window",
+            rule.name, c.key
+        ));
+    }
+
+    /// Shows `output_tokens_estimate` of a model label.
+    pub(crate) fn show_estimate<H: Host>(&mut self, host: &mut H, model_label: &str, value: u64) {
+        let id = match self.estimate_gauges.get(model_label) {
+            Some(&id) => Some(id),
+            None => {
+                let id =
+                    host.define_metric(MetricKind::Gauge, &self.name(Metric::OutputTokensEstimate, &[model_label]));
+                if let Some(id) = id {
+                    self.estimate_gauges.insert(model_label.to_string(), id);
+                }
+                id
+            }
+        };
+        if let Some(id) = id {
+            host.metric_record(id, value);
+        }
     }
 
     /// `model`'s circuit entered `state`: counted, and the model's state gauge set.
@@ -274,6 +401,34 @@ impl Worker {
         }
         if let Some(id) = self.memory_gauge {
             host.metric_add(id, delta);
+        }
+    }
+
+    /// The answer to a usage report of a global rule: counted as a service error when it is not
+    /// one, else what it says of the rule's use and `warn_at`.
+    pub fn report_answered<H: Host>(&mut self, host: &mut H, call: &global::Call, result: Result<&[u8], ()>) {
+        let (rule, hits) = (call.rule, call.hits);
+        let Some(response) = global::decision(result) else {
+            self.count_service_error(host, rule);
+            return;
+        };
+        let now_ms = host.now_nanos() / 1_000_000;
+        let Some(status) = response.statuses.first() else { return };
+        let Some(seen) = global::seen(&self.config, rule, &call.key, hits, status, now_ms, None) else { return };
+        self.note_global(host, rule, &seen);
+    }
+
+    /// What a rate limit service said of a global rule: its use (rules keyed `global`) and a
+    /// `warn_at` crossing.
+    pub(crate) fn note_global<H: Host>(&mut self, host: &mut H, rule: usize, seen: &global::Seen) {
+        let Some(r) = self.config.limits.rules.get(rule) else { return };
+        if r.exports_use() {
+            self.show_use(host, rule, seen.used);
+        }
+        if seen.crossed {
+            let (used, max) = seen.amounts;
+            let crossing = enforce::Crossing { rule, key: seen.key.clone(), used, max };
+            self.count_warning(host, &crossing);
         }
     }
 
@@ -461,5 +616,26 @@ impl Worker {
                 }
             }
         }
+    }
+}
+
+/// A rule's limit as `ratelimit_limit` shows it: requests, tokens, or micro-USD.
+fn exported_limit(rule: &crate::config::Rule) -> u64 {
+    match rule.limit {
+        crate::config::Limit::Requests { max, .. } | crate::config::Limit::Tokens { max, .. } => max,
+        crate::config::Limit::Usd { max_pico, .. } => match &rule.global {
+            // A global budget counts whole cost units.
+            Some(g) => u64::from(g.max_hits).saturating_mul(g.cost_unit_pico) / 1_000_000,
+            None => max_pico / 1_000_000,
+        },
+        crate::config::Limit::Concurrent { max } => max,
+    }
+}
+
+/// A local bucket's count as `ratelimit_used` shows it (pico-USD become micro-USD).
+fn exported_use(rule: &crate::config::Rule, used: u64) -> u64 {
+    match rule.limit {
+        crate::config::Limit::Usd { .. } => used / 1_000_000,
+        _ => used,
     }
 }

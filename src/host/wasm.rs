@@ -39,8 +39,9 @@ struct State {
     /// Contexts whose stalled hold the timer released; their exchange learns it on its next
     /// callback.
     released: BTreeSet<u32>,
-    /// Usage reports sent by the root context and not answered yet: token → rule.
-    reports: HashMap<u32, usize>,
+    /// Usage reports sent by the root context and not answered yet, by token (without their
+    /// message).
+    reports: HashMap<u32, crate::limit::global::Call>,
 }
 
 /// Envoy metric ids by stat name. Defining a metric is a hostcall that allocates a new id each
@@ -92,17 +93,16 @@ struct Root {
 }
 
 impl Context for Root {
-    /// The answer to a usage report: only failures matter (an OVER_LIMIT answer is the
-    /// service counting usage beyond the limit, as it should).
+    /// The answer to a usage report: a failure is counted; an answer shows the rule's use and
+    /// may cross its `warn_at` (an OVER_LIMIT answer is the service counting usage beyond the
+    /// limit, as it should).
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
         let Some(state) = self.state.as_ref() else { return };
         let Ok(mut guard) = state.try_borrow_mut() else { return };
         let State { worker, metrics, reports, .. } = &mut *guard;
-        let Some(rule) = reports.remove(&token_id) else { return };
+        let Some(call) = reports.remove(&token_id) else { return };
         let response = grpc_response(status_code, response_size);
-        if crate::limit::global::decision(response.as_deref().map_err(|_| ())).is_none() {
-            worker.count_service_error(&mut WasmHost::new(metrics, 0), rule);
-        }
+        worker.report_answered(&mut WasmHost::new(metrics, 0), &call, response.as_deref().map_err(|_| ()));
     }
 }
 
@@ -130,7 +130,7 @@ impl RootContext for Root {
         let mut host = WasmHost::new(&mut metrics, 0);
         worker.init_shared(&mut host);
         log(LogLevel::Info, "llm-meter: configured");
-        if worker.has_global_limits() {
+        if worker.limits_need_tick() {
             set_tick(REPORT_EVERY_MS);
         } else if worker.config().request.model_lookahead_bytes > 0 || worker.config().resilience.is_active() {
             set_tick(hold::CHECK_EVERY_MS);
@@ -149,10 +149,13 @@ impl RootContext for Root {
         let State { worker, metrics, released, reports } = &mut *guard;
         let mut host = WasmHost::new(metrics, 0);
         worker.refresh_circuits(&mut host);
-        for call in worker.take_reports() {
+        worker.refresh_use(&mut host);
+        for mut call in worker.take_reports() {
             match worker.call_service(&mut host, &call) {
                 Some(token) => {
-                    reports.insert(token, call.rule);
+                    // Only the rule, hits and key are needed for the answer.
+                    call.message = Vec::new();
+                    reports.insert(token, call);
                 }
                 None => worker.count_service_error(&mut host, call.rule),
             }
@@ -173,7 +176,7 @@ impl RootContext for Root {
                 "llm-meter: a held request got no body callback; set `allow_on_headers_stop_iteration: true` in \
                  the Wasm filter's config (Envoy >= 1.35). Holding requests for the model is off on this worker.",
             );
-            if !worker.has_global_limits() && !worker.config().resilience.is_active() {
+            if !worker.limits_need_tick() && !worker.config().resilience.is_active() {
                 set_tick(0);
             }
         }

@@ -20,6 +20,9 @@ pub struct RequestFacts<'a> {
     pub body_bytes: u64,
     /// `max_tokens` / `max_completion_tokens` / `max_output_tokens`.
     pub max_output: Option<u64>,
+    /// The model's recent average output tokens (see [`crate::limit::estimate`]), looked up
+    /// when the request does not say `max_output` and a rule reserves output.
+    pub output_average: Option<u64>,
 }
 
 /// The parts of the host the limits need besides shared data.
@@ -52,6 +55,25 @@ pub struct Notes {
     pub overflowed: Vec<String>,
     /// The limiter failed (store failure, undeterminable key) this many times.
     pub failures: u32,
+    /// Rules in `mode: shadow` that would have rejected the request.
+    pub shadow_rejected: Vec<String>,
+    /// Buckets that crossed their rule's `warn_at`: (rule index, bucket id, used, limit).
+    pub crossed: Vec<Crossing>,
+    /// Rules keyed `global` and what their bucket has used now (`llm_ratelimit_used`).
+    pub used: Vec<(usize, u64)>,
+}
+
+/// A bucket that crossed its rule's `warn_at`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Crossing {
+    /// Index of the rule.
+    pub rule: usize,
+    /// The bucket's key id (`global`, or a hash: never a raw key).
+    pub key: String,
+    /// Used in the window.
+    pub used: u64,
+    /// The limit.
+    pub max: u64,
 }
 
 /// An admitted request's charges, released at the end.
@@ -60,8 +82,10 @@ pub struct Reservation {
     held: Vec<Held>,
     /// Token type of each held token bucket (`None` for other kinds), parallel to `held`.
     meters: Vec<Meter>,
-    /// Response headers to add (`x-ratelimit-*`).
+    /// Response headers to add (`x-ratelimit-*`, `x-ratelimit-warning`).
     pub headers: Vec<(String, String)>,
+    /// Rules of `held` whose use is exported (keyed `global`).
+    exported: Vec<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,11 +138,12 @@ pub fn check<H: LimitHost>(
             return (Verdict::Reject(rejection), notes);
         }
     }
-    let output = facts.max_output.unwrap_or(0).min(limits.estimate.max_output_tokens);
-    let estimate = Usage { input, output, ..Usage::default() };
+    let estimate = usage_estimate(config, &facts);
+    let output_estimated = facts.max_output.is_none();
 
     let mut charges = Vec::new();
     let mut meters = Vec::new();
+    let mut shadow = Vec::new();
     // Rules usually share a key (rpm and tpm per API key): read and hash it once.
     let mut key_ids = KeyIds::default();
     for (i, rule) in limits.rules.iter().enumerate() {
@@ -129,23 +154,24 @@ pub fn check<H: LimitHost>(
         if !applies(rule, facts.model) {
             continue;
         }
+        let period = |per| crate::limit::calendar::Period { window: per, offset_hours: rule.offset_hours };
+        // An estimated output never makes a request too large for an empty window on its own:
+        // it is cut to the limit (the first request of a cold start takes the whole window).
+        let fit = |amount: u64, max: u64| if output_estimated { amount.min(max) } else { amount };
         let (kind, max, amount, meter) = match rule.limit {
-            Limit::Requests { per, max } => {
-                (BucketKind::Requests { window_ms: per.secs() * 1000 }, max, 1, Meter::None)
-            }
+            Limit::Requests { per, max } => (BucketKind::Requests { period: period(per) }, max, 1, Meter::None),
             Limit::Tokens { per, max, token_type } => (
-                BucketKind::Metered { window_ms: per.secs() * 1000 },
+                BucketKind::Metered { period: period(per) },
                 max,
-                tokens_of(&estimate, token_type),
+                fit(tokens_of(&estimate, token_type), max),
                 Meter::Tokens(token_type),
             ),
             Limit::Usd { per, max_pico } => {
                 // Only the request's model is known yet: an unpriced one reserves nothing, and
                 // is charged at the end at the price the response's model resolves to, if any
                 // (see `release`).
-                let price = config.pricing.resolve(facts.model, None);
-                let cost = price.and_then(|p| p.cost_pico(&estimate)).unwrap_or(0);
-                (BucketKind::Metered { window_ms: per.secs() * 1000 }, max_pico, cost, Meter::Usd)
+                let cost = estimated_cost(config, facts.model, &estimate);
+                (BucketKind::Metered { period: period(per) }, max_pico, fit(cost, max_pico), Meter::Usd)
             }
             Limit::Concurrent { max } => (BucketKind::Concurrent, max, 1, Meter::None),
         };
@@ -174,14 +200,36 @@ pub fn check<H: LimitHost>(
                 }
             }
         };
-        charges.push(Charge { rule: i, key, kind, max, amount });
-        meters.push(meter);
+        let charge = Charge { rule: i, key, kind, max, amount, warn: rule.warn_threshold(max) };
+        if rule.shadow {
+            shadow.push((charge, meter));
+        } else {
+            charges.push(charge);
+            meters.push(meter);
+        }
     }
 
-    match Limiter::acquire(host, host.now_ms(), charges) {
-        Acquire::Admitted(held) => {
+    let now = host.now_ms();
+    match Limiter::acquire(host, now, charges) {
+        Acquire::Admitted(mut held) => {
+            // Shadow rules, each on its own: a would-be rejection is noted, nothing is held.
+            for (charge, meter) in shadow {
+                let rule = charge.rule;
+                match Limiter::acquire(host, now, vec![charge]) {
+                    Acquire::Admitted(h) => {
+                        held.extend(h);
+                        meters.push(meter);
+                    }
+                    Acquire::Rejected { .. } => {
+                        notes.shadow_rejected.push(limits.rules.get(rule).map_or_else(String::new, |r| r.name.clone()))
+                    }
+                    Acquire::Failed { .. } => notes.failures += 1,
+                }
+            }
+            observe(config, &held, &mut notes);
             let headers = admitted_headers(config, &held);
-            (Verdict::Admit(Reservation { held, meters, headers }), notes)
+            let exported = notes.used.iter().map(|(rule, _)| *rule).collect();
+            (Verdict::Admit(Reservation { held, meters, headers, exported }), notes)
         }
         Acquire::Rejected { charge, remaining, reset_ms } => match limits.rules.get(charge.rule) {
             Some(rule) => (Verdict::Reject(rejection(rule, &charge, remaining, reset_ms)), notes),
@@ -195,13 +243,69 @@ pub fn check<H: LimitHost>(
     }
 }
 
+/// The estimated cost of a request in pico-USD at the request model's price (0 when unpriced).
+pub(crate) fn estimated_cost(config: &Config, model: Option<&str>, estimate: &Usage) -> u64 {
+    config.pricing.resolve(model, None).and_then(|p| p.cost_pico(estimate)).unwrap_or(0)
+}
+
+/// The request's usage estimate as [`check`] reserves it: input from the body size; output what
+/// the request says (`max_output`), else the model's recent average, else (no response seen
+/// yet: a cold start) the cap, so a burst of unknown size cannot be admitted; never above the
+/// cap (`token_estimate.max_output_tokens`).
+pub fn usage_estimate(config: &Config, facts: &RequestFacts<'_>) -> Usage {
+    let cap = config.limits.estimate.max_output_tokens;
+    let output = facts.max_output.or(facts.output_average).unwrap_or(cap).min(cap);
+    Usage { input: estimate_input(config, facts.body_bytes), output, ..Usage::default() }
+}
+
+/// Notes what the held charges show: `warn_at` crossings and the use of rules keyed `global`.
+fn observe(config: &Config, held: &[Held], notes: &mut Notes) {
+    for h in held {
+        if h.crossed {
+            notes.crossed.push(Crossing {
+                rule: h.charge.rule,
+                key: bucket_id(&h.charge.key),
+                used: h.used,
+                max: h.charge.max,
+            });
+        }
+        if config.limits.rules.get(h.charge.rule).is_some_and(Rule::exports_use) {
+            notes.used.push((h.charge.rule, h.used));
+        }
+    }
+}
+
+/// The key id at the end of a bucket's shared-data key (a hash, `global`, `absent` or the
+/// overflow bucket): what a log may name.
+fn bucket_id(key: &str) -> String {
+    let tail = key.rsplit(['.', '#']).next().unwrap_or_default();
+    tail.chars().take(16).collect()
+}
+
+/// What the bucket of rule `rule` (keyed `global`) has used in the window at `now_ms`, as
+/// `ratelimit_used` shows it (micro-USD for USD rules): a local bucket is read (one shared-data
+/// read; a window that starts with debt shows it), a rate limit service's counter starts anew
+/// (0).
+pub fn global_use<S: SharedStore + ?Sized>(store: &S, config: &Config, rule: usize, now_ms: u64) -> Option<u64> {
+    let r = config.limits.rules.get(rule)?;
+    if r.global.is_some() {
+        return Some(0);
+    }
+    let period = r.period()?;
+    let (max, kind) = match r.limit {
+        Limit::Requests { max, .. } => (max, BucketKind::Requests { period }),
+        Limit::Tokens { max, .. } => (max, BucketKind::Metered { period }),
+        Limit::Usd { max_pico, .. } => (max_pico, BucketKind::Metered { period }),
+        Limit::Concurrent { .. } => return None,
+    };
+    let used = Limiter::used(store, &global_bucket(&rule_base(config, r)), now_ms, kind, max)?;
+    Some(if matches!(r.limit, Limit::Usd { .. }) { used / 1_000_000 } else { used })
+}
+
 /// The shared-data key prefix of a rule's buckets.
 fn rule_base(config: &Config, rule: &Rule) -> String {
-    let window_secs = match rule.limit {
-        Limit::Requests { per, .. } | Limit::Tokens { per, .. } | Limit::Usd { per, .. } => per.secs(),
-        Limit::Concurrent { .. } => 0,
-    };
-    format!("llm_meter.{}.rl.{}.{window_secs}", config.metrics.prefix, rule.name)
+    let window = rule.period().map_or_else(|| "0".to_string(), |p| p.tag());
+    format!("llm_meter.{}.rl.{}.{window}", config.metrics.prefix, rule.name)
 }
 
 /// The bucket of a rule keyed `global` (without `per_model`).
@@ -243,12 +347,16 @@ pub fn create_buckets<S: SharedStore + ?Sized>(store: &S, config: &Config) -> u3
 }
 
 /// What [`release`] did besides releasing.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Released {
     /// Store failures.
     pub failures: u32,
     /// A USD budget held the request and no price applies to it (`unpriced` skip).
     pub unpriced: bool,
+    /// Buckets the real usage took across their `warn_at`.
+    pub crossed: Vec<Crossing>,
+    /// Rules keyed `global` whose bucket changed, and their use now.
+    pub used: Vec<(usize, u64)>,
 }
 
 /// Releases a reservation when the exchange ends. `price`: the exchange's price as
@@ -275,11 +383,29 @@ pub fn release<H: LimitHost>(
             (_, None) if failed => Some(0),
             (_, None) => None,
         };
-        if Limiter::release(host, now, held, actual).is_err() {
-            out.failures += 1;
+        match Limiter::release(host, now, held, actual) {
+            Ok(settled) => {
+                if settled.crossed {
+                    out.crossed.push(Crossing {
+                        rule: held.charge.rule,
+                        key: bucket_id(&held.charge.key),
+                        used: settled.used.unwrap_or(held.used),
+                        max: held.charge.max,
+                    });
+                }
+                if let Some(used) = settled.used.filter(|_| config_exports(r, held)) {
+                    out.used.push((held.charge.rule, used));
+                }
+            }
+            Err(_) => out.failures += 1,
         }
     }
     out
+}
+
+/// True when the reservation's charge `held` is of a rule keyed `global` (noted at admission).
+fn config_exports(r: &Reservation, held: &Held) -> bool {
+    r.exported.contains(&held.charge.rule)
 }
 
 /// Gives every local charge of an admitted request back (requests, tokens, USD, concurrency),
@@ -390,33 +516,49 @@ fn family(limit: &Limit) -> Option<&'static str> {
     match limit {
         Limit::Requests { .. } => Some("requests"),
         Limit::Tokens { .. } => Some("tokens"),
-        Limit::Usd { .. } | Limit::Concurrent { .. } => None,
+        Limit::Usd { .. } => Some("usd"),
+        Limit::Concurrent { .. } => None,
     }
 }
 
-fn describe(limit: &Limit) -> String {
-    let per = |w: crate::config::Window| match w.secs() {
-        1 => "second",
-        60 => "minute",
-        3600 => "hour",
-        _ => "day",
-    };
+/// A count of `limit`'s unit as a header or message shows it: USD (from pico-USD) as a decimal
+/// amount, to the micro-USD (`4.9991`), anything else as the integer.
+fn amount(limit: &Limit, v: u64) -> String {
     match limit {
-        Limit::Requests { per: w, max } => format!("{max} requests per {}", per(*w)),
-        Limit::Tokens { per: w, max, .. } => format!("{max} tokens per {}", per(*w)),
-        Limit::Usd { per: w, max_pico } => format!("{} USD per {}", *max_pico as f64 / 1e12, per(*w)),
+        Limit::Usd { .. } => usd(v),
+        _ => v.to_string(),
+    }
+}
+
+/// Pico-USD as a decimal USD amount, rounded down to the micro-USD: `5`, `0.0012`.
+pub fn usd(pico: u64) -> String {
+    let micro = pico / 1_000_000;
+    let (whole, frac) = (micro / 1_000_000, micro % 1_000_000);
+    if frac == 0 {
+        return whole.to_string();
+    }
+    let frac = format!("{frac:06}");
+    format!("{whole}.{}", frac.trim_end_matches('0'))
+}
+
+fn describe(limit: &Limit) -> String {
+    match limit {
+        Limit::Requests { per, max } => format!("{max} requests per {}", per.name()),
+        Limit::Tokens { per, max, .. } => format!("{max} tokens per {}", per.name()),
+        Limit::Usd { per, max_pico } => format!("{} USD per {}", usd(*max_pico), per.name()),
         Limit::Concurrent { max } => format!("{max} concurrent requests"),
     }
 }
 
 fn rejection(rule: &Rule, charge: &Charge, remaining: u64, reset_ms: u64) -> Rejection {
     let retry_after = if charge.kind == BucketKind::Concurrent { 1 } else { reset_ms.div_ceil(1000).max(1) };
+    let n = |v| amount(&rule.limit, v);
     let what = if matches!(rule.limit, Limit::Concurrent { .. }) {
         format!("{} are in flight", charge.max)
     } else if charge.amount > charge.max {
-        format!("this request alone needs {} of {}", charge.amount, charge.max)
+        format!("this request alone needs {} of {}", n(charge.amount), n(charge.max))
     } else {
-        format!("{remaining} left in this window, this request needs {}", charge.amount)
+        format!("{} left in this window, this request needs {}", n(remaining), n(charge.amount))
     };
     too_many(rule, charge.max, remaining, reset_ms, retry_after, &what)
 }
@@ -432,11 +574,7 @@ pub(crate) fn too_many(
     what: &str,
 ) -> Rejection {
     let mut headers = vec![json_header(), ("retry-after".into(), retry_after.to_string())];
-    if let Some(f) = family(&rule.limit) {
-        headers.push((format!("x-ratelimit-limit-{f}"), max.to_string()));
-        headers.push((format!("x-ratelimit-remaining-{f}"), remaining.to_string()));
-        headers.push((format!("x-ratelimit-reset-{f}"), duration(reset_ms)));
-    }
+    headers.extend(family_headers(rule, max, remaining, reset_ms));
     let message =
         format!("Rate limit '{}' reached ({}): {what}. Retry after {retry_after} s.", rule.name, describe(&rule.limit));
     Rejection {
@@ -447,23 +585,45 @@ pub(crate) fn too_many(
     }
 }
 
-/// `x-ratelimit-*` for an admitted request: per family, the rule closest to its limit.
+/// A rule's `x-ratelimit-{limit,remaining,reset}-<family>` (none for `max_concurrent`); `max`
+/// and `remaining` in the rule's unit (pico-USD for USD rules, shown in USD).
+pub(crate) fn family_headers(rule: &Rule, max: u64, remaining: u64, reset_ms: u64) -> Vec<(String, String)> {
+    let Some(f) = family(&rule.limit) else { return Vec::new() };
+    vec![
+        (format!("x-ratelimit-limit-{f}"), amount(&rule.limit, max)),
+        (format!("x-ratelimit-remaining-{f}"), amount(&rule.limit, remaining)),
+        (format!("x-ratelimit-reset-{f}"), duration(reset_ms)),
+    ]
+}
+
+/// `x-ratelimit-*` for an admitted request: per family, the rule closest to its limit (shadow
+/// rules change nothing a client sees); and `x-ratelimit-warning` naming every rule whose bucket
+/// is at or above its `warn_at`.
 fn admitted_headers(config: &Config, held: &[Held]) -> Vec<(String, String)> {
     let mut out = Vec::new();
-    for f in ["requests", "tokens"] {
+    let enforced = |h: &&Held| config.limits.rules.get(h.charge.rule).is_some_and(|r| !r.shadow);
+    for f in ["requests", "tokens", "usd"] {
         let closest = held
             .iter()
+            .filter(enforced)
             .filter(|h| config.limits.rules.get(h.charge.rule).and_then(|r| family(&r.limit)) == Some(f))
             .min_by(|a, b| {
                 // remaining/max, compared without floats: a.rem * b.max vs b.rem * a.max.
                 (u128::from(a.remaining) * u128::from(b.charge.max))
                     .cmp(&(u128::from(b.remaining) * u128::from(a.charge.max)))
             });
-        if let Some(h) = closest {
-            out.push((format!("x-ratelimit-limit-{f}"), h.charge.max.to_string()));
-            out.push((format!("x-ratelimit-remaining-{f}"), h.remaining.to_string()));
-            out.push((format!("x-ratelimit-reset-{f}"), duration(h.reset_ms)));
+        if let Some((h, rule)) = closest.and_then(|h| Some((h, config.limits.rules.get(h.charge.rule)?))) {
+            out.extend(family_headers(rule, h.charge.max, h.remaining, h.reset_ms));
         }
+    }
+    let warned: Vec<&str> = held
+        .iter()
+        .filter(enforced)
+        .filter(|h| h.charge.warn.is_some_and(|t| h.used >= t))
+        .filter_map(|h| config.limits.rules.get(h.charge.rule).map(|r| r.name.as_str()))
+        .collect();
+    if !warned.is_empty() {
+        out.push(("x-ratelimit-warning".into(), warned.join(", ")));
     }
     out
 }
@@ -530,7 +690,7 @@ mod tests {
     }
 
     fn facts(model: &str, body_bytes: u64, max_output: Option<u64>) -> RequestFacts<'_> {
-        RequestFacts { model: Some(model), body_bytes, max_output }
+        RequestFacts { model: Some(model), body_bytes, max_output, output_average: None }
     }
 
     fn admit(v: (Verdict, Notes)) -> Reservation {
@@ -593,15 +753,22 @@ mod tests {
         // 600 reserved: a second identical request does not fit.
         let rej = reject(check(&h, &c, facts("m", 400, Some(2000))));
         assert_eq!(header(&rej.headers, "x-ratelimit-remaining-tokens"), Some("400"));
-        // Real usage 150: 450 given back.
+        // Real usage 150: 450 given back (the rule keyed `global` shows its use).
         let used = Usage { input: 100, output: 50, ..Usage::default() };
-        assert_eq!(release(&h, c.pricing.get("m"), &r, Some(&used), false), Released::default());
+        let released = release(&h, c.pricing.get("m"), &r, Some(&used), false);
+        assert_eq!(released, Released { used: vec![(0, 150)], ..Released::default() });
         let r2 = admit(check(&h, &c, facts("m", 400, Some(2000))));
         assert_eq!(header(&r2.headers, "x-ratelimit-remaining-tokens"), Some("250"));
         // A failed request without usage releases its reservation.
-        assert_eq!(release(&h, None, &r2, None, true), Released::default());
-        let r3 = admit(check(&h, &c, facts("m", 0, None)));
-        assert_eq!(header(&r3.headers, "x-ratelimit-remaining-tokens"), Some("850"));
+        assert_eq!(release(&h, None, &r2, None, true).failures, 0);
+        // Without max_tokens: the model's average output is reserved (here 40)...
+        let avg = RequestFacts { output_average: Some(40), ..facts("m", 0, None) };
+        let r3 = admit(check(&h, &c, avg));
+        assert_eq!(header(&r3.headers, "x-ratelimit-remaining-tokens"), Some("810"));
+        release(&h, None, &r3, None, true);
+        // ...and before any response of the model was seen, the cap (500).
+        let r4 = admit(check(&h, &c, facts("m", 0, None)));
+        assert_eq!(header(&r4.headers, "x-ratelimit-remaining-tokens"), Some("350"));
     }
 
     #[test]
@@ -611,16 +778,19 @@ mod tests {
                 "limits":[{"name":"usd","key":"global","usd_per_day":0.003}]}"#,
         );
         let h = H::default();
-        // 1 mUSD per input token: 8 bytes = 2 tokens = 2 mUSD.
+        // 1 mUSD per input token: 8 bytes = 2 tokens = 2 mUSD (output is free here).
         let r = admit(check(&h, &c, facts("m", 8, None)));
-        assert!(r.headers.is_empty(), "USD limits have no x-ratelimit family");
+        assert_eq!(header(&r.headers, "x-ratelimit-limit-usd"), Some("0.003"));
+        assert_eq!(header(&r.headers, "x-ratelimit-remaining-usd"), Some("0.001"));
         let rej = reject(check(&h, &c, facts("m", 8, None)));
         assert!(rej.body.contains("0.003 USD per day"), "{}", rej.body);
+        assert!(rej.body.contains("0.001 left in this window, this request needs 0.002"), "{}", rej.body);
+        assert_eq!(header(&rej.headers, "x-ratelimit-remaining-usd"), Some("0.001"));
         // Unpriced models reserve nothing, and the end says so when no price applied.
         let (v, _) = check(&h, &c, facts("free", 8000, None));
         let Verdict::Admit(free) = v else { panic!("rejected") };
         let used = Usage { input: 1, ..Usage::default() };
-        assert_eq!(release(&h, None, &free, Some(&used), false), Released { failures: 0, unpriced: true });
+        assert_eq!(release(&h, None, &free, Some(&used), false), Released { unpriced: true, ..Released::default() });
         assert!(release(&h, None, &r, Some(&used), false).unpriced);
     }
 
@@ -637,11 +807,12 @@ mod tests {
         assert!(price.is_some(), "resolved through the response model");
         // 3 input + 2 output tokens at 1 mUSD each: 5 mUSD of the 10 charged.
         let used = Usage { input: 3, output: 2, ..Usage::default() };
-        assert_eq!(release(&h, price, &r, Some(&used), false), Released::default());
+        assert_eq!(release(&h, price, &r, Some(&used), false).used, vec![(0, 5_000_000_000)]);
         // 5 mUSD left: a request estimated at 6 does not fit, one at 5 does.
-        let rej = reject(check(&h, &c, facts("gpt-4o-2024-08-06", 24, None)));
-        assert!(rej.body.contains("5000000000 left"), "{}", rej.body);
-        admit(check(&h, &c, facts("gpt-4o-2024-08-06", 20, None)));
+        let no_output = |bytes| RequestFacts { output_average: Some(0), ..facts("gpt-4o-2024-08-06", bytes, None) };
+        let rej = reject(check(&h, &c, no_output(24)));
+        assert!(rej.body.contains("0.005 left"), "{}", rej.body);
+        admit(check(&h, &c, no_output(20)));
     }
 
     #[test]
@@ -667,6 +838,113 @@ mod tests {
         let r = admit(check(&h, &c, facts("m", 400, Some(100))));
         assert_eq!(header(&r.headers, "x-ratelimit-remaining-requests"), Some("9"));
         assert_eq!(header(&r.headers, "x-ratelimit-remaining-tokens"), Some("800"));
+    }
+
+    #[test]
+    fn warn_at_is_crossed_once_per_key_and_window_and_announced_while_above() {
+        let c = config(
+            r#"{"limits":[{"name":"daily","key":"header:x-api-key","requests_per_day":10,"warn_at":0.8},
+                          {"name":"rpm","key":"header:x-api-key","requests_per_minute":100}]}"#,
+        );
+        let mut h = H { now: 1_000 * 86_400_000, ..H::default() };
+        h.headers.insert("x-api-key".into(), b"sk-a".to_vec());
+        let mut crossings = 0;
+        for i in 1..=10u64 {
+            let (v, notes) = check(&h, &c, facts("m", 4, None));
+            let Verdict::Admit(r) = v else { panic!("rejected") };
+            crossings += notes.crossed.len();
+            // From the 8th request on (8 of 10), every response says so; rpm never does.
+            let want = (i >= 8).then_some("daily");
+            assert_eq!(header(&r.headers, "x-ratelimit-warning"), want, "request {i}");
+            if i == 8 {
+                let c = &notes.crossed[0];
+                assert_eq!((c.rule, c.used, c.max), (0, 8, 10));
+                assert_eq!(c.key.len(), 16, "a hash prefix, never the key");
+                assert!(!c.key.contains("sk-a"));
+            }
+        }
+        assert_eq!(crossings, 1, "once per key and window");
+        // Another key crosses on its own.
+        h.headers.insert("x-api-key".into(), b"sk-b".to_vec());
+        let n: usize = (0..8).map(|_| check(&h, &c, facts("m", 4, None)).1.crossed.len()).sum();
+        assert_eq!(n, 1);
+        // The next day starts below the threshold again.
+        h.now += 86_400_000;
+        h.headers.insert("x-api-key".into(), b"sk-a".to_vec());
+        let (_, notes) = check(&h, &c, facts("m", 4, None));
+        assert!(notes.crossed.is_empty());
+    }
+
+    #[test]
+    fn a_reconciliation_and_a_window_starting_in_debt_cross_too() {
+        let c = config(r#"{"limits":[{"name":"tpd","key":"global","tokens_per_day":1000,"warn_at":0.5}]}"#);
+        let mut h = H { now: 1_000 * 86_400_000, ..H::default() };
+        let (v, notes) = check(&h, &c, RequestFacts { output_average: Some(10), ..facts("m", 40, None) });
+        let Verdict::Admit(r) = v else { panic!() };
+        assert!(notes.crossed.is_empty());
+        assert_eq!(notes.used, vec![(0, 20)]);
+        // The response used 1,400 tokens: the bucket crosses 500 at the end (and goes into debt).
+        let released = release(&h, None, &r, Some(&Usage { input: 400, output: 1000, ..Usage::default() }), false);
+        assert_eq!(released.crossed.len(), 1);
+        assert_eq!(released.used, vec![(0, 1400)]);
+        // The next day starts with 400 of debt: below 500, no crossing yet...
+        h.now += 86_400_000;
+        let (_, notes) = check(&h, &c, RequestFacts { output_average: Some(10), ..facts("m", 40, None) });
+        assert_eq!((notes.crossed.len(), notes.used.clone()), (0, vec![(0, 420)]));
+        // ...a day that starts above it counts the crossing with its first request.
+        let c2 = config(r#"{"limits":[{"name":"tpd","key":"global","tokens_per_day":1000,"warn_at":0.3}]}"#);
+        h.now += 86_400_000;
+        let (v, _) = check(&h, &c2, RequestFacts { output_average: Some(0), ..facts("m", 4, None) });
+        let Verdict::Admit(r) = v else { panic!() };
+        release(&h, None, &r, Some(&Usage { input: 1800, ..Usage::default() }), false);
+        h.now += 86_400_000;
+        let (_, notes) = check(&h, &c2, RequestFacts { output_average: Some(0), ..facts("m", 4, None) });
+        assert_eq!(notes.crossed.len(), 1, "{notes:?}");
+    }
+
+    #[test]
+    fn shadow_rules_count_would_be_rejections_and_change_nothing() {
+        let c = config(
+            r#"{"limits":[{"name":"new-rpm","key":"global","requests_per_minute":2,"mode":"shadow"},
+                          {"name":"rpm","key":"global","requests_per_minute":5}]}"#,
+        );
+        let h = H::default();
+        let mut shadowed = 0;
+        for i in 0..5 {
+            let (v, notes) = check(&h, &c, facts("m", 4, None));
+            let Verdict::Admit(r) = v else { panic!("request {i} rejected") };
+            shadowed += notes.shadow_rejected.len();
+            // The headers are the enforced rule's.
+            assert_eq!(header(&r.headers, "x-ratelimit-limit-requests"), Some("5"));
+            assert_eq!(header(&r.headers, "x-ratelimit-remaining-requests"), Some((4 - i).to_string().as_str()));
+        }
+        assert_eq!(shadowed, 3, "requests 3 to 5 would have been rejected");
+        // The enforced rule still rejects; the shadow rule is not charged for it.
+        assert_eq!(reject(check(&h, &c, facts("m", 4, None))).rule, "rpm");
+    }
+
+    #[test]
+    fn calendar_windows_reset_at_month_end_with_offsets() {
+        use crate::limit::calendar::days_from_civil;
+        let c = config(
+            r#"{"limits":[{"name":"monthly","key":"global","requests_per_day":1000000},
+                          {"name":"m","key":"global","tokens_per_month":100,"window_offset_hours":5}]}"#,
+        );
+        // 2026-12-31 18:59:59 UTC is 23:59:59 on the 31st in UTC+5: 1 s left in the month.
+        let now = days_from_civil(2026, 12, 31) as u64 * 86_400_000 + 18 * 3_600_000 + 59 * 60_000 + 59_000;
+        let h = H { now, ..H::default() };
+        let r = admit(check(&h, &c, RequestFacts { output_average: Some(0), ..facts("m", 400, None) }));
+        assert_eq!(header(&r.headers, "x-ratelimit-reset-tokens"), Some("1s"));
+        assert_eq!(header(&r.headers, "x-ratelimit-reset-requests"), Some("5h0m1s"), "the UTC day ends later");
+        let rej = reject(check(&h, &c, RequestFacts { output_average: Some(0), ..facts("m", 4, None) }));
+        assert_eq!(header(&rej.headers, "retry-after"), Some("1"));
+        assert!(rej.body.contains("100 tokens per month"), "{}", rej.body);
+        // A second later, January.
+        let h = H { now: now + 1000, store: h.store, ..H::default() };
+        let r = admit(check(&h, &c, RequestFacts { output_average: Some(0), ..facts("m", 4, None) }));
+        assert_eq!(header(&r.headers, "x-ratelimit-remaining-tokens"), Some("99"));
+        assert_eq!(header(&r.headers, "x-ratelimit-reset-tokens"), Some("744h0m0s"), "31 days");
+        assert!(h.store.data.borrow().keys().any(|k| k == "llm_meter.llm.rl.m.month+5.global"));
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //! in between) read again, at most [`CAS_RETRIES`] times. So every worker sees one count and the
 //! limits hold exactly however requests are spread over workers.
 //!
-//! Windows are fixed and aligned to the Unix epoch (a minute window resets at :00), which makes
-//! "admitted per window" exact and `Retry-After` precise. Token and USD buckets are reserved with
+//! Windows come from [`crate::limit::calendar`]: fixed ones aligned to the Unix epoch (a minute
+//! resets at :00), calendar days, weeks and months; each has a number, stored with the count,
+//! which makes "admitted per window" exact and `Retry-After` precise. Token and USD buckets are reserved with
 //! an estimate at request time and reconciled with the real usage at the end ([`Limiter::release`]):
 //! a response that used more than was reserved charges the difference, and whatever a window
 //! ends up above its limit is carried into the next window as debt, so no usage goes unrecorded.
@@ -14,6 +15,7 @@
 //! Shared data is never freed, so the keys are bounded: each rule admits at most `max_keys`
 //! distinct keys (a counter in shared data, CAS-incremented); later keys share one overflow bucket.
 
+use crate::limit::calendar::Period;
 use crate::meter::labels::{cas_update, SharedStore};
 use std::collections::HashSet;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -62,6 +64,8 @@ pub struct Charge {
     pub max: u64,
     /// Amount reserved (requests: 1; tokens; pico-USD; concurrency: 1).
     pub amount: u64,
+    /// The count at which the bucket crosses its rule's `warn_at`, if it has one.
+    pub warn: Option<u64>,
 }
 
 /// How a bucket counts.
@@ -69,23 +73,27 @@ pub struct Charge {
 pub enum BucketKind {
     /// Requests per window: charged once, never reconciled.
     Requests {
-        /// Window length in milliseconds.
-        window_ms: u64,
+        /// The window.
+        period: Period,
     },
     /// Tokens or pico-USD per window: reserved, then reconciled; excess carries over as debt.
     Metered {
-        /// Window length in milliseconds.
-        window_ms: u64,
+        /// The window.
+        period: Period,
     },
     /// In-flight requests: +1 on admission, −1 when the request ends.
     Concurrent,
 }
 
 impl BucketKind {
-    fn window_ms(self) -> Option<u64> {
+    /// The window `now_ms` falls in and the ms until it resets; (0, 0) for concurrency.
+    fn window_at(self, now_ms: u64) -> (u64, u64) {
         match self {
-            BucketKind::Requests { window_ms } | BucketKind::Metered { window_ms } => Some(window_ms),
-            BucketKind::Concurrent => None,
+            BucketKind::Requests { period } | BucketKind::Metered { period } => {
+                let span = period.at(now_ms);
+                (span.index, span.reset_ms(now_ms))
+            }
+            BucketKind::Concurrent => (0, 0),
         }
     }
 }
@@ -101,6 +109,20 @@ pub struct Held {
     pub remaining: u64,
     /// Milliseconds until the window resets (0 for concurrency).
     pub reset_ms: u64,
+    /// Used in the window after this charge (may exceed the limit: debt).
+    pub used: u64,
+    /// This charge took the bucket across its `warn_at` threshold (the first charge of a window
+    /// that starts above it counts as crossing).
+    pub crossed: bool,
+}
+
+/// What [`Limiter::release`] left in a bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Settled {
+    /// Used in the current window after the release, when the bucket was written.
+    pub used: Option<u64>,
+    /// The reconciliation took the bucket across its `warn_at` threshold.
+    pub crossed: bool,
 }
 
 /// Result of [`Limiter::acquire`].
@@ -160,10 +182,10 @@ fn update<S: SharedStore + ?Sized>(
     cas_update(store, key, CAS_RETRIES, decode, |s| encode(*s), f).map_err(|_| StoreFailed)
 }
 
-/// The window `now_ms` falls in, and the milliseconds left in it.
-fn window_at(now_ms: u64, window_ms: u64) -> (u64, u64) {
-    let w = now_ms / window_ms.max(1);
-    (w, (w + 1).saturating_mul(window_ms).saturating_sub(now_ms))
+/// True when a bucket going from `before` to `after` in a window crosses `warn` (`fresh`: the
+/// window starts with this charge, so a window that begins above the threshold counts once).
+fn crosses(warn: Option<u64>, before: u64, after: u64, fresh: bool) -> bool {
+    warn.is_some_and(|t| after >= t && (before < t || fresh))
 }
 
 /// `state` as seen in window `window`: an older window is over; the window right after a
@@ -220,15 +242,27 @@ impl Limiter {
         Ok(true)
     }
 
+    /// What `key` has used in the window at `now_ms` (a window that starts with debt shows it);
+    /// `None` when the bucket cannot be read.
+    pub fn used<S: SharedStore + ?Sized>(store: &S, key: &str, now_ms: u64, kind: BucketKind, max: u64) -> Option<u64> {
+        let state = match store.get(key) {
+            Some((bytes, _)) => Some(decode(&bytes)?),
+            None => None,
+        };
+        Some(roll(state, kind.window_at(now_ms).0, kind, max))
+    }
+
     /// Charges every bucket in order; all or nothing.
     pub fn acquire<S: SharedStore + ?Sized>(store: &S, now_ms: u64, charges: Vec<Charge>) -> Acquire {
         let mut held: Vec<Held> = Vec::with_capacity(charges.len());
         for charge in charges {
-            let (window, reset_ms) = charge.kind.window_ms().map_or((0, 0), |w| window_at(now_ms, w));
+            let (window, reset_ms) = charge.kind.window_at(now_ms);
             let mut seen = 0;
+            let mut fresh = false;
             let result = update(store, &charge.key, |s| {
                 let used = roll(s, window, charge.kind, charge.max);
                 seen = used;
+                fresh = charge.kind != BucketKind::Concurrent && s.is_none_or(|s| s.window != window);
                 let fits = match charge.amount {
                     0 => used < charge.max,
                     n => used.saturating_add(n) <= charge.max,
@@ -238,7 +272,8 @@ impl Limiter {
             match result {
                 Ok((_, Some(next))) => {
                     let remaining = charge.max.saturating_sub(next.used);
-                    held.push(Held { charge, window, remaining, reset_ms });
+                    let crossed = crosses(charge.warn, seen, next.used, fresh);
+                    held.push(Held { charge, window, remaining, reset_ms, used: next.used, crossed });
                 }
                 Ok((_, None)) => {
                     Self::rollback(store, now_ms, held);
@@ -266,7 +301,7 @@ impl Limiter {
     /// a concurrency slot freed. For requests that a later check (a rate limit service)
     /// rejected after the local rules admitted them.
     pub fn undo<S: SharedStore + ?Sized>(store: &S, now_ms: u64, held: &Held) -> Result<(), StoreFailed> {
-        Self::settle(store, now_ms, held, 0, true)
+        Self::settle(store, now_ms, held, 0, true).map(|_| ())
     }
 
     /// Ends a held charge. `actual`: the real amount for metered buckets (`None` keeps the
@@ -276,7 +311,7 @@ impl Limiter {
         now_ms: u64,
         held: &Held,
         actual: Option<u64>,
-    ) -> Result<(), StoreFailed> {
+    ) -> Result<Settled, StoreFailed> {
         Self::settle(store, now_ms, held, actual.unwrap_or(held.charge.amount), false)
     }
 
@@ -286,9 +321,9 @@ impl Limiter {
         held: &Held,
         actual: u64,
         undo: bool,
-    ) -> Result<(), StoreFailed> {
+    ) -> Result<Settled, StoreFailed> {
         let c = &held.charge;
-        let window = c.kind.window_ms().map_or(0, |w| window_at(now_ms, w).0);
+        let window = c.kind.window_at(now_ms).0;
         let same_window = window == held.window;
         match c.kind {
             BucketKind::Concurrent => {
@@ -303,14 +338,17 @@ impl Limiter {
             BucketKind::Requests { .. } => {}
             BucketKind::Metered { .. } => {
                 if actual == c.amount {
-                    return Ok(());
+                    return Ok(Settled::default());
                 }
                 if !same_window && actual < c.amount {
                     // The reservation's window is over; nothing left to give back.
-                    return Ok(());
+                    return Ok(Settled::default());
                 }
-                update(store, &c.key, |s| {
+                let (mut before, mut fresh) = (0, false);
+                let (_, written) = update(store, &c.key, |s| {
                     let used = roll(s, window, c.kind, c.max);
+                    before = used;
+                    fresh = s.is_none_or(|s| s.window != window);
                     let used = if same_window {
                         used.saturating_sub(c.amount).saturating_add(actual)
                     } else {
@@ -318,9 +356,12 @@ impl Limiter {
                     };
                     Some(State { window, used })
                 })?;
+                let used = written.map(|s| s.used);
+                let crossed = !undo && used.is_some_and(|u| u > before && crosses(c.warn, before, u, fresh));
+                return Ok(Settled { used, crossed });
             }
         }
-        Ok(())
+        Ok(Settled::default())
     }
 }
 
@@ -335,15 +376,17 @@ mod tests {
     const MIN: u64 = 60_000;
 
     fn charge(rule: usize, key: &str, kind: BucketKind, max: u64, amount: u64) -> Charge {
-        Charge { rule, key: key.to_string(), kind, max, amount }
+        Charge { rule, key: key.to_string(), kind, max, amount, warn: None }
     }
 
+    const PER_MINUTE: Period = Period { window: crate::config::Window::Minute, offset_hours: 0 };
+
     fn rpm(max: u64) -> Charge {
-        charge(0, "r", BucketKind::Requests { window_ms: MIN }, max, 1)
+        charge(0, "r", BucketKind::Requests { period: PER_MINUTE }, max, 1)
     }
 
     fn tpm(max: u64, amount: u64) -> Charge {
-        charge(1, "t", BucketKind::Metered { window_ms: MIN }, max, amount)
+        charge(1, "t", BucketKind::Metered { period: PER_MINUTE }, max, amount)
     }
 
     fn used(store: &FakeStore, key: &str) -> State {

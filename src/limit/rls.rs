@@ -16,18 +16,27 @@ pub enum Unit {
     Minute = 2,
     Hour = 3,
     Day = 4,
+    Month = 5,
+    Year = 6,
+    Week = 7,
 }
 
 impl Unit {
-    /// The unit of a window of `secs` seconds, if the protocol has one.
-    pub fn from_secs(secs: u64) -> Option<Unit> {
-        Some(match secs {
-            1 => Unit::Second,
-            60 => Unit::Minute,
-            3_600 => Unit::Hour,
-            86_400 => Unit::Day,
-            _ => return None,
-        })
+    /// The unit a rule's window asks the service for. Fixed windows have their own unit.
+    /// Calendar windows travel with a `period` entry naming the window (so each is its own
+    /// counter) and ask for a unit at least as long as the window: a service whose windows
+    /// start at a counter's first hit (Limitador, llm-rls) then never resets a counter inside
+    /// its period. Months ask for a year (a service's MONTH is 30 days, shorter than 31).
+    pub fn of(window: crate::config::Window) -> Unit {
+        use crate::config::Window;
+        match window {
+            Window::Second => Unit::Second,
+            Window::Minute => Unit::Minute,
+            Window::Hour => Unit::Hour,
+            Window::Day => Unit::Day,
+            Window::Week => Unit::Week,
+            Window::Month => Unit::Year,
+        }
     }
 }
 
@@ -160,6 +169,12 @@ fn decode_status(bytes: &[u8]) -> Result<Status, DecodeError> {
         }
     }
     Ok(status)
+}
+
+/// Test helper: appends a varint.
+#[cfg(test)]
+pub(crate) fn tests_put_varint(out: &mut Vec<u8>, n: u64) {
+    put_varint(out, n);
 }
 
 fn put_varint(out: &mut Vec<u8>, mut n: u64) {
@@ -413,8 +428,12 @@ mod tests {
 
     #[test]
     fn units_of_windows() {
-        assert_eq!(Unit::from_secs(60), Some(Unit::Minute));
-        assert_eq!(Unit::from_secs(86_400), Some(Unit::Day));
-        assert_eq!(Unit::from_secs(7), None);
+        use crate::config::Window;
+        assert_eq!(Unit::of(Window::Minute), Unit::Minute);
+        assert_eq!(Unit::of(Window::Day), Unit::Day);
+        // Envoy's RateLimitUnit numbers (envoy/type/v3/ratelimit_unit.proto).
+        assert_eq!(Unit::of(Window::Week) as u8, 7);
+        // A 31-day month does not fit a service's 30-day MONTH.
+        assert_eq!(Unit::of(Window::Month) as u8, 6);
     }
 }

@@ -47,8 +47,20 @@ pub enum Metric {
     MeterSkipsTotal,
     /// `meter_errors_total{kind}`: internal failures the filter survived (fail-open).
     MeterErrorsTotal,
-    /// `ratelimit_rejected_total{model,rule}`: requests this filter rejected.
+    /// `ratelimit_rejected_total{model,rule,mode}`: requests this filter rejected (`enforce`), or
+    /// a rule in `mode: shadow` would have (`shadow`: the request went on).
     RatelimitRejectedTotal,
+    /// `ratelimit_warnings_total{rule}`: a key's bucket crossed its rule's `warn_at` (once per
+    /// key and window).
+    RatelimitWarningsTotal,
+    /// `ratelimit_used{rule}`: what the window has used of a rule keyed `global` (requests,
+    /// tokens, or micro-USD), as this Envoy last saw it.
+    RatelimitUsed,
+    /// `ratelimit_limit{rule}`: that rule's limit, in the same unit.
+    RatelimitLimit,
+    /// `output_tokens_estimate{model}`: the output tokens a request without `max_tokens`
+    /// reserves (the model's moving average; see [`crate::limit::estimate`]).
+    OutputTokensEstimate,
     /// `ratelimit_key_overflow_total{rule}`: requests charged to a rule's shared overflow bucket
     /// because the rule already tracks `max_limit_keys` keys.
     RatelimitKeyOverflowTotal,
@@ -77,7 +89,7 @@ pub enum Metric {
 
 impl Metric {
     /// Every metric, for documentation and configuration checks.
-    pub const ALL: [Metric; 21] = [
+    pub const ALL: [Metric; 25] = [
         Metric::RequestsTotal,
         Metric::TokensTotal,
         Metric::CostMicrousdTotal,
@@ -89,6 +101,10 @@ impl Metric {
         Metric::MeterSkipsTotal,
         Metric::MeterErrorsTotal,
         Metric::RatelimitRejectedTotal,
+        Metric::RatelimitWarningsTotal,
+        Metric::RatelimitUsed,
+        Metric::RatelimitLimit,
+        Metric::OutputTokensEstimate,
         Metric::RatelimitKeyOverflowTotal,
         Metric::RatelimitServiceErrorsTotal,
         Metric::UpstreamRatelimitRemaining,
@@ -115,6 +131,10 @@ impl Metric {
             Metric::MeterSkipsTotal => "meter_skips_total",
             Metric::MeterErrorsTotal => "meter_errors_total",
             Metric::RatelimitRejectedTotal => "ratelimit_rejected_total",
+            Metric::RatelimitWarningsTotal => "ratelimit_warnings_total",
+            Metric::RatelimitUsed => "ratelimit_used",
+            Metric::RatelimitLimit => "ratelimit_limit",
+            Metric::OutputTokensEstimate => "output_tokens_estimate",
             Metric::RatelimitKeyOverflowTotal => "ratelimit_key_overflow_total",
             Metric::RatelimitServiceErrorsTotal => "ratelimit_service_errors_total",
             Metric::UpstreamRatelimitRemaining => "upstream_ratelimit_remaining",
@@ -137,7 +157,10 @@ impl Metric {
             | Metric::UpstreamRatelimitLimit
             | Metric::MeterMemoryBytes
             | Metric::MeterMemoryBudgetBytes
-            | Metric::ModelState => Kind::Gauge,
+            | Metric::ModelState
+            | Metric::RatelimitUsed
+            | Metric::RatelimitLimit
+            | Metric::OutputTokensEstimate => Kind::Gauge,
             _ => Kind::Counter,
         }
     }
@@ -155,8 +178,13 @@ impl Metric {
             | Metric::UsageMissingTotal => &["model"],
             Metric::MeterSkipsTotal => &["reason"],
             Metric::MeterErrorsTotal => &["kind"],
-            Metric::RatelimitRejectedTotal => &["model", "rule"],
-            Metric::RatelimitKeyOverflowTotal | Metric::RatelimitServiceErrorsTotal => &["rule"],
+            Metric::RatelimitRejectedTotal => &["model", "rule", "mode"],
+            Metric::RatelimitKeyOverflowTotal
+            | Metric::RatelimitServiceErrorsTotal
+            | Metric::RatelimitWarningsTotal
+            | Metric::RatelimitUsed
+            | Metric::RatelimitLimit => &["rule"],
+            Metric::OutputTokensEstimate => &["model"],
             Metric::UpstreamRatelimitRemaining | Metric::UpstreamRatelimitLimit => &["model", "kind"],
             Metric::MeterMemoryBytes | Metric::MeterMemoryBudgetBytes => &[],
             Metric::ModelState | Metric::UpstreamRetriesTotal => &["model"],
@@ -167,8 +195,20 @@ impl Metric {
 }
 
 /// Every label key used by any metric: each needs a `stats_tags` entry in `envoy.yaml`.
-pub const LABEL_KEYS: [&str; 11] =
-    ["model", "app", "operation", "status", "error_type", "token_type", "reason", "kind", "rule", "state", "to"];
+pub const LABEL_KEYS: [&str; 12] = [
+    "model",
+    "app",
+    "operation",
+    "status",
+    "error_type",
+    "token_type",
+    "reason",
+    "kind",
+    "rule",
+    "state",
+    "to",
+    "mode",
+];
 
 /// Builds the Envoy stat name of `metric` with label `values` (in [`Metric::label_keys`] order).
 ///

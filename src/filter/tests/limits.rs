@@ -39,7 +39,7 @@ fn limits_hold_the_whole_body_reject_with_a_local_reply_and_reconcile() {
     assert!(body.contains("\"code\":\"rpm\""), "{body}");
     host.code = Some(429);
     y.on_log(&mut host, &mut w);
-    assert_eq!(counter(&host, "model=.=unknown;.;rule=.=rpm;.;llm_ratelimit_rejected_total"), 1);
+    assert_eq!(counter(&host, "model=.=unknown;.;rule=.=rpm;.;mode=.=enforce;.;llm_ratelimit_rejected_total"), 1);
     assert_eq!(
         counter(&host, "model=.=unknown;.;app=.=unknown;.;operation=.=embeddings;.;status=.=429;.;error_type=.=rate_limited;.;llm_requests_total"),
         1
@@ -48,13 +48,18 @@ fn limits_hold_the_whole_body_reject_with_a_local_reply_and_reconcile() {
     // The next window: the token bucket holds exactly the real usage.
     host.now += 60_000 * MS;
     host.sent = None;
+    host.request_headers.insert(":path".into(), b"/v1/chat/completions".to_vec());
     let mut z = Exchange::new();
-    z.on_request_headers(&mut host, &mut w, true);
+    z.on_request_headers(&mut host, &mut w, false);
+    // No max_tokens: gpt-4o's average output (10, from the response above) is reserved, with
+    // 18 bytes = 5 input tokens, in a window that starts empty.
+    assert_eq!(z.on_request_body(&mut host, &mut w, br#"{"model":"gpt-4o"}"#, true), Flow::Continue);
     assert_eq!(host.sent, None);
     host.response_headers.clear();
     host.response_headers.insert(":status".into(), b"200".to_vec());
     z.on_response_headers(&mut host, &mut w);
-    assert_eq!(h(&host, "x-ratelimit-remaining-tokens").as_deref(), Some("1000"));
+    assert_eq!(h(&host, "x-ratelimit-remaining-tokens").as_deref(), Some("985"));
+    assert_eq!(host.gauges.get("model=.=gpt-4o;.;llm_output_tokens_estimate"), Some(&10));
 
     // The upstream's own token limit is the tighter one: its three headers stay together;
     // the request family is still this filter's.
@@ -69,7 +74,8 @@ fn limits_hold_the_whole_body_reject_with_a_local_reply_and_reconcile() {
     }
     host.now += 60_000 * MS;
     let mut z = Exchange::new();
-    z.on_request_headers(&mut host, &mut w, true);
+    z.on_request_headers(&mut host, &mut w, false);
+    z.on_request_body(&mut host, &mut w, br#"{"model":"gpt-4o"}"#, true);
     z.on_response_headers(&mut host, &mut w);
     assert_eq!(h(&host, "x-ratelimit-limit-tokens").as_deref(), Some("30000"));
     assert_eq!(h(&host, "x-ratelimit-remaining-tokens").as_deref(), Some("29"));
@@ -138,7 +144,7 @@ fn global_rules_wait_for_the_service_then_forward_reject_or_follow_the_failure_m
     host.code = Some(429);
     y.on_log(&mut host, &mut w);
     assert!(w.take_reports().is_empty());
-    assert_eq!(counter(&host, "model=.=gpt-4o;.;rule=.=g-rpm;.;llm_ratelimit_rejected_total"), 1);
+    assert_eq!(counter(&host, "model=.=gpt-4o;.;rule=.=g-rpm;.;mode=.=enforce;.;llm_ratelimit_rejected_total"), 1);
     assert_eq!(host.gauges.get("model=.=gpt-4o;.;llm_active_requests"), Some(&0));
 
     // A failed call: g-rpm follows the top-level failure_mode (allow), g-tpm its own (deny).
@@ -306,4 +312,58 @@ fn key_entry(message: &[u8]) -> String {
     let text = String::from_utf8_lossy(message);
     let start = text.find("key").unwrap() + 5;
     text[start..start + 32].to_string()
+}
+
+#[test]
+fn a_global_usd_budget_reserves_warns_shows_its_use_and_a_shadow_rule_only_counts() {
+    let config = r#"{"pricing":{"gpt-4o":{"input":2.5,"output":10}},"limits":[
+        {"name":"team","key":"global","usd_per_month":1,"warn_at":0.8,"scope":"global",
+         "service":{"cluster":"rls","domain":"llm"}},
+        {"name":"try-rpm","key":"global","requests_per_minute":1,"mode":"shadow"}]}"#;
+    let mut host = FakeHost { now: 1_000 * 60_000 * MS, ..FakeHost::default() };
+    let mut w = worker(config);
+    w.init_shared(&mut host);
+    // The budget's limit is exported at configuration (in micro-USD), its use at 0.
+    assert_eq!(host.gauges.get("rule=.=team;.;llm_ratelimit_limit"), Some(&1_000_000));
+    assert_eq!(host.gauges.get("rule=.=team;.;llm_ratelimit_used"), Some(&0));
+    host.request_headers.insert(":path".into(), b"/v1/chat/completions".to_vec());
+    host.response_headers.insert(":status".into(), b"200".to_vec());
+    host.response_headers.insert("content-type".into(), b"application/json".to_vec());
+    host.code = Some(200);
+    // The service's answers: limit 10,000 units (0.0001 USD each), then 2,064 left (7,936 used)
+    // and 1,999 left (8,001 used: the second request crossed 0.8).
+    let ok = |remaining: [u8; 2]| {
+        let status = [0x08, 1, 0x12, 3, 0x08, 0x90, 0x4e, 0x18, remaining[0], remaining[1]];
+        let mut out = vec![0x08, 1, 0x12, status.len() as u8];
+        out.extend(status);
+        out
+    };
+    for (round, remaining) in [[0x90, 0x10], [0xcf, 0x0f]].into_iter().enumerate() {
+        let mut x = Exchange::new();
+        x.on_request_headers(&mut host, &mut w, false);
+        assert_eq!(x.on_request_body(&mut host, &mut w, br#"{"model":"gpt-4o","max_tokens":20}"#, true), Flow::Hold);
+        // 35 bytes = 9 input tokens at 2.5 USD/1M + 20 output at 10: 0.0002225 USD, 3 units.
+        let (_, message, _) = host.grpc_calls.last().cloned().unwrap();
+        assert_eq!(message.last(), Some(&3), "hits_addend 3");
+        let token = host.grpc_calls.len() as u32;
+        assert_eq!(x.on_global_answer(&mut host, &mut w, token, Ok(&ok(remaining))), Some(Flow::Continue));
+        host.response_headers.retain(|k, _| k == ":status" || k == "content-type");
+        x.on_response_headers(&mut host, &mut w);
+        let h = |n: &str| host.response_headers.get(n).map(|v| String::from_utf8_lossy(v).into_owned());
+        assert_eq!(h("x-ratelimit-limit-usd").as_deref(), Some("1"));
+        let want = [(Some("0.2064"), None), (Some("0.1999"), Some("team"))][round];
+        assert_eq!((h("x-ratelimit-remaining-usd").as_deref(), h("x-ratelimit-warning").as_deref()), want);
+        assert!(h("x-ratelimit-remaining-requests").is_none(), "a shadow rule shows nothing");
+        x.on_response_body(&mut host, CHAT_JSON.as_bytes(), true);
+        x.on_log(&mut host, &mut w);
+    }
+    assert_eq!(host.gauges.get("rule=.=team;.;llm_ratelimit_used"), Some(&800_100));
+    assert_eq!(counter(&host, "rule=.=team;.;llm_ratelimit_warnings_total"), 1);
+    assert!(host.warnings.borrow().iter().any(|m| m.contains("rule 'team' key global passed its warning threshold")));
+    // The shadow rule (1 per minute) would have rejected the second request: counted, not done.
+    assert_eq!(counter(&host, "model=.=gpt-4o;.;rule=.=try-rpm;.;mode=.=shadow;.;llm_ratelimit_rejected_total"), 1);
+    assert!(host.sent.is_none());
+    // The real cost (19 input + 10 output tokens: 0.0001475 USD, 1.475 units) is under the 3
+    // reserved: nothing to report; the credit stays with this worker.
+    assert!(w.take_reports().is_empty());
 }

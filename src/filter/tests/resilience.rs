@@ -97,7 +97,7 @@ fn an_open_circuit_sends_requests_down_the_fallback_chain_then_answers_503() {
         1
     );
     assert_eq!(
-        counter(&host, "model=.=gpt-4.1;.;rule=.=circuit_open;.;llm_ratelimit_rejected_total"),
+        counter(&host, "model=.=gpt-4.1;.;rule=.=circuit_open;.;mode=.=enforce;.;llm_ratelimit_rejected_total"),
         0,
         "not a rate limit"
     );
