@@ -7,7 +7,8 @@ Standard library only (Python >= 3.11); PyYAML is used when it is importable.
       Validates the dashboard: it parses, has no `__inputs` (so it can be provisioned as a file),
       the `datasource`, `model` and `app` template variables exist, panel ids and titles are
       unique, panels do not overlap, every panel and target uses the `${datasource}` variable,
-      every target has a refId and a PromQL `expr` that uses only known metric names, filters
+      every target has a refId and a PromQL `expr` that uses only known metric names (llm-meter's,
+      Envoy's, and the recording rules envoy/prometheus/alerts.yml defines), filters
       `model=~"$model"` (and `app=~"$app"`) where the metric has that label, and is well formed.
 
   check_ops.py --exprs envoy/grafana/llm-meter.json
@@ -69,7 +70,8 @@ COUNTERS = {
     "llm_usage_missing_total": {"model"},
     "llm_meter_skips_total": {"reason"},
     "llm_meter_errors_total": {"kind"},
-    "llm_ratelimit_rejected_total": {"model", "rule"},
+    "llm_ratelimit_rejected_total": {"model", "rule", "mode"},
+    "llm_ratelimit_warnings_total": {"rule"},
     "llm_ratelimit_key_overflow_total": {"rule"},
     "llm_ratelimit_service_errors_total": {"rule"},
     "llm_circuit_transitions_total": {"model", "state"},
@@ -88,9 +90,18 @@ GAUGES = {
     "llm_meter_memory_bytes": set(),
     "llm_meter_memory_budget_bytes": set(),
     "llm_model_state": {"model"},
+    "llm_ratelimit_used": {"rule"},
+    "llm_ratelimit_limit": {"rule"},
+    "llm_output_tokens_estimate": {"model"},
 }
-# Series that only exist after rare events: a query over nothing else must be marked mayBeEmpty
-# (or fall back to a value with `or vector(...)`).
+# Recording rules of envoy/prometheus/alerts.yml (`- record:`) and their labels: a dashboard
+# query over one needs those rules loaded, so each must be defined there.
+RECORDING_RULES = {
+    "llm_ratelimit_used_ratio": {"rule"},
+}
+ALERTS_YML = ROOT / "envoy" / "prometheus" / "alerts.yml"
+# Series that only exist after rare events (or with a configuration few have): a query over
+# nothing else must be marked mayBeEmpty (or fall back to a value with `or vector(...)`).
 SPARSE = {
     "llm_meter_skips_total",
     "llm_ratelimit_key_overflow_total",
@@ -99,6 +110,8 @@ SPARSE = {
     "llm_circuit_transitions_total",
     "llm_fallbacks_total",
     "llm_upstream_retries_total",
+    "llm_ratelimit_warnings_total",
+    "llm_output_tokens_estimate",
 }
 
 
@@ -108,6 +121,8 @@ def llm_metric_labels(name: str) -> set[str] | None:
         return COUNTERS[name]
     if name in GAUGES:
         return GAUGES[name]
+    if name in RECORDING_RULES:
+        return RECORDING_RULES[name]
     for base, labels in HISTOGRAMS.items():
         if name == base + "_bucket":
             return labels | {"le"}
@@ -180,6 +195,21 @@ def bracket_error(expr: str) -> str | None:
     if stack:
         return f"unclosed {stack[-1]!r}"
     return None
+
+
+_recorded: set[str] | None = None
+
+
+def recorded_names() -> set[str]:
+    """The names of the recording rules envoy/prometheus/alerts.yml defines."""
+    global _recorded
+    if _recorded is None:
+        try:
+            text = ALERTS_YML.read_text()
+        except OSError:
+            text = ""
+        _recorded = set(re.findall(r"^\s*-?\s*record:\s*['\"]?([a-zA-Z_:][\w:]*)", text, re.M))
+    return _recorded
 
 
 STRING = re.compile(r"""\"(?:[^\"\\]|\\.)*\"|'(?:[^'\\]|\\.)*'|`[^`]*`""")
@@ -271,6 +301,8 @@ def check_expr(expr: str, where: str, errors: list[str]) -> None:
         if labels is None:
             errors.append(f"{where}: unknown metric {name} (not an llm-meter metric of the docs/metrics.md, Metrics reference)")
             continue
+        if name in RECORDING_RULES and name not in recorded_names():
+            errors.append(f"{where}: {name} is a recording rule that {ALERTS_YML.relative_to(ROOT)} does not define")
         if "model" in labels and 'model=~"$model"' not in matchers:
             errors.append(f'{where}: {name} has a model label but the selector does not filter model=~"$model"')
         if "app" in labels and app_everywhere and 'app=~"$app"' not in matchers:
