@@ -50,8 +50,10 @@ fn every_fault_counts_once_releases_its_reservation_and_balances_the_gauges() {
     let config = format!(
         r#"{{"limits":[{{"name":"tph","key":"global","tokens_per_hour":{LIMIT}}},
                       {{"name":"conc","key":"global","max_concurrent":{SLOTS}}}],
-            "token_estimate":{{"bytes_per_token":4,"max_output_tokens":2000}}}}"#
+            "token_estimate":{{"bytes_per_token":4,"max_output_tokens":0}}}}"#
     );
+    // (No output reservation: requests without max_tokens would otherwise reserve the cap until
+    // a response teaches the model's average, and the faults here never complete one first.)
     room_in_hour(120);
     // Envoy first, in front of a port nobody listens on yet: the upstream is down.
     let upstream = free_port();
@@ -150,7 +152,8 @@ fn every_fault_counts_once_releases_its_reservation_and_balances_the_gauges() {
     // Tokens: only the completed requests' 420 are charged; every failure gave its reservation
     // back. A request estimated above what is left is refused, and the refusal says what is left.
     let used = (EACH * (30 + 12)) as u64;
-    let big = serde_json::json!({"model": "gpt-4o", "max_tokens": 2000, "messages": []}).to_string();
+    let big =
+        serde_json::json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x".repeat(2400)}]}).to_string();
     let r = send(&client(), &url, &[], &big);
     assert_eq!(r.status, 429, "{}", r.body);
     assert_eq!(r.header_u64("x-ratelimit-remaining-tokens"), LIMIT - used, "reservations left behind");
@@ -170,7 +173,7 @@ fn every_fault_counts_once_releases_its_reservation_and_balances_the_gauges() {
     for s in slow {
         assert_eq!(s.join().unwrap(), 200);
     }
-    envoy.wait_value(r#"llm_ratelimit_rejected_total{model="gpt-4o",rule="conc"}"#, 1.0);
+    envoy.wait_value(r#"llm_ratelimit_rejected_total{model="gpt-4o",rule="conc",mode="enforce"}"#, 1.0);
     assert_clean_log(&envoy);
     drop(mock);
 }
@@ -277,7 +280,11 @@ fn a_listener_reload_with_a_new_filter_configuration_under_traffic_loses_nothing
     let r = send(&client(), &url, &probe, &body);
     assert_eq!(r.status, 200);
     assert_eq!(r.header_u64("x-ratelimit-limit-tokens"), 20_000_000);
-    assert_eq!(r.header_u64("x-ratelimit-remaining-tokens"), 20_000_000 - tokens - (body.len() as u64).div_ceil(4));
+    // The probe reserved its input and the model's average output (the estimate gauge).
+    let average = m.sum("llm_output_tokens_estimate", &[]) as u64;
+    assert!(average > 0, "every completed response teaches the average");
+    let reserved = (body.len() as u64).div_ceil(4) + average;
+    assert_eq!(r.header_u64("x-ratelimit-remaining-tokens"), 20_000_000 - tokens - reserved);
     assert_clean_log(&envoy);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -6,8 +6,9 @@
 mod common;
 
 use common::{client, free_port, render_shipped, root, send, Envoy, Mock};
+use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,30 +16,83 @@ use std::time::Duration;
 
 const CHAT: &str = "/v1/chat/completions";
 
-/// A throwaway `redis-server` (Debian package) on a free port, no persistence.
+/// A `redis-server` (Debian package; `redis-cli` comes with it) on a free port with a data
+/// directory of its own: throwaway ([`Redis::start`]) or persistent ([`Redis::start_with_config`]),
+/// and restartable on the same port and directory.
 struct Redis {
     child: Child,
     port: u16,
     dir: PathBuf,
+    /// The command line, to start it again the same way.
+    args: Vec<OsString>,
 }
 
 impl Redis {
+    /// No persistence: a restart empties it.
     fn start() -> Redis {
+        Redis::spawn(&[], &["--save", "", "--appendonly", "no"])
+    }
+
+    /// Persistent, with `conf` (the shipped `envoy/redis.conf`) and `--dir <tempdir> --port <p>`.
+    fn start_with_config(conf: &Path) -> Redis {
+        assert!(conf.exists(), "{}", conf.display());
+        Redis::spawn(&[conf.as_os_str()], &[])
+    }
+
+    fn spawn(conf: &[&OsStr], options: &[&str]) -> Redis {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("llm-meter-redis-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+        let mut args: Vec<OsString> = conf.iter().map(|c| c.to_os_string()).collect();
+        args.extend(["--port", &port.to_string(), "--bind", "127.0.0.1"].map(OsString::from));
+        args.extend(options.iter().map(OsString::from));
+        args.extend([OsString::from("--dir"), dir.clone().into_os_string()]);
+        let child = Redis::launch(&args, port, &dir);
+        Redis { child, port, dir, args }
+    }
+
+    /// Starts `redis-server args` (its log appended to `dir/redis.log`) and waits until it
+    /// answers PING, which it does only once it has loaded its data.
+    fn launch(args: &[OsString], port: u16, dir: &Path) -> Child {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("redis.log")).unwrap();
+        let mut child = Command::new("redis-server")
+            .args(args)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
             .spawn()
             .expect("redis-server (Debian package redis-server) must be installed: .ci/run installs it");
         common::eventually(Duration::from_secs(10), "redis-server up", || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("redis-server exited ({status}):\n{}", std::fs::read_to_string(dir.join("redis.log")).unwrap());
+            }
+            Redis::cli(port, &["ping"]).filter(|out| out == "PONG").map(|_| ())
         });
-        Redis { child, port, dir }
+        child
+    }
+
+    /// `redis-cli -p PORT args`: its output, trimmed; `None` when it fails.
+    fn cli(port: u16, args: &[&str]) -> Option<String> {
+        let out = Command::new("redis-cli").args(["-p", &port.to_string()]).args(args).stderr(Stdio::null()).output();
+        let out = out.expect("redis-cli (it comes with redis-server) must be installed");
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// Stops it gracefully (`SHUTDOWN`: with the shipped configuration, a last fsync of the
+    /// append-only file) and starts it again on the same port with the same data directory.
+    fn restart(&mut self) {
+        let _ = Redis::cli(self.port, &["shutdown"]);
+        let status = common::eventually(Duration::from_secs(10), "redis-server to exit", || {
+            self.child.try_wait().ok().flatten()
+        });
+        assert!(status.success(), "redis-server exited with {status} on SHUTDOWN");
+        self.child = Redis::launch(&self.args, self.port, &self.dir);
+    }
+
+    /// Kills it (SIGKILL: no shutdown of any kind) and starts it again like [`Redis::restart`].
+    fn crash_and_restart(&mut self) {
+        self.stop();
+        self.child = Redis::launch(&self.args, self.port, &self.dir);
     }
 
     fn stop(&mut self) {
@@ -75,12 +129,17 @@ impl Rls {
         let port = line.trim().rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{line:?}"));
         Rls { child, port }
     }
+
+    /// Kills it (SIGKILL): it holds nothing of its own, every counter is in Redis.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for Rls {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
@@ -165,7 +224,8 @@ fn a_global_rejection_gives_back_the_local_charges() {
         "service":{"cluster":"rate_limit_service","domain":"llm","timeout_ms":10000,"failure_mode":"deny"}}"#;
     let config = format!(
         r#"{{"limits":[{{"name":"rpm","key":"global","requests_per_minute":100}},
-                       {{"name":"tpm","key":"global","tokens_per_minute":100000}},{global}]}}"#
+                       {{"name":"tpm","key":"global","tokens_per_minute":100000}},{global}],
+            "token_estimate":{{"max_output_tokens":0}}}}"#
     );
     let e = envoy(&mock, rls.port, &config);
     let body = chat();
@@ -174,8 +234,11 @@ fn a_global_rejection_gives_back_the_local_charges() {
     let post = |team: &str| send(&client(), &e.url(CHAT), &[("x-team", team), usage[0], usage[1]], &body);
     let first = post("a");
     assert_eq!(first.status, 200, "{}", first.body);
-    assert_eq!(first.header_u64("x-ratelimit-remaining-requests"), 99);
+    // The request family shows the rule with the smallest share left: the service's per-team
+    // rule (0 of 1); the local buckets show in `llm_ratelimit_used` (rules keyed `global`).
+    assert_eq!(first.header_u64("x-ratelimit-remaining-requests"), 0);
     assert_eq!(first.header_u64("x-ratelimit-remaining-tokens"), 100_000 - estimate);
+    e.wait_value(r#"llm_ratelimit_used{rule="rpm"}"#, 1.0);
     // Team a's second request: admitted by the local rules, refused by the service.
     let refused = post("a");
     assert_eq!(refused.status, 429, "{}", refused.body);
@@ -183,9 +246,11 @@ fn a_global_rejection_gives_back_the_local_charges() {
     // Team b: the local buckets show one request and its 12 tokens spent, nothing of the refused one.
     let next = post("b");
     assert_eq!(next.status, 200, "{}", next.body);
-    assert_eq!(next.header_u64("x-ratelimit-remaining-requests"), 98, "the refused request was given back");
     assert_eq!(next.header_u64("x-ratelimit-remaining-tokens"), 100_000 - 12 - estimate);
-    let m = e.wait_value(r#"llm_ratelimit_rejected_total{model="gpt-4o",rule="per-team"}"#, 1.0);
+    // Two admitted requests in the local request bucket: the refused one was given back.
+    e.wait_value(r#"llm_ratelimit_used{rule="rpm"}"#, 2.0);
+    assert_eq!(e.metrics().value(r#"llm_ratelimit_limit{rule="rpm"}"#), Some(100.0));
+    let m = e.wait_value(r#"llm_ratelimit_rejected_total{model="gpt-4o",rule="per-team",mode="enforce"}"#, 1.0);
     assert_eq!(m.sum("llm_meter_errors_total", &[]), 0.0);
     assert_eq!(m.sum("llm_ratelimit_service_errors_total", &[]), 0.0);
 }
@@ -227,7 +292,7 @@ fn token_usage_reported_by_one_envoy_is_enforced_on_the_other() {
     for e in [&a, &b] {
         assert_eq!(e.metrics().sum("llm_ratelimit_service_errors_total", &[]), 0.0);
     }
-    b.wait_value(r#"llm_ratelimit_rejected_total{model="gpt-4o",rule="tph"}"#, 1.0);
+    b.wait_value(r#"llm_ratelimit_rejected_total{model="gpt-4o",rule="tph",mode="enforce"}"#, 1.0);
 }
 
 #[test]
@@ -292,4 +357,171 @@ fn a_cluster_envoy_does_not_have_is_a_counted_failure_not_a_crash() {
         r#"llm_requests_total{model="gpt-4o",app="unknown",operation="chat",status="200",error_type="none"}"#,
         3.0,
     );
+}
+
+// ---- A global budget survives restarts ----
+//
+// Each request of `spend` costs the same (the mock's usage is fixed, and `max_tokens` bounds
+// what a filter may reserve before the response), so a restart that kept the budget shows exactly
+// one more request's cost gone on the first request after it; one that lost anything shows more
+// left. Two readings: the budget's counter in Redis (the rate limit service's hits), always; and
+// what is left as the filter shows it on the admitted response (`REMAINING`). So far the filter
+// sends `x-ratelimit-*` on admitted responses for local rules only, none for a global rule: until
+// it does, the header is checked where present (`REMAINING_REQUIRED` false).
+
+/// The budget's limit, in the rule `team-budget` (keyed `global`, see [`budget_config`]).
+const LIMIT: &str = r#""usd_per_month":100"#;
+
+/// The header showing what is left of the budget on an admitted response.
+const REMAINING: &str = "x-ratelimit-remaining-usd";
+
+/// Whether every admitted response must carry [`REMAINING`] (else it is checked where present).
+const REMAINING_REQUIRED: bool = true;
+
+/// What one request of [`spend`] costs, in [`REMAINING`]'s unit: 1,000 input tokens at $2.50 per
+/// million and 2,000 output at $10 (the pricing of `budget_config`): $0.0025 + $0.02. The header
+/// is a decimal amount of USD (`99.955`): each request's shows $0.0225 less than the one before,
+/// across every restart too, never 100 again.
+const PER_REQUEST: f64 = 0.0225;
+
+/// The filter configuration of the restart tests: gpt-4o priced, and the budget as one global
+/// rule for all traffic. failure_mode deny: a request is admitted only once the service has
+/// counted it, never while Redis is away.
+fn budget_config() -> String {
+    format!(
+        r#"{{"pricing":{{"gpt-4o":{{"input":2.5,"output":10}}}},
+             "limits":[{{"name":"team-budget","key":"global",{LIMIT},"scope":"global",
+                         "service":{{"cluster":"rate_limit_service","domain":"llm","timeout_ms":10000,
+                                     "failure_mode":"deny"}}}}]}}"#
+    )
+}
+
+/// Calls of the filter to the rate limit service (cluster `rate_limit_service`) this Envoy has
+/// made, and completed.
+fn service_calls(e: &Envoy) -> (u64, u64) {
+    (e.stat("cluster.rate_limit_service.upstream_rq_total"), e.stat("cluster.rate_limit_service.upstream_rq_completed"))
+}
+
+/// What one request of [`spend`] showed.
+#[derive(Debug, Clone, Copy)]
+struct Spent {
+    /// The budget's counter in Redis once the request's usage report landed (the service's hits).
+    counter: u64,
+    /// What is left as the admitted response showed it ([`REMAINING`]), when it did.
+    remaining: Option<f64>,
+}
+
+impl Redis {
+    /// The value of the one Limitador counter of rule `rule` in domain `llm`: its key is
+    /// `namespace:{llm},,counter:` and the counter as JSON, which names the rule.
+    fn counter(&self, rule: &str) -> u64 {
+        let pattern = format!("namespace:{{llm}},*counter:*{rule}*");
+        let keys = Redis::cli(self.port, &["--scan", "--pattern", &pattern]).expect("redis-cli --scan");
+        let keys: Vec<&str> = keys.lines().collect();
+        assert_eq!(keys.len(), 1, "one counter of {rule}: {keys:?}");
+        let value = Redis::cli(self.port, &["get", keys[0]]).expect("redis-cli get");
+        value.parse().unwrap_or_else(|_| panic!("counter {}: {value:?}", keys[0]))
+    }
+}
+
+/// One request spending a fixed usage from the budget, once its usage report has landed. A
+/// refusal because the service cannot be reached (Redis restarting: with failure_mode deny
+/// nothing was counted) is sent again, for up to 10 s.
+fn spend(e: &Envoy, redis: &Redis) -> Spent {
+    let (before, _) = service_calls(e);
+    // The mock sends no rate-limit headers of its own (it would send OpenAI's, with a constant
+    // `x-ratelimit-remaining-tokens: 1999000`): any in the response is the filter's.
+    let headers =
+        [("x-mock-prompt-tokens", "1000"), ("x-mock-completion-tokens", "2000"), ("x-mock-ratelimit-style", "none")];
+    let body = r#"{"model":"gpt-4o","max_tokens":2000,"messages":[{"role":"user","content":"hi"}]}"#;
+    let mut sent = 0;
+    let r = common::eventually(Duration::from_secs(10), "an admitted request", || {
+        sent += 1;
+        let r = send(&client(), &e.url(CHAT), &headers, body);
+        if r.status == 503 && r.body.contains("rate_limiter_unavailable") {
+            return None;
+        }
+        assert_eq!(r.status, 200, "{}", r.body);
+        Some(r)
+    });
+    let answered = std::time::Instant::now();
+    let remaining = r.header(REMAINING).map(|v| v.parse::<f64>().unwrap_or_else(|_| panic!("{REMAINING}: {v:?}")));
+    assert!(remaining.is_some() || !REMAINING_REQUIRED, "no {REMAINING} on an admitted response: {:?}", r.headers);
+    // The usage report leaves from the root context's timer after the response: wait until this
+    // Envoy made it (a call beyond one per request sent) or a timer period went by, and every
+    // call it made has completed.
+    common::eventually(Duration::from_secs(10), "the usage report", || {
+        let (total, completed) = service_calls(e);
+        let reported = total > before + sent || answered.elapsed() > Duration::from_millis(1500);
+        (reported && completed == total).then_some(())
+    });
+    Spent { counter: redis.counter("team-budget"), remaining }
+}
+
+/// Checks `after`, the first request after a restart, against the two requests before it: one
+/// more request's cost is gone, no more (nothing given back) and no less (nothing lost).
+fn assert_kept(before: [Spent; 2], after: Spent, what: &str) {
+    let [a, b] = before;
+    let cost = b.counter.checked_sub(a.counter).filter(|&c| c > 0).expect("a request costs hits");
+    assert_eq!(after.counter, b.counter + cost, "{what}: the counter in Redis ({before:?}, then {after:?})");
+    let (Some(a), Some(b), Some(after)) = (a.remaining, b.remaining, after.remaining) else {
+        assert!(after.remaining.is_none(), "{what}: {REMAINING} on some responses only: {before:?} {after:?}");
+        return;
+    };
+    assert!((a - b - PER_REQUEST).abs() < 1e-6, "one request's cost: {REMAINING} {a} then {b} ({before:?})");
+    assert!((after - (b - PER_REQUEST)).abs() < 1e-6, "{what}: {REMAINING} = {after}, want {}", b - PER_REQUEST);
+}
+
+#[test]
+fn a_global_budget_survives_killing_envoy_and_the_rate_limit_service() {
+    let started = std::time::Instant::now();
+    let (redis, mock) = (Redis::start(), Mock::start());
+    let mut rls = Rls::start(&redis);
+    let config = budget_config();
+    let e = envoy(&mock, rls.port, &config);
+    let before = [spend(&e, &redis), spend(&e, &redis)];
+    // SIGKILL both (no shutdown of any kind); Redis stays. They come back on new ports.
+    drop(e);
+    rls.kill();
+    let rls = Rls::start(&redis);
+    let e = envoy(&mock, rls.port, &config);
+    assert_kept(before, spend(&e, &redis), "after Envoy and llm-rls were killed and started again");
+    assert_eq!(e.metrics().sum("llm_ratelimit_service_errors_total", &[]), 0.0);
+    println!("kept across killing Envoy and llm-rls ({before:?}) in {:?}", started.elapsed());
+}
+
+#[test]
+fn a_global_budget_survives_restarting_redis_with_the_shipped_configuration() {
+    let started = std::time::Instant::now();
+    let mut redis = Redis::start_with_config(&root().join("envoy/redis.conf"));
+    let mock = Mock::start();
+    let rls = Rls::start(&redis);
+    let e = envoy(&mock, rls.port, &budget_config());
+    let first = spend(&e, &redis);
+    let second = spend(&e, &redis);
+    // Graceful: SHUTDOWN, then the same port and data directory. Envoy and llm-rls keep running
+    // (llm-rls reconnects; a request refused meanwhile was not counted and is sent again).
+    redis.restart();
+    let third = spend(&e, &redis);
+    assert_kept([first, second], third, "after a Redis SHUTDOWN and start");
+    // A crash (SIGKILL) loses nothing Redis acknowledged either: it writes the append-only file
+    // before it answers, and spend() waited for the answer to the usage report.
+    redis.crash_and_restart();
+    assert_kept([second, third], spend(&e, &redis), "after Redis was killed and started again");
+    assert!(redis.dir.join("appendonlydir").is_dir(), "the shipped configuration persists with AOF");
+    println!("kept across a Redis shutdown and a Redis crash in {:?}", started.elapsed());
+}
+
+#[test]
+fn without_persistence_a_redis_restart_gives_the_budget_back() {
+    // What the shipped configuration is for, and proof that the tests above would see a reset.
+    let (mut redis, mock) = (Redis::start(), Mock::start());
+    let rls = Rls::start(&redis);
+    let e = envoy(&mock, rls.port, &budget_config());
+    let fresh = spend(&e, &redis);
+    assert!(spend(&e, &redis).counter > fresh.counter);
+    redis.restart();
+    let again = spend(&e, &redis);
+    assert_eq!(again.counter, fresh.counter, "counted from zero again");
+    assert_eq!(again.remaining, fresh.remaining);
 }

@@ -33,7 +33,7 @@ fn post(envoy: &Envoy, headers: &[(&str, &str)], body: &str) -> Reply {
 }
 
 fn rejected(model: &str, rule: &str) -> String {
-    format!(r#"llm_ratelimit_rejected_total{{model="{model}",rule="{rule}"}}"#)
+    format!(r#"llm_ratelimit_rejected_total{{model="{model}",rule="{rule}",mode="enforce"}}"#)
 }
 
 fn error_json(r: &Reply) -> serde_json::Value {
@@ -103,14 +103,17 @@ fn tokens_per_minute_are_reserved_then_reconciled_streaming_or_not() {
     let body = chat("gpt-4o");
     let estimate = (body.len() as u64).div_ceil(4);
 
-    // Non-streaming: 100 + 200 real tokens.
+    // Non-streaming: 100 + 200 real tokens. No max_tokens and no response of the model yet: the
+    // output reserved is the cap (500).
     let r = post(&envoy, &usage("100", "200"), &body);
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(r.header_u64("x-ratelimit-remaining-tokens"), 1000 - estimate);
+    assert_eq!(r.header_u64("x-ratelimit-remaining-tokens"), 1000 - estimate - 500);
     assert_eq!(r.header_u64("x-ratelimit-limit-tokens"), 1000);
-    // The reservation was replaced by the real 300.
+    // The reservation was replaced by the real 300, and the model's average output is now 200:
+    // the next request without max_tokens reserves that.
+    envoy.wait_value(r#"llm_output_tokens_estimate{model="gpt-4o"}"#, 200.0);
     let r = post(&envoy, &usage("50", "50"), &body);
-    assert_eq!(r.header_u64("x-ratelimit-remaining-tokens"), 1000 - 300 - estimate);
+    assert_eq!(r.header_u64("x-ratelimit-remaining-tokens"), 1000 - 300 - estimate - 200);
 
     // Streaming, with max_tokens: the reservation includes it, the real usage replaces it.
     let stream = serde_json::json!({"model": "gpt-4o", "stream": true, "stream_options": {"include_usage": true},
@@ -144,7 +147,12 @@ fn tokens_per_minute_are_reserved_then_reconciled_streaming_or_not() {
 #[test]
 fn usage_beyond_the_limit_is_debt_and_failed_requests_release_their_reservation() {
     let mock = Mock::start();
-    let envoy = Envoy::start(mock.port, r#"{"limits":[{"name":"tpm","key":"global","tokens_per_minute":1000}]}"#);
+    // Output reservations (a model's average, see tokens_per_minute_are_reserved_then_reconciled...)
+    // are not what this test is about: none.
+    let envoy = Envoy::start(
+        mock.port,
+        r#"{"limits":[{"name":"tpm","key":"global","tokens_per_minute":1000}],"token_estimate":{"max_output_tokens":0}}"#,
+    );
     room_in_window(60, 20);
     let body = chat("gpt-4o");
     let estimate = (body.len() as u64).div_ceil(4);
@@ -432,7 +440,11 @@ fn a_flood_of_distinct_keys_shares_an_overflow_bucket_in_bounded_memory() {
 #[test]
 fn debt_from_one_window_is_charged_to_the_next() {
     let mock = Mock::start();
-    let envoy = Envoy::start(mock.port, r#"{"limits":[{"name":"tpm","key":"global","tokens_per_minute":1000}]}"#);
+    // No output reservation (after a 700-token answer the model's average would reserve 700).
+    let envoy = Envoy::start(
+        mock.port,
+        r#"{"limits":[{"name":"tpm","key":"global","tokens_per_minute":1000}],"token_estimate":{"max_output_tokens":0}}"#,
+    );
     let body = chat("gpt-4o");
     let estimate = (body.len() as u64).div_ceil(4);
     // Overspend late in a minute: 1600 tokens used against 1000.

@@ -96,14 +96,16 @@ fn alert_queries() -> Vec<(String, String)> {
     let mut alert = String::new();
     for line in text.lines().map(str::trim) {
         if let Some(name) = line.strip_prefix("- alert: ") {
-            alert = name.to_string();
+            alert = format!("alert:{name}");
+        } else if let Some(name) = line.strip_prefix("- record: ") {
+            alert = format!("record:{name}");
         } else if let Some(expr) = line.strip_prefix("expr: ") {
             let cut = [" > ", " < ", " >= ", " <= "].iter().filter_map(|op| expr.rfind(op)).max();
             let query = cut.map_or(expr, |i| &expr[..i]).trim().to_string();
-            out.push((format!("alert:{alert}"), query));
+            out.push((alert.clone(), query));
         }
     }
-    assert_eq!(out.len(), 19, "alerts.yml: every rule is one `expr:` line");
+    assert_eq!(out.len(), 22, "alerts.yml: every rule (21 alerts, 1 recording rule) is one `expr:` line");
     out
 }
 
@@ -218,7 +220,10 @@ fn every_alert_and_dashboard_query_returns_data_from_a_real_prometheus() {
     eventually(Duration::from_secs(30), "all requests in Prometheus", || {
         prom.scalar("sum(llm_requests_total)").filter(|&v| v == sent as f64)
     });
-    assert_eq!(prom.scalar(r#"sum(llm_ratelimit_rejected_total{model="gpt-4o-mini",rule="key-rph"})"#), Some(4.0));
+    assert_eq!(
+        prom.scalar(r#"sum(llm_ratelimit_rejected_total{model="gpt-4o-mini",rule="key-rph",mode="enforce"})"#),
+        Some(4.0)
+    );
     assert_eq!(prom.scalar(r#"sum(llm_requests_total{error_type="timeout"})"#), Some(2.0));
     assert_eq!(
         prom.scalar(r#"sum(llm_tokens_total{model="gpt-4o",app="web",token_type="input"})"#),
@@ -265,7 +270,7 @@ fn every_alert_and_dashboard_query_returns_data_from_a_real_prometheus() {
     let rules = prom.api("/api/v1/rules");
     let groups = rules["data"]["groups"].as_array().unwrap();
     let all: Vec<&Value> = groups.iter().flat_map(|g| g["rules"].as_array().unwrap()).collect();
-    assert_eq!(all.len(), 19, "{rules}");
+    assert_eq!(all.len(), 22, "{rules}");
     for r in &all {
         assert_eq!(r["health"], "ok", "rule {} failed: {}\n{}", r["name"], r["lastError"], prom.log());
     }

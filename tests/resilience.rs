@@ -356,7 +356,7 @@ fn a_whole_chain_open_is_answered_locally_at_once() {
     let m = envoy.wait_value(&requests("gpt-4.1", "chat", 503, "circuit_open"), 200.0);
     assert_eq!(upstream_requests(&m), upstream, "the gateway was never called");
     assert_eq!(
-        m.value(r#"llm_ratelimit_rejected_total{model="gpt-4.1",rule="circuit_open"}"#),
+        m.value(r#"llm_ratelimit_rejected_total{model="gpt-4.1",rule="circuit_open",mode="enforce"}"#),
         None,
         "not a rate limit"
     );

@@ -232,7 +232,14 @@ pub fn check<H: LimitHost>(
             (Verdict::Admit(Reservation { held, meters, headers, exported }), notes)
         }
         Acquire::Rejected { charge, remaining, reset_ms } => match limits.rules.get(charge.rule) {
-            Some(rule) => (Verdict::Reject(rejection(rule, &charge, remaining, reset_ms)), notes),
+            Some(rule) => {
+                // Before a model's first response, a request without max_tokens reserves the
+                // cap: a guess that lasts until that response completes, not until the window
+                // ends. A request it alone turned away may come back in a second.
+                let cold = output_estimated && facts.output_average.is_none();
+                let guess = cold && matches!(rule.limit, Limit::Tokens { .. } | Limit::Usd { .. });
+                (Verdict::Reject(rejection(rule, &charge, remaining, reset_ms, guess)), notes)
+            }
             None => (Verdict::Admit(Reservation::default()), notes),
         },
         Acquire::Failed { rule } => {
@@ -550,11 +557,20 @@ fn describe(limit: &Limit) -> String {
     }
 }
 
-fn rejection(rule: &Rule, charge: &Charge, remaining: u64, reset_ms: u64) -> Rejection {
-    let retry_after = if charge.kind == BucketKind::Concurrent { 1 } else { reset_ms.div_ceil(1000).max(1) };
+/// The 429 of a local rule. `guess`: the request's output was the cold-start guess (the cap,
+/// before the model's first response): `Retry-After: 1`, as the guess lasts only until a response
+/// of the model completes.
+fn rejection(rule: &Rule, charge: &Charge, remaining: u64, reset_ms: u64, guess: bool) -> Rejection {
+    let retry_after = if charge.kind == BucketKind::Concurrent || guess { 1 } else { reset_ms.div_ceil(1000).max(1) };
     let n = |v| amount(&rule.limit, v);
     let what = if matches!(rule.limit, Limit::Concurrent { .. }) {
         format!("{} are in flight", charge.max)
+    } else if guess {
+        format!(
+            "{} left in this window, and this model's output size is not known yet (no response since the \
+             gateway started), so the request reserves the most it may use",
+            n(remaining)
+        )
     } else if charge.amount > charge.max {
         format!("this request alone needs {} of {}", n(charge.amount), n(charge.max))
     } else {
@@ -769,6 +785,13 @@ mod tests {
         // ...and before any response of the model was seen, the cap (500).
         let r4 = admit(check(&h, &c, facts("m", 0, None)));
         assert_eq!(header(&r4.headers, "x-ratelimit-remaining-tokens"), Some("350"));
+        // That guess lasts until a response completes: a request it turns away may retry in 1 s;
+        // one turned away by a known average waits for the window.
+        let rej = reject(check(&h, &c, facts("m", 400, None)));
+        assert_eq!(header(&rej.headers, "retry-after"), Some("1"));
+        assert!(rej.body.contains("output size is not known yet"), "{}", rej.body);
+        let rej = reject(check(&h, &c, RequestFacts { output_average: Some(400), ..facts("m", 400, None) }));
+        assert_eq!(header(&rej.headers, "retry-after"), Some("60"));
     }
 
     #[test]
@@ -782,7 +805,7 @@ mod tests {
         let r = admit(check(&h, &c, facts("m", 8, None)));
         assert_eq!(header(&r.headers, "x-ratelimit-limit-usd"), Some("0.003"));
         assert_eq!(header(&r.headers, "x-ratelimit-remaining-usd"), Some("0.001"));
-        let rej = reject(check(&h, &c, facts("m", 8, None)));
+        let rej = reject(check(&h, &c, RequestFacts { output_average: Some(0), ..facts("m", 8, None) }));
         assert!(rej.body.contains("0.003 USD per day"), "{}", rej.body);
         assert!(rej.body.contains("0.001 left in this window, this request needs 0.002"), "{}", rej.body);
         assert_eq!(header(&rej.headers, "x-ratelimit-remaining-usd"), Some("0.001"));

@@ -10,13 +10,26 @@
 //!
 //! Limits come from the requests: llm-meter sends each rule's limit as the descriptor's `limit`
 //! override (`requests_per_unit` per `unit`), and the descriptor's entries (`rule`, `key`,
-//! `model`) qualify the counter. A descriptor without an override has no limit here and is
-//! answered OK, as envoyproxy/ratelimit answers descriptors it has no limit for.
+//! `model`) qualify the counter. A descriptor without an override has no limit here
+//! and is answered OK, as envoyproxy/ratelimit answers descriptors it has no limit for.
 //!
 //! Counting follows envoyproxy/ratelimit: every hit is added, also those over the limit, and a
 //! request is over the limit when its hits do not fit. That is what makes usage reports work: a
 //! report of 1,500 tokens against a limit of 1,000 is recorded (and answered OVER_LIMIT), and the
 //! next request is refused. Limitador's windows start at a counter's first hit.
+//!
+//! Units (see `unit_seconds`): SECOND 1, MINUTE 2, HOUR 3, DAY 4, MONTH 5 (30 days), YEAR 6
+//! (365 days) and WEEK 7 (7 days, the number `RateLimitResponse.RateLimit.Unit` gives it).
+//! Calendar windows (a day, a week, a month) are not Limitador's to know: llm-meter sends them
+//! in the `key` entry, after the key (`key=<hash>@2026-11-01`), so each calendar
+//! window is a counter of its own, and asks for a unit at least as long as the window (day →
+//! DAY, week → WEEK, month → YEAR). A counter's first hit falls inside its period, so its
+//! Limitador window (first hit + unit) never ends before the period does, whatever day the
+//! period's first request came; the next period is another counter, and Redis expires the old
+//! one when its window ends (a month's, asked for as YEAR, a year after its first hit).
+//! That relies on windows that start at the first hit: envoyproxy/ratelimit aligns its windows
+//! to the Unix epoch instead (a WEEK there turns over on Thursdays 00:00 UTC, a YEAR every 365
+//! days from 1970), so only its DAY matches a calendar day, and only a UTC one.
 //!
 //! Limitador 0.6 checks a counter and then increments it, two Redis round trips that are not one
 //! atomic step, so two concurrent hits could both see room for one. This service therefore
@@ -45,15 +58,22 @@ const USAGE: &str = "usage: llm-rls [--listen HOST:PORT] [--redis URL]";
 const OK: i32 = 1;
 const OVER_LIMIT: i32 = 2;
 
-/// `RateLimitUnit`: seconds per unit.
+/// Seconds per unit of a descriptor's `limit` override. The override's field is an
+/// `envoy.type.v3.RateLimitUnit` (SECOND 1 … DAY 4, MONTH 5, YEAR 6), which has no week;
+/// `RateLimitResponse.RateLimit.Unit` in `rls.proto` has `WEEK = 7` (Envoy #37494, December
+/// 2024), and envoyproxy/ratelimit reads an override's number as that enum (so 7 is a week
+/// there too, since its #812). A month is 30 days and a year 365, as in envoyproxy/ratelimit:
+/// calendar windows are the caller's (see the crate docs).
 fn unit_seconds(unit: i32) -> Option<u64> {
+    const DAY: u64 = 86_400;
     Some(match unit {
         1 => 1,
         2 => 60,
         3 => 3_600,
-        4 => 86_400,
-        5 => 30 * 86_400,
-        6 => 365 * 86_400,
+        4 => DAY,
+        5 => 30 * DAY,
+        6 => 365 * DAY,
+        7 => 7 * DAY,
         _ => return None,
     })
 }
@@ -319,7 +339,30 @@ mod tests {
         assert_eq!(vars, vec!["key".to_string(), "model".to_string()]);
         assert_eq!(Rls::limit("llm", &descriptor(&[("rule", "r")], None)), Ok(None), "no override: no limit here");
         assert!(Rls::limit("llm", &descriptor(&[("rule", "r")], Some((1, 9)))).unwrap_err().contains("unit"));
+        assert!(Rls::limit("llm", &descriptor(&[("rule", "r")], Some((1, 0)))).unwrap_err().contains("unit"));
         assert!(Rls::limit("llm", &descriptor(&[("rule", "r'x")], Some((1, 1)))).unwrap_err().contains("rule"));
         assert!(Rls::limit("llm", &descriptor(&[("a.b", "x")], Some((1, 1)))).unwrap_err().contains("descriptor key"));
+    }
+
+    #[test]
+    fn every_unit_of_the_protocol_has_its_length_week_included() {
+        const DAY: u64 = 86_400;
+        let units = [(1, 1), (2, 60), (3, 3_600), (4, DAY), (5, 30 * DAY), (6, 365 * DAY), (7, 7 * DAY)];
+        for (unit, seconds) in units {
+            assert_eq!(unit_seconds(unit), Some(seconds), "unit {unit}");
+        }
+        assert_eq!(unit_seconds(0), None, "UNKNOWN");
+        assert_eq!(unit_seconds(8), None);
+        // A weekly override becomes a Limitador limit of a week; the window's first day names it.
+        let d = descriptor(&[("rule", "team-weekly"), ("key", "abc"), ("period", "2026-11-02")], Some((5_000, 7)));
+        let limit = Rls::limit("llm", &d).unwrap().unwrap();
+        assert_eq!((limit.max_value(), limit.seconds()), (5_000, 7 * DAY));
+        assert!(limit.variables().contains("period"), "each calendar window is a counter of its own");
+        // The unit llm-meter asks for covers its calendar window (at a fixed UTC offset: a day is
+        // 24 h), the longest of each kind: a month is asked for as YEAR, since MONTH (30 days)
+        // ends inside a 31-day month.
+        assert_eq!(unit_seconds(4), Some(DAY));
+        assert_eq!(unit_seconds(7), Some(7 * DAY));
+        assert!(unit_seconds(5).unwrap() < 31 * DAY && unit_seconds(6).unwrap() >= 31 * DAY);
     }
 }
