@@ -71,14 +71,14 @@ pub fn charges<H: LimitHost>(
             unknown.push(i);
             continue;
         };
-        let span = period.at(now_ms);
-        // A calendar window is named in the `key` entry (`<key>@2026-11-01`), so each day, week or
-        // month is its own counter. Not an entry of its own: llm-rls on Limitador 0.6 was seen
-        // counting every hit twice for a descriptor with a third entry (see docs/limits.md).
-        let key = if period.is_calendar() { format!("{key}@{}", period.start_date(&span)) } else { key };
         let mut entries = vec![("rule".to_string(), rule.name.clone()), ("key".to_string(), key)];
         if rule.per_model {
             entries.push(("model".into(), model.map_or_else(|| "unknown".to_string(), sanitize)));
+        }
+        let span = period.at(now_ms);
+        if period.is_calendar() {
+            // Each day, week or month is a counter of its own.
+            entries.push(("period".into(), period.start_date(&span)));
         }
         let descriptor = Descriptor { entries, limit: Some((service.max_hits, Unit::of(period.window))) };
         let hits = match rule.limit {
@@ -138,10 +138,9 @@ impl Charge {
         Some(Call { rule: self.rule, hits, key: self.key().to_string(), message })
     }
 
-    /// The descriptor's `key` entry, without a calendar window's date.
+    /// The descriptor's `key` entry.
     pub fn key(&self) -> &str {
-        let key = self.descriptor.entries.get(1).map_or("", |(_, v)| v.as_str());
-        key.split('@').next().unwrap_or(key)
+        self.descriptor.entries.get(1).map_or("", |(_, v)| v.as_str())
     }
 
     /// The window's end, for calendar windows.
@@ -477,8 +476,8 @@ mod tests {
         let (found, _) = charges(&Host(vec![]), &c, Some("m"), &estimate, &ledger);
         let team = &found[0];
         assert_eq!(team.hits, 70);
-        // The month travels in the key entry; the unit asked is a year (longer than any month).
-        assert_eq!(team.descriptor.entries[1], ("key".to_string(), "global@1970-01-01".to_string()));
+        // The month travels as a `period` entry; the unit asked is a year (longer than any month).
+        assert_eq!(team.descriptor.entries[2], ("period".to_string(), "1970-01-01".to_string()));
         assert_eq!(team.descriptor.limit, Some((50_000, Unit::Year)));
         assert_eq!(found[1].descriptor.limit, Some((10_000, Unit::Week)));
         assert_eq!(

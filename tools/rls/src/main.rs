@@ -10,7 +10,7 @@
 //!
 //! Limits come from the requests: llm-meter sends each rule's limit as the descriptor's `limit`
 //! override (`requests_per_unit` per `unit`), and the descriptor's entries (`rule`, `key`,
-//! `model`) qualify the counter. A descriptor without an override has no limit here
+//! `model`, `period`) qualify the counter. A descriptor without an override has no limit here
 //! and is answered OK, as envoyproxy/ratelimit answers descriptors it has no limit for.
 //!
 //! Counting follows envoyproxy/ratelimit: every hit is added, also those over the limit, and a
@@ -21,7 +21,7 @@
 //! Units (see `unit_seconds`): SECOND 1, MINUTE 2, HOUR 3, DAY 4, MONTH 5 (30 days), YEAR 6
 //! (365 days) and WEEK 7 (7 days, the number `RateLimitResponse.RateLimit.Unit` gives it).
 //! Calendar windows (a day, a week, a month) are not Limitador's to know: llm-meter sends them
-//! in the `key` entry, after the key (`key=<hash>@2026-11-01`), so each calendar
+//! as a `period` descriptor entry naming the window (`period=2026-11-01`), so each calendar
 //! window is a counter of its own, and asks for a unit at least as long as the window (day →
 //! DAY, week → WEEK, month → YEAR). A counter's first hit falls inside its period, so its
 //! Limitador window (first hit + unit) never ends before the period does, whatever day the
@@ -47,7 +47,7 @@ use limitador::AsyncRateLimiter;
 use proto::{
     DescriptorStatus, Duration as PbDuration, RateLimit, RateLimitDescriptor, RateLimitRequest, RateLimitResponse,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use tonic::codegen::{http, Body, BoxFuture, Service, StdError};
@@ -85,6 +85,17 @@ const LOCKS: usize = 64;
 struct Rls {
     limiter: Arc<AsyncRateLimiter>,
     locks: Arc<Vec<tokio::sync::Mutex<()>>>,
+    /// The limits given to the limiter, by [`identity`]: each is added once (see [`Rls::register`]).
+    registered: Arc<std::sync::Mutex<HashSet<String>>>,
+}
+
+/// What makes two limits the same, in an order that does not depend on a hash set's iteration.
+fn identity(limit: &Limit) -> String {
+    let mut conditions: Vec<String> = limit.conditions().into_iter().collect();
+    let mut variables: Vec<String> = limit.variables().into_iter().collect();
+    conditions.sort();
+    variables.sort();
+    format!("{:?} {} {} {conditions:?} {variables:?}", limit.namespace(), limit.seconds(), limit.max_value())
 }
 
 impl Rls {
@@ -115,6 +126,19 @@ impl Rls {
         Ok(Some(limit))
     }
 
+    /// Gives `limit` to the limiter the first time it is seen. Limitador 0.6 hashes a limit's
+    /// variables in the iteration order of their `HashSet`, which differs between two equal
+    /// limits: adding the same limit with two or more variables (`key` and `model`, `key` and
+    /// `period`) on every request stored it once per order, and each copy counted every hit
+    /// (seen: 6,000 counted for 3,000 tokens).
+    fn register(&self, limit: Limit) {
+        let id = identity(&limit);
+        let mut registered = self.registered.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if registered.insert(id) {
+            self.limiter.add_limit(limit);
+        }
+    }
+
     async fn should_rate_limit(&self, req: RateLimitRequest) -> Result<RateLimitResponse, tonic::Status> {
         if req.domain.is_empty() {
             return Err(tonic::Status::invalid_argument("domain is required"));
@@ -127,7 +151,7 @@ impl Rls {
                 continue;
             };
             let (max, unit) = (limit.max_value(), d.limit.as_ref().map_or(0, |o| o.unit));
-            self.limiter.add_limit(limit);
+            self.register(limit);
             let values: HashMap<String, String> = d.entries.iter().map(|e| (e.key.clone(), e.value.clone())).collect();
             let namespace = req.domain.as_str().into();
             let unavailable = |e: limitador::errors::LimitadorError| tonic::Status::unavailable(e.to_string());
@@ -248,6 +272,7 @@ async fn main() {
     let rls = Rls {
         limiter: Arc::new(AsyncRateLimiter::new_with_storage(Box::new(storage))),
         locks: Arc::new((0..LOCKS).map(|_| tokio::sync::Mutex::new(())).collect()),
+        registered: Arc::new(std::sync::Mutex::new(HashSet::new())),
     };
     let listener = match tokio::net::TcpListener::bind(&args.listen).await {
         Ok(l) => l,
@@ -327,6 +352,17 @@ mod tests {
         );
         let ok = RateLimitResponse { overall_code: OK, statuses: vec![] };
         assert_eq!(filter::decode_response(&ok.encode_to_vec()).unwrap().overall, filter::Code::Ok);
+    }
+
+    #[test]
+    fn equal_limits_have_one_identity_whatever_their_sets_order() {
+        let d = descriptor(&[("rule", "r"), ("key", "k"), ("model", "m"), ("period", "2026-11-01")], Some((9, 6)));
+        let first = identity(&Rls::limit("llm", &d).unwrap().unwrap());
+        for _ in 0..50 {
+            assert_eq!(identity(&Rls::limit("llm", &d).unwrap().unwrap()), first);
+        }
+        let other = descriptor(&[("rule", "r"), ("key", "k")], Some((9, 6)));
+        assert_ne!(identity(&Rls::limit("llm", &other).unwrap().unwrap()), first);
     }
 
     #[test]
