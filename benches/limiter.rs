@@ -159,7 +159,7 @@ mod native {
             b.iter(|| match enforce::check(&host, &config, black_box(facts), &mut admitted).0 {
                 Verdict::Admit(r) => {
                     let price = config.pricing.resolve(Some("gpt-4o-mini"), None);
-                    enforce::release(&host, price, &r, Some(&usage), false)
+                    enforce::release(&host, &config, price, &r, Some(&usage), false)
                 }
                 Verdict::Reject(r) => panic!("rejected: {r:?}"),
             })

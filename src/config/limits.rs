@@ -141,6 +141,25 @@ impl Rule {
         self.key == KeySource::Global && !self.per_model
     }
 
+    /// A count of this rule's unit (requests, tokens, pico-USD) as `llm_ratelimit_used` and
+    /// `llm_ratelimit_limit` show it: micro-USD for USD rules, else the count.
+    pub fn gauge_value(&self, amount: u64) -> u64 {
+        match self.limit {
+            Limit::Usd { .. } => amount / 1_000_000,
+            _ => amount,
+        }
+    }
+
+    /// The limit in the rule's unit as it is enforced: a global USD budget counts whole cost
+    /// units, so its limit is those units' worth.
+    pub fn enforced_max(&self) -> u64 {
+        match (self.limit, &self.global) {
+            (Limit::Usd { .. }, Some(g)) => u64::from(g.max_hits).saturating_mul(g.cost_unit_pico),
+            (Limit::Usd { max_pico, .. }, None) => max_pico,
+            (Limit::Requests { max, .. } | Limit::Tokens { max, .. } | Limit::Concurrent { max }, _) => max,
+        }
+    }
+
     /// The count at which a bucket of this rule limited to `max` crosses `warn_at` (at least 1).
     pub fn warn_threshold(&self, max: u64) -> Option<u64> {
         let ppm = u128::from(self.warn_at_ppm?);

@@ -124,9 +124,9 @@ pub struct Exchange {
     global_charges: Vec<global::Charge>,
     /// Rate limit service calls awaited before the request is forwarded: (token, charge index).
     global_pending: Vec<(u32, usize)>,
-    /// What the rate limit service said of admitted global rules: `x-ratelimit-*` per family
-    /// with (remaining, limit) to pick the tighter, and the rules at their `warn_at`.
-    global_seen: Vec<global::Seen>,
+    /// What the rate limit service said of admitted global rules: their `x-ratelimit-*`
+    /// families, and the rules at their `warn_at`.
+    global_shown: Vec<enforce::Shown>,
     global_warned: Vec<String>,
     /// Skips found while checking limits.
     limit_skips: Skips,
@@ -336,13 +336,12 @@ impl Exchange {
         let content_length = header_value(&self.limit_headers, "content-length").and_then(parse_u64).unwrap_or(0);
         let max_output = self.request.max_output_tokens();
         // A request that does not say its output reserves its model's average (one read).
-        let output_average = match max_output {
-            None if worker.config.limits.reserves_output() => {
-                let label = worker.model_label(host, self.request_model());
-                estimate::read(&*host, &estimate::key(&worker.config.metrics.prefix, &label))
-            }
-            _ => None,
-        };
+        let mut label = None;
+        let mut output_average = None;
+        if max_output.is_none() && worker.config.limits.reserves_output() {
+            let l = label.insert(worker.model_label(host, self.request_model()));
+            output_average = estimate::read(&*host, &estimate::key(&worker.config.metrics.prefix, l));
+        }
         let facts = RequestFacts {
             model: self.request_model(),
             body_bytes: content_length.max(self.request.bytes()),
@@ -359,7 +358,10 @@ impl Exchange {
             worker.limiter_failed(host);
         }
         if !(notes.shadow_rejected.is_empty() && notes.crossed.is_empty() && notes.used.is_empty()) {
-            let label = worker.model_label(host, self.request_model());
+            let label = match label {
+                Some(label) => label,
+                None => worker.model_label(host, self.request_model()),
+            };
             worker.note_limits(host, &label, &notes.shadow_rejected, &notes.crossed, &notes.used);
         }
         match verdict {
@@ -454,13 +456,13 @@ impl Exchange {
                 global::seen(&worker.config, rule, charge.key(), charge.hits, s, now_ms, charge.window_end_ms())
             });
             if let Some(seen) = seen {
-                worker.note_global(host, rule, &seen);
+                worker.note_global(host, rule, &seen, now_ms);
                 let enforced = worker.config.limits.rules.get(rule).filter(|r| !r.shadow);
                 if let Some(r) = enforced {
                     if seen.warned {
                         self.global_warned.push(r.name.clone());
                     }
-                    self.global_seen.push(seen);
+                    self.global_shown.extend(seen.shown);
                 }
             }
         }
@@ -614,46 +616,16 @@ impl Exchange {
         worker.sync_memory(host);
     }
 
-    /// The `x-ratelimit-*` headers of an admitted request: the local rules' and the global
-    /// rules' (per family, the rule with the smallest share left), and `x-ratelimit-warning`
-    /// naming every rule at or above its `warn_at`.
+    /// The `x-ratelimit-*` headers of an admitted request, local and global rules together (see
+    /// [`enforce::response_headers`]).
     fn limit_response_headers(&self) -> Vec<(String, String)> {
-        let local = self.reservation.as_ref().map_or(&[][..], |r| r.headers.as_slice());
-        if self.global_seen.is_empty() {
-            return local.to_vec();
-        }
-        let mut out: Vec<(String, String)> = Vec::new();
-        let mut warned: Vec<&str> = Vec::new();
-        for (name, value) in local {
-            if name == "x-ratelimit-warning" {
-                warned.extend(value.split(", "));
-            } else {
-                out.push((name.clone(), value.clone()));
-            }
-        }
-        for family in ["requests", "tokens", "usd"] {
-            let remaining = format!("x-ratelimit-remaining-{family}");
-            let limit = format!("x-ratelimit-limit-{family}");
-            let seen =
-                self.global_seen.iter().filter(|s| s.headers.iter().any(|(n, _)| *n == remaining)).min_by(|a, b| {
-                    (u128::from(a.ratio.0) * u128::from(b.ratio.1))
-                        .cmp(&(u128::from(b.ratio.0) * u128::from(a.ratio.1)))
-                });
-            let Some(seen) = seen else { continue };
-            // The local rule of the family, as remaining/limit, if there is one.
-            let value = |name: &str| out.iter().find(|(n, _)| n == name).and_then(|(_, v)| v.parse::<f64>().ok());
-            let local_share = value(&remaining).zip(value(&limit)).map(|(r, l)| r / l.max(f64::MIN_POSITIVE));
-            let global_share = seen.ratio.0 as f64 / (seen.ratio.1.max(1)) as f64;
-            if local_share.is_none_or(|l| global_share < l) {
-                out.retain(|(n, _)| !n.ends_with(&format!("-{family}")));
-                out.extend(seen.headers.iter().cloned());
-            }
-        }
+        let (mut shown, mut warned): (Vec<&enforce::Shown>, Vec<&str>) = match &self.reservation {
+            Some(r) => (r.shown.iter().collect(), r.warned.iter().map(String::as_str).collect()),
+            None => (Vec::new(), Vec::new()),
+        };
+        shown.extend(self.global_shown.iter());
         warned.extend(self.global_warned.iter().map(String::as_str));
-        if !warned.is_empty() {
-            out.push(("x-ratelimit-warning".into(), warned.join(", ")));
-        }
-        out
+        enforce::response_headers(&shown, &warned)
     }
 
     /// A response body chunk: scanned for usage. Passed on untouched, except that a usage chunk
@@ -750,6 +722,7 @@ impl Exchange {
             let failed = error != ErrorType::None;
             let released = enforce::release(
                 &Limits(&*host, &self.limit_headers),
+                &worker.config,
                 price.as_ref(),
                 &reservation,
                 usage.as_ref(),

@@ -247,7 +247,7 @@ impl Worker {
                 continue;
             }
             if let Some(id) = host.define_metric(MetricKind::Gauge, &self.name(Metric::RatelimitLimit, &[&rule.name])) {
-                host.metric_record(id, exported_limit(rule));
+                host.metric_record(id, rule.gauge_value(rule.enforced_max()));
             }
             let used = host.define_metric(MetricKind::Gauge, &self.name(Metric::RatelimitUsed, &[&rule.name]));
             shown.push(used.map(|id| UseShown { id, value: 0, window_end_ms: 0 }));
@@ -261,12 +261,11 @@ impl Worker {
         self.has_global_limits() || self.config.limits.rules.iter().any(crate::config::Rule::exports_use)
     }
 
-    /// Shows what a rule keyed `global` has used (`ratelimit_used`), when it changed.
-    pub(crate) fn show_use<H: Host>(&mut self, host: &mut H, rule: usize, used: u64) {
-        let now_ms = host.now_nanos() / 1_000_000;
-        let end = self.config.limits.rules.get(rule).and_then(|r| r.period()).map_or(0, |p| p.at(now_ms).end_ms);
+    /// Shows what a rule keyed `global` has used (`ratelimit_used`) in the window that ends at
+    /// `window_end_ms`, when it changed.
+    pub(crate) fn show_use<H: Host>(&mut self, host: &mut H, rule: usize, used: u64, window_end_ms: u64) {
         let Some(Some(shown)) = self.use_shown.get_mut(rule) else { return };
-        shown.window_end_ms = end;
+        shown.window_end_ms = window_end_ms;
         if shown.value != used {
             shown.value = used;
             host.metric_record(shown.id, used);
@@ -284,7 +283,9 @@ impl Worker {
                 continue;
             }
             let used = enforce::global_use(&*host, &self.config, i, now_ms).unwrap_or(0);
-            self.show_use(host, i, used);
+            let Some(rule) = self.config.limits.rules.get(i) else { continue };
+            let (used, end) = (rule.gauge_value(used), rule.period().map_or(0, |p| p.at(now_ms).end_ms));
+            self.show_use(host, i, used, end);
         }
     }
 
@@ -296,7 +297,7 @@ impl Worker {
         model_label: &str,
         shadow: &[String],
         crossed: &[enforce::Crossing],
-        used: &[(usize, u64)],
+        used: &[(usize, u64, u64)],
     ) {
         for rule in shadow {
             self.count_rejection(host, model_label, rule, true);
@@ -304,9 +305,9 @@ impl Worker {
         for c in crossed {
             self.count_warning(host, c);
         }
-        for &(rule, value) in used {
-            let value = self.config.limits.rules.get(rule).map_or(value, |r| exported_use(r, value));
-            self.show_use(host, rule, value);
+        for &(rule, value, end) in used {
+            let value = self.config.limits.rules.get(rule).map_or(value, |r| r.gauge_value(value));
+            self.show_use(host, rule, value, end);
         }
     }
 
@@ -321,10 +322,9 @@ impl Worker {
     pub(crate) fn count_warning<H: Host>(&self, host: &mut H, c: &enforce::Crossing) {
         let Some(rule) = self.config.limits.rules.get(c.rule) else { return };
         host.counter_add(&self.name(Metric::RatelimitWarningsTotal, &[&rule.name]), 1);
-        let (used, max) = match rule.limit {
-            crate::config::Limit::Usd { .. } => (format!("{} USD", enforce::usd(c.used)), enforce::usd(c.max)),
-            _ => (c.used.to_string(), c.max.to_string()),
-        };
+        let unit = if matches!(rule.limit, crate::config::Limit::Usd { .. }) { " USD" } else { "" };
+        let (used, max) =
+            (format!("{}{unit}", enforce::amount(&rule.limit, c.used)), enforce::amount(&rule.limit, c.max));
         host.log_warn(&format!(
             "llm-meter: rule '{}' key {} passed its warning threshold: {used} of {max} used in this window",
             rule.name, c.key
@@ -415,15 +415,16 @@ impl Worker {
         let now_ms = host.now_nanos() / 1_000_000;
         let Some(status) = response.statuses.first() else { return };
         let Some(seen) = global::seen(&self.config, rule, &call.key, hits, status, now_ms, None) else { return };
-        self.note_global(host, rule, &seen);
+        self.note_global(host, rule, &seen, now_ms);
     }
 
-    /// What a rate limit service said of a global rule: its use (rules keyed `global`) and a
-    /// `warn_at` crossing.
-    pub(crate) fn note_global<H: Host>(&mut self, host: &mut H, rule: usize, seen: &global::Seen) {
+    /// What a rate limit service said at `now_ms` of a global rule: its use (rules keyed
+    /// `global`) and a `warn_at` crossing.
+    pub(crate) fn note_global<H: Host>(&mut self, host: &mut H, rule: usize, seen: &global::Seen, now_ms: u64) {
         let Some(r) = self.config.limits.rules.get(rule) else { return };
         if r.exports_use() {
-            self.show_use(host, rule, seen.used);
+            let (used, end) = (r.gauge_value(seen.amounts.0), r.period().map_or(0, |p| p.at(now_ms).end_ms));
+            self.show_use(host, rule, used, end);
         }
         if seen.crossed {
             let (used, max) = seen.amounts;
@@ -616,26 +617,5 @@ impl Worker {
                 }
             }
         }
-    }
-}
-
-/// A rule's limit as `ratelimit_limit` shows it: requests, tokens, or micro-USD.
-fn exported_limit(rule: &crate::config::Rule) -> u64 {
-    match rule.limit {
-        crate::config::Limit::Requests { max, .. } | crate::config::Limit::Tokens { max, .. } => max,
-        crate::config::Limit::Usd { max_pico, .. } => match &rule.global {
-            // A global budget counts whole cost units.
-            Some(g) => u64::from(g.max_hits).saturating_mul(g.cost_unit_pico) / 1_000_000,
-            None => max_pico / 1_000_000,
-        },
-        crate::config::Limit::Concurrent { max } => max,
-    }
-}
-
-/// A local bucket's count as `ratelimit_used` shows it (pico-USD become micro-USD).
-fn exported_use(rule: &crate::config::Rule, used: u64) -> u64 {
-    match rule.limit {
-        crate::config::Limit::Usd { .. } => used / 1_000_000,
-        _ => used,
     }
 }

@@ -59,8 +59,9 @@ pub struct Notes {
     pub shadow_rejected: Vec<String>,
     /// Buckets that crossed their rule's `warn_at`: (rule index, bucket id, used, limit).
     pub crossed: Vec<Crossing>,
-    /// Rules keyed `global` and what their bucket has used now (`llm_ratelimit_used`).
-    pub used: Vec<(usize, u64)>,
+    /// Rules keyed `global`, what their bucket has used now (`llm_ratelimit_used`, in the
+    /// rule's unit) and when its window ends (ms).
+    pub used: Vec<(usize, u64, u64)>,
 }
 
 /// A bucket that crossed its rule's `warn_at`.
@@ -82,10 +83,71 @@ pub struct Reservation {
     held: Vec<Held>,
     /// Token type of each held token bucket (`None` for other kinds), parallel to `held`.
     meters: Vec<Meter>,
-    /// Response headers to add (`x-ratelimit-*`, `x-ratelimit-warning`).
+    /// The `x-ratelimit-*` family of each enforced rule that has one.
+    pub shown: Vec<Shown>,
+    /// The enforced rules whose bucket is at or above its `warn_at`.
+    pub warned: Vec<String>,
+}
+
+impl Reservation {
+    /// The response headers of the local rules alone (see [`response_headers`]).
+    pub fn headers(&self) -> Vec<(String, String)> {
+        let warned: Vec<&str> = self.warned.iter().map(String::as_str).collect();
+        response_headers(&self.shown.iter().collect::<Vec<_>>(), &warned)
+    }
+}
+
+/// One rule's `x-ratelimit-{limit,remaining,reset}-<family>`, with its remaining and limit (in
+/// the rule's unit) to find the rule of a family with the smallest share left.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shown {
+    /// `requests`, `tokens` or `usd`.
+    pub family: &'static str,
+    pub remaining: u64,
+    pub max: u64,
     pub headers: Vec<(String, String)>,
-    /// Rules of `held` whose use is exported (keyed `global`).
-    exported: Vec<usize>,
+}
+
+impl Shown {
+    /// `rule`'s family headers (`None` for `max_concurrent`); `max` and `remaining` in the rule's
+    /// unit (pico-USD for USD rules, shown in USD).
+    pub fn of(rule: &Rule, max: u64, remaining: u64, reset_ms: u64) -> Option<Shown> {
+        let f = family(&rule.limit)?;
+        let headers = vec![
+            (format!("x-ratelimit-limit-{f}"), amount(&rule.limit, max)),
+            (format!("x-ratelimit-remaining-{f}"), amount(&rule.limit, remaining)),
+            (format!("x-ratelimit-reset-{f}"), duration(reset_ms)),
+        ];
+        Some(Shown { family: f, remaining, max, headers })
+    }
+
+    /// True when `self` has a smaller share of its limit left than `other` (remaining/max,
+    /// compared without floats).
+    fn tighter_than(&self, other: &Shown) -> bool {
+        u128::from(self.remaining) * u128::from(other.max) < u128::from(other.remaining) * u128::from(self.max)
+    }
+}
+
+/// The `x-ratelimit-*` headers of an admitted request: per family, the rule (local or global)
+/// with the smallest share left; and `x-ratelimit-warning` naming every rule at or above its
+/// `warn_at`.
+pub fn response_headers(shown: &[&Shown], warned: &[&str]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for f in ["requests", "tokens", "usd"] {
+        let mut tightest: Option<&Shown> = None;
+        for s in shown.iter().copied().filter(|s| s.family == f) {
+            if tightest.is_none_or(|t| s.tighter_than(t)) {
+                tightest = Some(s);
+            }
+        }
+        if let Some(s) = tightest {
+            out.extend(s.headers.iter().cloned());
+        }
+    }
+    if !warned.is_empty() {
+        out.push(("x-ratelimit-warning".into(), warned.join(", ")));
+    }
+    out
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -226,10 +288,9 @@ pub fn check<H: LimitHost>(
                     Acquire::Failed { .. } => notes.failures += 1,
                 }
             }
-            observe(config, &held, &mut notes);
-            let headers = admitted_headers(config, &held);
-            let exported = notes.used.iter().map(|(rule, _)| *rule).collect();
-            (Verdict::Admit(Reservation { held, meters, headers, exported }), notes)
+            observe(config, &held, now, &mut notes);
+            let (shown, warned) = admitted_headers(config, &held);
+            (Verdict::Admit(Reservation { held, meters, shown, warned }), notes)
         }
         Acquire::Rejected { charge, remaining, reset_ms } => match limits.rules.get(charge.rule) {
             Some(rule) => {
@@ -265,8 +326,9 @@ pub fn usage_estimate(config: &Config, facts: &RequestFacts<'_>) -> Usage {
     Usage { input: estimate_input(config, facts.body_bytes), output, ..Usage::default() }
 }
 
-/// Notes what the held charges show: `warn_at` crossings and the use of rules keyed `global`.
-fn observe(config: &Config, held: &[Held], notes: &mut Notes) {
+/// Notes what the held charges show at `now`: `warn_at` crossings and the use of rules keyed
+/// `global`.
+fn observe(config: &Config, held: &[Held], now: u64, notes: &mut Notes) {
     for h in held {
         if h.crossed {
             notes.crossed.push(Crossing {
@@ -277,7 +339,7 @@ fn observe(config: &Config, held: &[Held], notes: &mut Notes) {
             });
         }
         if config.limits.rules.get(h.charge.rule).is_some_and(Rule::exports_use) {
-            notes.used.push((h.charge.rule, h.used));
+            notes.used.push((h.charge.rule, h.used, now.saturating_add(h.reset_ms)));
         }
     }
 }
@@ -289,10 +351,9 @@ fn bucket_id(key: &str) -> String {
     tail.chars().take(16).collect()
 }
 
-/// What the bucket of rule `rule` (keyed `global`) has used in the window at `now_ms`, as
-/// `ratelimit_used` shows it (micro-USD for USD rules): a local bucket is read (one shared-data
-/// read; a window that starts with debt shows it), a rate limit service's counter starts anew
-/// (0).
+/// What the bucket of rule `rule` (keyed `global`) has used in the window at `now_ms`, in the
+/// rule's unit: a local bucket is read (one shared-data read; a window that starts with debt
+/// shows it), a rate limit service's counter starts anew (0).
 pub fn global_use<S: SharedStore + ?Sized>(store: &S, config: &Config, rule: usize, now_ms: u64) -> Option<u64> {
     let r = config.limits.rules.get(rule)?;
     if r.global.is_some() {
@@ -305,8 +366,7 @@ pub fn global_use<S: SharedStore + ?Sized>(store: &S, config: &Config, rule: usi
         Limit::Usd { max_pico, .. } => (max_pico, BucketKind::Metered { period }),
         Limit::Concurrent { .. } => return None,
     };
-    let used = Limiter::used(store, &global_bucket(&rule_base(config, r)), now_ms, kind, max)?;
-    Some(if matches!(r.limit, Limit::Usd { .. }) { used / 1_000_000 } else { used })
+    Limiter::used(store, &global_bucket(&rule_base(config, r)), now_ms, kind, max)
 }
 
 /// The shared-data key prefix of a rule's buckets.
@@ -362,8 +422,9 @@ pub struct Released {
     pub unpriced: bool,
     /// Buckets the real usage took across their `warn_at`.
     pub crossed: Vec<Crossing>,
-    /// Rules keyed `global` whose bucket changed, and their use now.
-    pub used: Vec<(usize, u64)>,
+    /// Rules keyed `global` whose bucket changed, their use now and when the window ends (as
+    /// [`Notes::used`]).
+    pub used: Vec<(usize, u64, u64)>,
 }
 
 /// Releases a reservation when the exchange ends. `price`: the exchange's price as
@@ -372,6 +433,7 @@ pub struct Released {
 /// reset, client gone), so an unreported usage is taken as none.
 pub fn release<H: LimitHost>(
     host: &H,
+    config: &Config,
     price: Option<&Price>,
     r: &Reservation,
     usage: Option<&Usage>,
@@ -400,19 +462,16 @@ pub fn release<H: LimitHost>(
                         max: held.charge.max,
                     });
                 }
-                if let Some(used) = settled.used.filter(|_| config_exports(r, held)) {
-                    out.used.push((held.charge.rule, used));
+                let exported = config.limits.rules.get(held.charge.rule).filter(|r| r.exports_use());
+                if let (Some(used), Some(rule)) = (settled.used, exported) {
+                    let end = rule.period().map_or(0, |p| p.at(now).end_ms);
+                    out.used.push((held.charge.rule, used, end));
                 }
             }
             Err(_) => out.failures += 1,
         }
     }
     out
-}
-
-/// True when the reservation's charge `held` is of a rule keyed `global` (noted at admission).
-fn config_exports(r: &Reservation, held: &Held) -> bool {
-    r.exported.contains(&held.charge.rule)
 }
 
 /// Gives every local charge of an admitted request back (requests, tokens, USD, concurrency),
@@ -530,7 +589,7 @@ fn family(limit: &Limit) -> Option<&'static str> {
 
 /// A count of `limit`'s unit as a header or message shows it: USD (from pico-USD) as a decimal
 /// amount, to the micro-USD (`4.9991`), anything else as the integer.
-fn amount(limit: &Limit, v: u64) -> String {
+pub(crate) fn amount(limit: &Limit, v: u64) -> String {
     match limit {
         Limit::Usd { .. } => usd(v),
         _ => v.to_string(),
@@ -538,7 +597,7 @@ fn amount(limit: &Limit, v: u64) -> String {
 }
 
 /// Pico-USD as a decimal USD amount, rounded down to the micro-USD: `5`, `0.0012`.
-pub fn usd(pico: u64) -> String {
+fn usd(pico: u64) -> String {
     let micro = pico / 1_000_000;
     let (whole, frac) = (micro / 1_000_000, micro % 1_000_000);
     if frac == 0 {
@@ -590,7 +649,7 @@ pub(crate) fn too_many(
     what: &str,
 ) -> Rejection {
     let mut headers = vec![json_header(), ("retry-after".into(), retry_after.to_string())];
-    headers.extend(family_headers(rule, max, remaining, reset_ms));
+    headers.extend(Shown::of(rule, max, remaining, reset_ms).map(|s| s.headers).unwrap_or_default());
     let message =
         format!("Rate limit '{}' reached ({}): {what}. Retry after {retry_after} s.", rule.name, describe(&rule.limit));
     Rejection {
@@ -601,47 +660,16 @@ pub(crate) fn too_many(
     }
 }
 
-/// A rule's `x-ratelimit-{limit,remaining,reset}-<family>` (none for `max_concurrent`); `max`
-/// and `remaining` in the rule's unit (pico-USD for USD rules, shown in USD).
-pub(crate) fn family_headers(rule: &Rule, max: u64, remaining: u64, reset_ms: u64) -> Vec<(String, String)> {
-    let Some(f) = family(&rule.limit) else { return Vec::new() };
-    vec![
-        (format!("x-ratelimit-limit-{f}"), amount(&rule.limit, max)),
-        (format!("x-ratelimit-remaining-{f}"), amount(&rule.limit, remaining)),
-        (format!("x-ratelimit-reset-{f}"), duration(reset_ms)),
-    ]
-}
-
-/// `x-ratelimit-*` for an admitted request: per family, the rule closest to its limit (shadow
-/// rules change nothing a client sees); and `x-ratelimit-warning` naming every rule whose bucket
-/// is at or above its `warn_at`.
-fn admitted_headers(config: &Config, held: &[Held]) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let enforced = |h: &&Held| config.limits.rules.get(h.charge.rule).is_some_and(|r| !r.shadow);
-    for f in ["requests", "tokens", "usd"] {
-        let closest = held
-            .iter()
-            .filter(enforced)
-            .filter(|h| config.limits.rules.get(h.charge.rule).and_then(|r| family(&r.limit)) == Some(f))
-            .min_by(|a, b| {
-                // remaining/max, compared without floats: a.rem * b.max vs b.rem * a.max.
-                (u128::from(a.remaining) * u128::from(b.charge.max))
-                    .cmp(&(u128::from(b.remaining) * u128::from(a.charge.max)))
-            });
-        if let Some((h, rule)) = closest.and_then(|h| Some((h, config.limits.rules.get(h.charge.rule)?))) {
-            out.extend(family_headers(rule, h.charge.max, h.remaining, h.reset_ms));
-        }
-    }
-    let warned: Vec<&str> = held
-        .iter()
-        .filter(enforced)
-        .filter(|h| h.charge.warn.is_some_and(|t| h.used >= t))
-        .filter_map(|h| config.limits.rules.get(h.charge.rule).map(|r| r.name.as_str()))
-        .collect();
-    if !warned.is_empty() {
-        out.push(("x-ratelimit-warning".into(), warned.join(", ")));
-    }
-    out
+/// What an admitted request's held charges show a client: the `x-ratelimit-*` family of each
+/// enforced rule that has one, and the enforced rules at or above their `warn_at` (shadow rules
+/// change nothing a client sees).
+fn admitted_headers(config: &Config, held: &[Held]) -> (Vec<Shown>, Vec<String>) {
+    let enforced =
+        || held.iter().filter_map(|h| Some((h, config.limits.rules.get(h.charge.rule).filter(|r| !r.shadow)?)));
+    let shown = enforced().filter_map(|(h, r)| Shown::of(r, h.charge.max, h.remaining, h.reset_ms)).collect();
+    let warned =
+        enforced().filter(|(h, _)| h.charge.warn.is_some_and(|t| h.used >= t)).map(|(_, r)| r.name.clone()).collect();
+    (shown, warned)
 }
 
 /// A duration as OpenAI writes it in `x-ratelimit-reset-*`: `20ms`, `59s`, `6m0s`, `1h0m0s`.
@@ -733,9 +761,9 @@ mod tests {
         let mut h = H { now: 60_000 * 100 + 12_500, ..H::default() };
         h.headers.insert("authorization".into(), b"Bearer sk-secret-1".to_vec());
         let r = admit(check(&h, &c, facts("m", 100, None)));
-        assert_eq!(header(&r.headers, "x-ratelimit-remaining-requests"), Some("1"));
-        assert_eq!(header(&r.headers, "x-ratelimit-limit-requests"), Some("2"));
-        assert_eq!(header(&r.headers, "x-ratelimit-reset-requests"), Some("48s"));
+        assert_eq!(header(&r.headers(), "x-ratelimit-remaining-requests"), Some("1"));
+        assert_eq!(header(&r.headers(), "x-ratelimit-limit-requests"), Some("2"));
+        assert_eq!(header(&r.headers(), "x-ratelimit-reset-requests"), Some("48s"));
         admit(check(&h, &c, facts("m", 100, None)));
         let rej = reject(check(&h, &c, facts("m", 100, None)));
         assert_eq!((rej.status, rej.rule.as_str()), (429, "per-key"));
@@ -765,26 +793,26 @@ mod tests {
         let h = H::default();
         // 400 bytes -> 100 input tokens; max_tokens 2000 capped at 500.
         let r = admit(check(&h, &c, facts("m", 400, Some(2000))));
-        assert_eq!(header(&r.headers, "x-ratelimit-remaining-tokens"), Some("400"));
+        assert_eq!(header(&r.headers(), "x-ratelimit-remaining-tokens"), Some("400"));
         // 600 reserved: a second identical request does not fit.
         let rej = reject(check(&h, &c, facts("m", 400, Some(2000))));
         assert_eq!(header(&rej.headers, "x-ratelimit-remaining-tokens"), Some("400"));
         // Real usage 150: 450 given back (the rule keyed `global` shows its use).
         let used = Usage { input: 100, output: 50, ..Usage::default() };
-        let released = release(&h, c.pricing.get("m"), &r, Some(&used), false);
-        assert_eq!(released, Released { used: vec![(0, 150)], ..Released::default() });
+        let released = release(&h, &c, c.pricing.get("m"), &r, Some(&used), false);
+        assert_eq!(released, Released { used: vec![(0, 150, 60_000)], ..Released::default() });
         let r2 = admit(check(&h, &c, facts("m", 400, Some(2000))));
-        assert_eq!(header(&r2.headers, "x-ratelimit-remaining-tokens"), Some("250"));
+        assert_eq!(header(&r2.headers(), "x-ratelimit-remaining-tokens"), Some("250"));
         // A failed request without usage releases its reservation.
-        assert_eq!(release(&h, None, &r2, None, true).failures, 0);
+        assert_eq!(release(&h, &c, None, &r2, None, true).failures, 0);
         // Without max_tokens: the model's average output is reserved (here 40)...
         let avg = RequestFacts { output_average: Some(40), ..facts("m", 0, None) };
         let r3 = admit(check(&h, &c, avg));
-        assert_eq!(header(&r3.headers, "x-ratelimit-remaining-tokens"), Some("810"));
-        release(&h, None, &r3, None, true);
+        assert_eq!(header(&r3.headers(), "x-ratelimit-remaining-tokens"), Some("810"));
+        release(&h, &c, None, &r3, None, true);
         // ...and before any response of the model was seen, the cap (500).
         let r4 = admit(check(&h, &c, facts("m", 0, None)));
-        assert_eq!(header(&r4.headers, "x-ratelimit-remaining-tokens"), Some("350"));
+        assert_eq!(header(&r4.headers(), "x-ratelimit-remaining-tokens"), Some("350"));
         // That guess lasts until a response completes: a request it turns away may retry in 1 s;
         // one turned away by a known average waits for the window.
         let rej = reject(check(&h, &c, facts("m", 400, None)));
@@ -803,8 +831,8 @@ mod tests {
         let h = H::default();
         // 1 mUSD per input token: 8 bytes = 2 tokens = 2 mUSD (output is free here).
         let r = admit(check(&h, &c, facts("m", 8, None)));
-        assert_eq!(header(&r.headers, "x-ratelimit-limit-usd"), Some("0.003"));
-        assert_eq!(header(&r.headers, "x-ratelimit-remaining-usd"), Some("0.001"));
+        assert_eq!(header(&r.headers(), "x-ratelimit-limit-usd"), Some("0.003"));
+        assert_eq!(header(&r.headers(), "x-ratelimit-remaining-usd"), Some("0.001"));
         let rej = reject(check(&h, &c, RequestFacts { output_average: Some(0), ..facts("m", 8, None) }));
         assert!(rej.body.contains("0.003 USD per day"), "{}", rej.body);
         assert!(rej.body.contains("0.001 left in this window, this request needs 0.002"), "{}", rej.body);
@@ -813,8 +841,11 @@ mod tests {
         let (v, _) = check(&h, &c, facts("free", 8000, None));
         let Verdict::Admit(free) = v else { panic!("rejected") };
         let used = Usage { input: 1, ..Usage::default() };
-        assert_eq!(release(&h, None, &free, Some(&used), false), Released { unpriced: true, ..Released::default() });
-        assert!(release(&h, None, &r, Some(&used), false).unpriced);
+        assert_eq!(
+            release(&h, &c, None, &free, Some(&used), false),
+            Released { unpriced: true, ..Released::default() }
+        );
+        assert!(release(&h, &c, None, &r, Some(&used), false).unpriced);
     }
 
     #[test]
@@ -830,7 +861,7 @@ mod tests {
         assert!(price.is_some(), "resolved through the response model");
         // 3 input + 2 output tokens at 1 mUSD each: 5 mUSD of the 10 charged.
         let used = Usage { input: 3, output: 2, ..Usage::default() };
-        assert_eq!(release(&h, price, &r, Some(&used), false).used, vec![(0, 5_000_000_000)]);
+        assert_eq!(release(&h, &c, price, &r, Some(&used), false).used, vec![(0, 5_000_000_000, 86_400_000)]);
         // 5 mUSD left: a request estimated at 6 does not fit, one at 5 does.
         let no_output = |bytes| RequestFacts { output_average: Some(0), ..facts("gpt-4o-2024-08-06", bytes, None) };
         let rej = reject(check(&h, &c, no_output(24)));
@@ -859,8 +890,8 @@ mod tests {
         }
         // So the next request sees the full limits.
         let r = admit(check(&h, &c, facts("m", 400, Some(100))));
-        assert_eq!(header(&r.headers, "x-ratelimit-remaining-requests"), Some("9"));
-        assert_eq!(header(&r.headers, "x-ratelimit-remaining-tokens"), Some("800"));
+        assert_eq!(header(&r.headers(), "x-ratelimit-remaining-requests"), Some("9"));
+        assert_eq!(header(&r.headers(), "x-ratelimit-remaining-tokens"), Some("800"));
     }
 
     #[test]
@@ -878,7 +909,7 @@ mod tests {
             crossings += notes.crossed.len();
             // From the 8th request on (8 of 10), every response says so; rpm never does.
             let want = (i >= 8).then_some("daily");
-            assert_eq!(header(&r.headers, "x-ratelimit-warning"), want, "request {i}");
+            assert_eq!(header(&r.headers(), "x-ratelimit-warning"), want, "request {i}");
             if i == 8 {
                 let c = &notes.crossed[0];
                 assert_eq!((c.rule, c.used, c.max), (0, 8, 10));
@@ -905,21 +936,21 @@ mod tests {
         let (v, notes) = check(&h, &c, RequestFacts { output_average: Some(10), ..facts("m", 40, None) });
         let Verdict::Admit(r) = v else { panic!() };
         assert!(notes.crossed.is_empty());
-        assert_eq!(notes.used, vec![(0, 20)]);
+        assert_eq!(notes.used, vec![(0, 20, 1_001 * 86_400_000)], "used, and the end of the day");
         // The response used 1,400 tokens: the bucket crosses 500 at the end (and goes into debt).
-        let released = release(&h, None, &r, Some(&Usage { input: 400, output: 1000, ..Usage::default() }), false);
+        let released = release(&h, &c, None, &r, Some(&Usage { input: 400, output: 1000, ..Usage::default() }), false);
         assert_eq!(released.crossed.len(), 1);
-        assert_eq!(released.used, vec![(0, 1400)]);
+        assert_eq!(released.used, vec![(0, 1400, 1_001 * 86_400_000)]);
         // The next day starts with 400 of debt: below 500, no crossing yet...
         h.now += 86_400_000;
         let (_, notes) = check(&h, &c, RequestFacts { output_average: Some(10), ..facts("m", 40, None) });
-        assert_eq!((notes.crossed.len(), notes.used.clone()), (0, vec![(0, 420)]));
+        assert_eq!((notes.crossed.len(), notes.used.clone()), (0, vec![(0, 420, 1_002 * 86_400_000)]));
         // ...a day that starts above it counts the crossing with its first request.
         let c2 = config(r#"{"limits":[{"name":"tpd","key":"global","tokens_per_day":1000,"warn_at":0.3}]}"#);
         h.now += 86_400_000;
         let (v, _) = check(&h, &c2, RequestFacts { output_average: Some(0), ..facts("m", 4, None) });
         let Verdict::Admit(r) = v else { panic!() };
-        release(&h, None, &r, Some(&Usage { input: 1800, ..Usage::default() }), false);
+        release(&h, &c, None, &r, Some(&Usage { input: 1800, ..Usage::default() }), false);
         h.now += 86_400_000;
         let (_, notes) = check(&h, &c2, RequestFacts { output_average: Some(0), ..facts("m", 4, None) });
         assert_eq!(notes.crossed.len(), 1, "{notes:?}");
@@ -938,8 +969,8 @@ mod tests {
             let Verdict::Admit(r) = v else { panic!("request {i} rejected") };
             shadowed += notes.shadow_rejected.len();
             // The headers are the enforced rule's.
-            assert_eq!(header(&r.headers, "x-ratelimit-limit-requests"), Some("5"));
-            assert_eq!(header(&r.headers, "x-ratelimit-remaining-requests"), Some((4 - i).to_string().as_str()));
+            assert_eq!(header(&r.headers(), "x-ratelimit-limit-requests"), Some("5"));
+            assert_eq!(header(&r.headers(), "x-ratelimit-remaining-requests"), Some((4 - i).to_string().as_str()));
         }
         assert_eq!(shadowed, 3, "requests 3 to 5 would have been rejected");
         // The enforced rule still rejects; the shadow rule is not charged for it.
@@ -957,16 +988,16 @@ mod tests {
         let now = days_from_civil(2026, 12, 31) as u64 * 86_400_000 + 18 * 3_600_000 + 59 * 60_000 + 59_000;
         let h = H { now, ..H::default() };
         let r = admit(check(&h, &c, RequestFacts { output_average: Some(0), ..facts("m", 400, None) }));
-        assert_eq!(header(&r.headers, "x-ratelimit-reset-tokens"), Some("1s"));
-        assert_eq!(header(&r.headers, "x-ratelimit-reset-requests"), Some("5h0m1s"), "the UTC day ends later");
+        assert_eq!(header(&r.headers(), "x-ratelimit-reset-tokens"), Some("1s"));
+        assert_eq!(header(&r.headers(), "x-ratelimit-reset-requests"), Some("5h0m1s"), "the UTC day ends later");
         let rej = reject(check(&h, &c, RequestFacts { output_average: Some(0), ..facts("m", 4, None) }));
         assert_eq!(header(&rej.headers, "retry-after"), Some("1"));
         assert!(rej.body.contains("100 tokens per month"), "{}", rej.body);
         // A second later, January.
         let h = H { now: now + 1000, store: h.store, ..H::default() };
         let r = admit(check(&h, &c, RequestFacts { output_average: Some(0), ..facts("m", 4, None) }));
-        assert_eq!(header(&r.headers, "x-ratelimit-remaining-tokens"), Some("99"));
-        assert_eq!(header(&r.headers, "x-ratelimit-reset-tokens"), Some("744h0m0s"), "31 days");
+        assert_eq!(header(&r.headers(), "x-ratelimit-remaining-tokens"), Some("99"));
+        assert_eq!(header(&r.headers(), "x-ratelimit-reset-tokens"), Some("744h0m0s"), "31 days");
         assert!(h.store.data.borrow().keys().any(|k| k == "llm_meter.llm.rl.m.month+5.global"));
     }
 
@@ -997,7 +1028,7 @@ mod tests {
         let h2 = H { addr: Some(b"10.0.0.1:6000".to_vec()), store: FakeStore::default(), ..H::default() };
         h2.store.data.replace(h.store.data.borrow().clone());
         reject(check(&h2, &c, facts("m", 40, None)));
-        release(&h, None, &r, None, false);
+        release(&h, &c, None, &r, None, false);
         admit(check(&h, &c, facts("m", 40, None)));
     }
 

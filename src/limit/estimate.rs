@@ -13,7 +13,7 @@
 //! One value per model label (`max_models` bounds them, like the `model` label): `average × 256
 //! (u64 LE) ‖ responses seen (u64 LE)`, updated by compare-and-swap.
 
-use crate::meter::labels::{cas_update, SharedStore};
+use crate::meter::labels::{cas_update, decode_pair, encode_pair, SharedStore};
 
 /// Fixed-point scale of the stored average.
 const SCALE: u64 = 256;
@@ -35,17 +35,11 @@ struct State {
 }
 
 fn decode(bytes: &[u8]) -> Option<State> {
-    let scaled = u64::from_le_bytes(bytes.get(0..8)?.try_into().ok()?);
-    let seen = u64::from_le_bytes(bytes.get(8..16)?.try_into().ok()?);
-    (bytes.len() == 16).then_some(State { scaled, seen })
+    decode_pair(bytes).map(|(scaled, seen)| State { scaled, seen })
 }
 
 fn encode(s: &State) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    let (a, b) = out.split_at_mut(8);
-    a.copy_from_slice(&s.scaled.to_le_bytes());
-    b.copy_from_slice(&s.seen.to_le_bytes());
-    out
+    encode_pair(s.scaled, s.seen)
 }
 
 fn rounded(s: &State) -> u64 {

@@ -260,25 +260,21 @@ pub fn decision(result: Result<&[u8], ()>) -> Option<rls::Response> {
     rls::decode_response(result.ok()?).ok().filter(|r| r.overall != Code::Unknown)
 }
 
-/// What a global rule's answer shows: used and limit in the rule's unit as exported
-/// (`llm_ratelimit_used`: requests, tokens, micro-USD), whether `hits` took it across `warn_at`,
-/// and the `x-ratelimit-*` family headers for an admitted response.
+/// What a global rule's answer shows: used and limit in the rule's unit (requests, tokens,
+/// pico-USD), whether `hits` took it across `warn_at`, and the `x-ratelimit-*` family headers for
+/// an admitted response.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Seen {
     /// The descriptor's key (`global`, `absent` or a hash).
     pub key: String,
-    /// Used in the window, in exported units.
-    pub used: u64,
-    /// Used and limit in the rule's unit (pico-USD for USD rules), for messages.
+    /// Used and limit in the rule's unit (pico-USD for USD rules).
     pub amounts: (u64, u64),
     /// The bucket crossed `warn_at` with these hits.
     pub crossed: bool,
     /// At or above `warn_at`.
     pub warned: bool,
-    /// `x-ratelimit-{limit,remaining,reset}-<family>`, with remaining/limit to compare families.
-    pub headers: Vec<(String, String)>,
-    /// Remaining and limit in hits, to pick the tighter of two rules of a family.
-    pub ratio: (u64, u64),
+    /// The rule's `x-ratelimit-*` family for an admitted response.
+    pub shown: Option<enforce::Shown>,
 }
 
 /// Reads a status the service sent for `rule` after `hits` were added.
@@ -305,21 +301,9 @@ pub fn seen(
         Limit::Usd { .. } => v.saturating_mul(service.cost_unit_pico),
         _ => v,
     };
-    let exported = match r.limit {
-        Limit::Usd { .. } => to_unit(used) / 1_000_000,
-        _ => used,
-    };
     let reset_ms = reset_ms(status.reset_ms, window_end_ms, r, now_ms);
-    let headers = enforce::family_headers(r, to_unit(max), to_unit(remaining), reset_ms);
-    Some(Seen {
-        key: key.to_string(),
-        used: exported,
-        amounts: (to_unit(used), to_unit(max)),
-        crossed,
-        warned,
-        headers,
-        ratio: (remaining, max),
-    })
+    let shown = enforce::Shown::of(r, to_unit(max), to_unit(remaining), reset_ms);
+    Some(Seen { key: key.to_string(), amounts: (to_unit(used), to_unit(max)), crossed, warned, shown })
 }
 
 /// When a global rule's window resets: a calendar window's end (the service's own reset counts
@@ -559,12 +543,14 @@ mod tests {
         // What an answer shows: 40,000 of 50,000 units used after these 70: warn_at 0.8 crossed.
         let status = rls::decode_response(&status_answer(false, 50_000, 10_000)).unwrap().statuses[0];
         let seen = seen(&c, 0, "global", 70, &status, 0, found[0].window_end_ms()).unwrap();
-        assert_eq!((seen.used, seen.amounts), (4_000_000, (4_000_000_000_000, 5_000_000_000_000)));
+        assert_eq!(seen.amounts, (4_000_000_000_000, 5_000_000_000_000));
+        assert_eq!(c.limits.rules[0].gauge_value(seen.amounts.0), 4_000_000, "micro-USD");
         assert!(seen.crossed && seen.warned);
         let status = rls::decode_response(&status_answer(false, 50_000, 9_000)).unwrap().statuses[0];
         let later = super::seen(&c, 0, "global", 70, &status, 0, None).unwrap();
         assert!(!later.crossed && later.warned, "crossed once");
-        assert!(later.headers.contains(&("x-ratelimit-remaining-usd".to_string(), "0.9".to_string())));
+        let shown = later.shown.unwrap();
+        assert!(shown.headers.contains(&("x-ratelimit-remaining-usd".to_string(), "0.9".to_string())));
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //! distinct keys (a counter in shared data, CAS-incremented); later keys share one overflow bucket.
 
 use crate::limit::calendar::Period;
-use crate::meter::labels::{cas_update, SharedStore};
+use crate::meter::labels::{cas_update, decode_pair, encode_pair, SharedStore};
 use std::collections::HashSet;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
@@ -154,17 +154,11 @@ struct State {
 }
 
 fn decode(bytes: &[u8]) -> Option<State> {
-    let window = u64::from_le_bytes(bytes.get(0..8)?.try_into().ok()?);
-    let used = u64::from_le_bytes(bytes.get(8..16)?.try_into().ok()?);
-    (bytes.len() == 16).then_some(State { window, used })
+    decode_pair(bytes).map(|(window, used)| State { window, used })
 }
 
 fn encode(s: State) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    let (a, b) = out.split_at_mut(8);
-    a.copy_from_slice(&s.window.to_le_bytes());
-    b.copy_from_slice(&s.used.to_le_bytes());
-    out
+    encode_pair(s.window, s.used)
 }
 
 /// The limiter failed to update shared data.

@@ -93,6 +93,24 @@ pub fn cas_update<S: SharedStore + ?Sized, T: Copy, B: AsRef<[u8]>>(
     Err(CasFailed)
 }
 
+/// Decodes a shared value of two `u64` (little-endian, 16 bytes), the format of the rate-limit
+/// buckets (window, used) and the output-token averages (average, responses); `None` for any
+/// other length.
+pub fn decode_pair(bytes: &[u8]) -> Option<(u64, u64)> {
+    let a = u64::from_le_bytes(bytes.get(0..8)?.try_into().ok()?);
+    let b = u64::from_le_bytes(bytes.get(8..16)?.try_into().ok()?);
+    (bytes.len() == 16).then_some((a, b))
+}
+
+/// Encodes two `u64` as [`decode_pair`] reads them.
+pub fn encode_pair(a: u64, b: u64) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let (x, y) = out.split_at_mut(8);
+    x.copy_from_slice(&a.to_le_bytes());
+    y.copy_from_slice(&b.to_le_bytes());
+    out
+}
+
 /// [`cas_update`] failed: a value that does not decode, a store failure, or conflicts that
 /// outlasted the retries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
