@@ -216,6 +216,66 @@ fn two_envoys_admit_one_global_limit_between_them() {
 }
 
 #[test]
+fn two_envoys_spend_one_global_usd_budget_and_stop_within_one_requests_cost() {
+    // 0.1 USD a month for everyone, through both Envoys; every request costs 0.0225 USD (1,000
+    // input tokens at 2.5 USD per 1M, 2,000 output at 10) and reserves about as much.
+    const BUDGET: f64 = 0.1;
+    const COST: f64 = 0.0225;
+    let (redis, mock) = (Redis::start(), Mock::start());
+    let rls = Rls::start(&redis);
+    let config = r#"{"pricing":{"gpt-4o":{"input":2.5,"output":10}},
+        "limits":[{"name":"team-month","key":"global","usd_per_month":0.1,"warn_at":0.5,"scope":"global",
+                   "service":{"cluster":"rate_limit_service","domain":"llm","timeout_ms":10000,"failure_mode":"deny"}}]}"#;
+    let envoys = [envoy(&mock, rls.port, config), envoy(&mock, rls.port, config)];
+    let headers =
+        [("x-mock-prompt-tokens", "1000"), ("x-mock-completion-tokens", "2000"), ("x-mock-ratelimit-style", "none")];
+    let body = r#"{"model":"gpt-4o","max_tokens":2000,"messages":[{"role":"user","content":"hi"}]}"#;
+    // Alternate between the Envoys, one request at a time, each usage report landed before the
+    // next request, until one refuses.
+    let mut admitted = 0u32;
+    let refusal = loop {
+        let e = &envoys[admitted as usize % 2];
+        let (before, _) = service_calls(e);
+        let r = send(&client(), &e.url(CHAT), &headers, body);
+        if r.status == 429 {
+            break r;
+        }
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.header("x-ratelimit-limit-usd"), Some("0.1"));
+        admitted += 1;
+        assert!(admitted < 10, "a 0.1 USD budget admitted {admitted} requests of 0.0225 USD");
+        common::eventually(Duration::from_secs(10), "the usage report", || {
+            let (total, completed) = service_calls(e);
+            (total >= before + 2 && completed == total).then_some(())
+        });
+    };
+    let spent = f64::from(admitted) * COST;
+    println!("two Envoys, a {BUDGET} USD budget: {admitted} requests admitted, {spent} USD spent");
+    assert!((spent - BUDGET).abs() < COST, "spent {spent} USD of a {BUDGET} USD budget: more than one request off");
+    // The Envoy that refused says so in USD, with the rule, and resets when the month ends.
+    assert!(refusal.body.contains("\"code\":\"team-month\""), "{}", refusal.body);
+    assert!(refusal.body.contains("0.1 USD per month"), "{}", refusal.body);
+    assert_eq!(refusal.header("x-ratelimit-limit-usd"), Some("0.1"));
+    let remaining: f64 = refusal.header("x-ratelimit-remaining-usd").unwrap().parse().unwrap();
+    assert!(remaining < COST, "{remaining} USD left, yet refused");
+    assert!(refusal.header_u64("retry-after") > 0);
+    // Both Envoys served part of it, and the other one refuses too.
+    let other = &envoys[(admitted as usize + 1) % 2];
+    let r = send(&client(), &other.url(CHAT), &headers, body);
+    assert_eq!(r.status, 429, "{}", r.body);
+    for e in &envoys {
+        let m = e.metrics();
+        assert!(m.sum("llm_requests_total", &[("status", "200")]) > 0.0);
+        // The budget's use and limit in micro-USD, and the warning at half of it.
+        assert_eq!(m.value(r#"llm_ratelimit_limit{rule="team-month"}"#), Some(100_000.0));
+        assert!(m.value(r#"llm_ratelimit_used{rule="team-month"}"#).unwrap() > 50_000.0);
+        assert_eq!(m.sum("llm_ratelimit_service_errors_total", &[]), 0.0);
+    }
+    let warnings: f64 = envoys.iter().map(|e| e.metrics().sum("llm_ratelimit_warnings_total", &[])).sum();
+    assert_eq!(warnings, 1.0, "the budget crossed warn_at once, on one of the two Envoys");
+}
+
+#[test]
 fn a_global_rejection_gives_back_the_local_charges() {
     let (redis, mock) = (Redis::start(), Mock::start());
     let rls = Rls::start(&redis);

@@ -483,3 +483,27 @@ fn limits_without_holding_requests_still_admit_and_reject() {
     assert_eq!(statuses, [200, 200, 200, 429, 429], "{}", envoy.log());
     envoy.wait_value(&rejected("gpt-4o", "rpm"), 2.0);
 }
+
+/// What README says of local limits: they live in the Envoy process's shared data, so a restart
+/// starts them empty (the global form is what lasts, see tests/global.rs).
+#[test]
+fn a_local_budget_starts_empty_again_when_envoy_restarts() {
+    let mock = Mock::start();
+    let config = r#"{"pricing":{"gpt-4o":{"input":2.5,"output":10}},
+        "limits":[{"name":"month","key":"global","usd_per_month":1}]}"#;
+    let headers = [("x-mock-prompt-tokens", "1000"), ("x-mock-completion-tokens", "2000")];
+    let body = r#"{"model":"gpt-4o","max_tokens":2000,"messages":[{"role":"user","content":"hi"}]}"#;
+    let remaining = |envoy: &Envoy| -> f64 {
+        let r = post(envoy, &headers, body);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.header("x-ratelimit-remaining-usd").unwrap().parse().unwrap()
+    };
+    let envoy = Envoy::start(mock.port, config);
+    let fresh = remaining(&envoy);
+    let spent = remaining(&envoy);
+    // The first request's 0.0225 USD is spent (the second reserved as much as the first).
+    assert!((fresh - spent - 0.0225).abs() < 1e-6, "{fresh} then {spent}");
+    drop(envoy);
+    let envoy = Envoy::start(mock.port, config);
+    assert_eq!(remaining(&envoy), fresh, "after a restart the local budget is whole again");
+}
