@@ -507,3 +507,34 @@ fn a_local_budget_starts_empty_again_when_envoy_restarts() {
     let envoy = Envoy::start(mock.port, config);
     assert_eq!(remaining(&envoy), fresh, "after a restart the local budget is whole again");
 }
+
+/// Soft limits and shadow mode through the real Envoy: `x-ratelimit-warning` from the request that
+/// crosses `warn_at` on, counted once; a shadow rule rejects nothing, adds no header, and counts
+/// what it would have rejected.
+#[test]
+fn warn_at_and_shadow_mode_through_envoy() {
+    let mock = Mock::start();
+    let envoy = Envoy::start(
+        mock.port,
+        r#"{"limits":[{"name":"daily","key":"header:x-api-key","requests_per_day":100000,"warn_at":0.00004},
+                      {"name":"trial","key":"header:x-api-key","requests_per_day":2,"mode":"shadow"}]}"#,
+    );
+    let body = chat("gpt-4o");
+    // (The mock sends no rate-limit headers of its own: those in the response are the filter's.)
+    let key = [("x-api-key", "sk-soft"), ("x-mock-ratelimit-style", "none")];
+    let mut warned = Vec::new();
+    for _ in 0..6 {
+        let r = post(&envoy, &key, &body);
+        assert_eq!(r.status, 200, "a shadow rule never rejects: {}", r.body);
+        assert_eq!(r.header("x-ratelimit-limit-requests"), Some("100000"), "the enforced rule's family only");
+        warned.push(r.header("x-ratelimit-warning").map(str::to_string));
+    }
+    // 0.00004 of 100,000 is 4: the 4th request crosses it, every later one is above it.
+    let want: Vec<Option<String>> = (1..=6).map(|i| (i >= 4).then(|| "daily".to_string())).collect();
+    assert_eq!(warned, want);
+    let m = envoy.wait_value(r#"llm_ratelimit_rejected_total{model="gpt-4o",rule="trial",mode="shadow"}"#, 4.0);
+    assert_eq!(m.value(r#"llm_ratelimit_warnings_total{rule="daily"}"#), Some(1.0));
+    assert_eq!(m.sum("llm_ratelimit_rejected_total", &[("mode", "enforce")]), 0.0);
+    assert!(!envoy.log().contains("sk-soft"), "the key is logged hashed, never in clear");
+    assert!(envoy.log().contains("rule 'daily' key"), "the crossing is logged");
+}
