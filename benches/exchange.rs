@@ -133,6 +133,10 @@ mod native {
         fn log_warn(&self, _message: &str) {
             self.call("log");
         }
+        fn publish_record(&mut self, _name: &str, record: &llm_meter::record::Record) {
+            self.call("set_property");
+            std::hint::black_box(record.to_struct());
+        }
         fn client_address(&self) -> Option<Vec<u8>> {
             self.call("get_property");
             Some(b"127.0.0.1:5000".to_vec())

@@ -86,6 +86,59 @@ pub struct MetricsConfig {
     pub app_header: Option<String>,
     /// Bound on distinct `app` label values.
     pub max_apps: usize,
+    /// Which histogram names are exported (`metrics.naming`).
+    pub naming: Naming,
+}
+
+/// `metrics.naming`: the default `llm_*` histograms, the OpenTelemetry GenAI instruments
+/// (`gen_ai_client_token_usage`, `gen_ai_server_request_duration_ms`, …), or both. Counters and
+/// gauges (requests, tokens, cost, limits) have no OpenTelemetry counterpart and are exported in
+/// every mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Naming {
+    /// `llm_request_duration_ms`, `llm_time_to_first_token_ms`, `llm_time_per_output_token_ms`,
+    /// `llm_tokens_per_request`.
+    #[default]
+    Default,
+    /// The OpenTelemetry GenAI instruments instead of those four histograms.
+    Otel,
+    /// Both.
+    Both,
+}
+
+impl Naming {
+    /// The default `llm_*` histograms are exported.
+    pub fn default_histograms(self) -> bool {
+        self != Naming::Otel
+    }
+    /// The OpenTelemetry GenAI instruments are exported.
+    pub fn otel(self) -> bool {
+        self != Naming::Default
+    }
+}
+
+/// Validated `records` section: the per-request record published for Envoy's access log (see
+/// [`crate::record`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordsConfig {
+    /// Publish a record for every metered request (default on).
+    pub enabled: bool,
+    /// Filter state name: the access log reads `%FILTER_STATE(wasm.<name>:TYPED)%`.
+    pub filter_state: String,
+    /// Whose hash the record's `key_hash` is (default: the `authorization` header); `global`
+    /// leaves `key_hash` out.
+    pub key: KeySource,
+}
+
+impl Default for RecordsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            filter_state: crate::record::DEFAULT_NAME.to_string(),
+            key: KeySource::Header("authorization".into()),
+        }
+    }
 }
 
 /// Validated `request` section.
@@ -133,6 +186,8 @@ pub struct Config {
     pub memory: MemoryConfig,
     /// Circuit breaker and fallback chains.
     pub resilience: ResilienceConfig,
+    /// Per-request records for the access log.
+    pub records: RecordsConfig,
 }
 
 impl Default for Config {
@@ -143,6 +198,7 @@ impl Default for Config {
                 models: ModelLabels::FirstSeen(DEFAULT_MAX_MODELS),
                 app_header: None,
                 max_apps: DEFAULT_MAX_APPS,
+                naming: Naming::Default,
             },
             request: RequestConfig { model_lookahead_bytes: DEFAULT_MODEL_LOOKAHEAD_BYTES },
             pricing: Pricing::default(),
@@ -151,6 +207,7 @@ impl Default for Config {
             inject_stream_usage: true,
             memory: MemoryConfig::default(),
             resilience: ResilienceConfig::default(),
+            records: RecordsConfig::default(),
         }
     }
 }
@@ -176,6 +233,16 @@ struct RawConfig {
     memory: RawMemory,
     #[serde(default)]
     resilience: resilience::RawResilience,
+    #[serde(default)]
+    records: RawRecords,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRecords {
+    enabled: Option<bool>,
+    filter_state: Option<String>,
+    key: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -193,6 +260,7 @@ struct RawMetrics {
     max_models: Option<u64>,
     app_header: Option<String>,
     max_apps: Option<u64>,
+    naming: Option<Naming>,
 }
 
 #[derive(Deserialize, Default)]
@@ -240,6 +308,7 @@ impl Config {
             inject_stream_usage: raw.inject_stream_usage.unwrap_or(true),
             memory: validate_memory(raw.memory)?,
             resilience: resilience::validate(raw.resilience)?,
+            records: validate_records(raw.records)?,
         })
     }
 }
@@ -269,6 +338,11 @@ fn require_objects(value: &serde_json::Value) -> Result<(), ConfigError> {
             if !f.is_object() {
                 return Err(err("resilience.fallbacks", "must be an object mapping models to chains"));
             }
+        }
+    }
+    if let Some(r) = root.get("records") {
+        if !r.is_object() {
+            return Err(err("records", "must be an object"));
         }
     }
     if let Some(m) = root.get("memory") {
@@ -365,7 +439,23 @@ fn validate_metrics(raw: RawMetrics) -> Result<MetricsConfig, ConfigError> {
         return Err(err("metrics.max_apps", "requires metrics.app_header"));
     }
     let max_apps = bounded("metrics.max_apps", raw.max_apps, DEFAULT_MAX_APPS)?;
-    Ok(MetricsConfig { prefix, models, app_header, max_apps })
+    Ok(MetricsConfig { prefix, models, app_header, max_apps, naming: raw.naming.unwrap_or_default() })
+}
+
+fn validate_records(raw: RawRecords) -> Result<RecordsConfig, ConfigError> {
+    let defaults = RecordsConfig::default();
+    let filter_state = raw.filter_state.unwrap_or(defaults.filter_state);
+    let valid = !filter_state.is_empty()
+        && filter_state.len() <= 64
+        && filter_state.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !valid {
+        return Err(err("records.filter_state", "must be 1 to 64 characters of [A-Za-z0-9_-]"));
+    }
+    let key = match raw.key {
+        Some(k) => limits::parse_key("records.key", &k)?,
+        None => defaults.key,
+    };
+    Ok(RecordsConfig { enabled: raw.enabled.unwrap_or(true), filter_state, key })
 }
 
 fn validate_request(raw: RawRequest) -> Result<RequestConfig, ConfigError> {

@@ -15,6 +15,8 @@
 //! - [`meter`] holds metric names, labels, prices, error classes: "why this series, this cost?"
 //! - [`scan`] reads bodies as they stream: "why is this token count wrong?" (`scan::usage`)
 //! - [`memory`] is the per-VM budget every stream's allocations are charged to.
+//! - [`record`] is the per-request record published for Envoy's access log: "which request
+//!   cost what?"
 //!
 //! Everything below [`host`] is plain Rust, tested natively and on wasm32 through
 //! wasm-bindgen-test; the exchange is tested with a fake host.
@@ -27,5 +29,6 @@ pub mod host;
 pub mod limit;
 pub mod memory;
 pub mod meter;
+pub mod record;
 pub mod resilience;
 pub mod scan;

@@ -395,6 +395,25 @@ pub(super) fn validate(raw: RawLimits) -> Result<LimitsConfig, ConfigError> {
     })
 }
 
+/// A key source as configured: `global`, `ip` or `header:<name>` (`field` names it in errors).
+pub(crate) fn parse_key(field: &str, key: &str) -> Result<KeySource, ConfigError> {
+    Ok(match key {
+        "global" => KeySource::Global,
+        "ip" => KeySource::Ip,
+        other => match other.strip_prefix("header:") {
+            Some(h) => {
+                let h = h.to_ascii_lowercase();
+                let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+                if h.is_empty() || h.len() > 256 || !h.bytes().all(token) {
+                    return Err(err(field, "header:<name> needs a valid HTTP header name"));
+                }
+                KeySource::Header(h)
+            }
+            None => return Err(err(field, "must be \"global\", \"ip\" or \"header:<name>\"")),
+        },
+    })
+}
+
 fn validate_rule(i: usize, r: RawRule, failure_mode: FailureMode) -> Result<Rule, ConfigError> {
     let field = |name: &str| format!("limits[{i}].{name}");
     let valid_name = !r.name.is_empty()
@@ -403,21 +422,7 @@ fn validate_rule(i: usize, r: RawRule, failure_mode: FailureMode) -> Result<Rule
     if !valid_name {
         return Err(err(field("name"), "must be 1 to 64 characters of [A-Za-z0-9_-]"));
     }
-    let key = match r.key.as_str() {
-        "global" => KeySource::Global,
-        "ip" => KeySource::Ip,
-        other => match other.strip_prefix("header:") {
-            Some(h) => {
-                let h = h.to_ascii_lowercase();
-                let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
-                if h.is_empty() || h.len() > 256 || !h.bytes().all(token) {
-                    return Err(err(field("key"), "header:<name> needs a valid HTTP header name"));
-                }
-                KeySource::Header(h)
-            }
-            None => return Err(err(field("key"), "must be \"global\", \"ip\" or \"header:<name>\"")),
-        },
-    };
+    let key = parse_key(&field("key"), &r.key)?;
     // Credential headers are fine as keys (unlike labels): values are hashed, never kept.
     let models = match r.models {
         None => None,

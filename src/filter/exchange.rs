@@ -6,6 +6,7 @@
 use super::host::{Host, InternalError};
 use super::worker::{Stat, Worker};
 use crate::config::FailureMode;
+use crate::config::KeySource;
 use crate::limit::enforce::{self, LimitHost, Rejection, RequestFacts, Reservation, Verdict};
 use crate::limit::estimate;
 use crate::limit::global::{self, Answer};
@@ -14,6 +15,7 @@ use crate::meter::classify::{classify, ErrorType};
 use crate::meter::labels::{SharedStore, UNKNOWN};
 use crate::meter::metrics::Metric;
 use crate::meter::upstream::{usage_from_headers, RateLimits};
+use crate::record::{self, Record, RecordUsage};
 use crate::resilience::breaker::Admit;
 use crate::resilience::retry_after;
 use crate::scan::body::{BodyFormat, RequestScanner, ResponseScanner, Skip, Skips, RESPONSE_SCAN_BYTES};
@@ -154,6 +156,10 @@ pub struct Exchange {
     come_back_ms: Option<u64>,
     /// The error type of a request the filter answered for a reason other than a limit.
     local_error: Option<ErrorType>,
+    /// The response is a stream (server-sent events).
+    streamed: bool,
+    /// The value of the header the record's `key_hash` is made of (`records.key`).
+    record_key: Option<Vec<u8>>,
 }
 
 fn parse_u64(value: &[u8]) -> Option<u64> {
@@ -188,6 +194,19 @@ impl Exchange {
                 if let Some(value) = host.request_header(name) {
                     self.limit_headers.push((name.to_string(), value));
                 }
+            }
+        }
+        if worker.config.records.enabled {
+            if let KeySource::Header(name) = &worker.config.records.key {
+                self.record_key = match header_value(&self.limit_headers, name) {
+                    Some(value) => Some(value.to_vec()),
+                    None if worker.config.limits.is_active()
+                        && worker.config.limits.request_headers().contains(&name.as_str()) =>
+                    {
+                        None
+                    }
+                    None => host.request_header(name),
+                };
             }
         }
         if end_of_stream {
@@ -606,6 +625,7 @@ impl Exchange {
         self.decoder = encoding.map(|e| Decoder::with_lease(e, MAX_DECODED_BYTES, lease.clone()));
         let format = BodyFormat::from_content_type(header_value(&headers, "content-type").unwrap_or_default());
         let usage_format = self.operation.map_or(UsageFormat::OpenAiChat, Operation::usage_format);
+        self.streamed = format == BodyFormat::Sse;
         self.response = Some(ResponseScanner::new(format, usage_format));
         if self.injected && format == BodyFormat::Sse && self.decoder.is_none() {
             // The client did not ask for the usage chunk: it is cut from its stream, so the
@@ -764,7 +784,8 @@ impl Exchange {
             }
         }
 
-        if let Some(pico) = usage.as_ref().zip(price).and_then(|(u, p)| p.cost_pico(u)) {
+        let cost_pico = usage.as_ref().zip(price).and_then(|(u, p)| p.cost_pico(u));
+        if let Some(pico) = cost_pico {
             if let Some(s) = worker.series.get_mut(series) {
                 let micro = s.cost.add(pico);
                 worker.add(host, series, Stat::Cost, micro);
@@ -772,9 +793,81 @@ impl Exchange {
         }
 
         let ms = |nanos: u64| nanos.saturating_sub(self.started_nanos) / 1_000_000;
-        worker.record(host, series, Stat::Duration, ms(end));
-        if let Some(first) = self.first_data_nanos {
-            worker.record(host, series, Stat::Ttft, ms(first));
+        let duration_ms = ms(end);
+        let ttft_ms = self.first_data_nanos.map(ms);
+        let streamed = self.streamed || self.response.as_ref().is_some_and(ResponseScanner::is_streaming);
+        // Time per output token after the first: only a stream shows when the first token came.
+        let tpot_ms = match (streamed, usage, self.first_data_nanos) {
+            (true, Some(u), Some(first)) if u.output >= 2 => {
+                // To the microsecond: the record's JSON shows no float noise.
+                let ms = end.saturating_sub(first) as f64 / 1e6 / (u.output - 1) as f64;
+                Some((ms * 1000.0).round() / 1000.0)
+            }
+            _ => None,
+        };
+        let naming = worker.config.metrics.naming;
+        if naming.default_histograms() {
+            worker.record(host, series, Stat::Duration, duration_ms);
+            if let Some(t) = ttft_ms {
+                worker.record(host, series, Stat::Ttft, t);
+            }
+            if let Some(t) = tpot_ms {
+                worker.record(host, series, Stat::Tpot, t.round() as u64);
+            }
+        }
+        if let Some(op) = self.operation.filter(|_| naming.otel()) {
+            worker.record_otel(host, series, Metric::GenAiServerRequestDuration, op, error.as_str(), duration_ms);
+            if let Some(t) = ttft_ms {
+                worker.record_otel(host, series, Metric::GenAiServerTimeToFirstToken, op, "", t);
+            }
+            if let Some(t) = tpot_ms {
+                worker.record_otel(host, series, Metric::GenAiServerTimePerOutputToken, op, "", t.round() as u64);
+            }
+            if let Some(u) = usage {
+                worker.record_otel(host, series, Metric::GenAiClientTokenUsage, op, "input", u.input);
+                worker.record_otel(host, series, Metric::GenAiClientTokenUsage, op, "output", u.output);
+            }
+        }
+
+        if worker.config.records.enabled {
+            let record = Record {
+                request_model: self
+                    .fallback_from
+                    .as_deref()
+                    .or(self.request.model())
+                    .or(self.path_model.as_deref())
+                    .map(record::bounded_model),
+                model: request_model.as_deref().map(record::bounded_model),
+                response_model: response_model.as_deref().map(record::bounded_model),
+                model_label: label.clone(),
+                app: self.app.clone(),
+                operation: self.operation.map_or(UNKNOWN, Operation::as_str),
+                provider: self.operation.map_or(UNKNOWN, Operation::provider),
+                stream: streamed,
+                status,
+                error_type: error.as_str(),
+                usage: usage.map(|u| RecordUsage {
+                    input: u.input,
+                    output: u.output,
+                    cached_input: u.cached_input,
+                    cache_creation_input: u.cache_creation_input,
+                    reasoning: u.reasoning,
+                }),
+                cost_microusd: cost_pico.map(|p| p as f64 / 1e6),
+                ttft_ms,
+                tpot_ms,
+                duration_ms,
+                rejected_by: self.rejected_by.clone(),
+                key_hash: match &worker.config.records.key {
+                    KeySource::Header(_) => self.record_key.as_deref().filter(|v| !v.is_empty()).map(record::key_hash),
+                    KeySource::Ip => host
+                        .client_address()
+                        .and_then(|a| enforce::client_ip(&a))
+                        .map(|ip| record::key_hash(ip.to_string().as_bytes())),
+                    KeySource::Global => None,
+                },
+            };
+            host.publish_record(&worker.config.records.filter_state, &record);
         }
 
         let mut skips = *self.request.skips();
@@ -821,8 +914,10 @@ impl Exchange {
                 for (i, n) in counts.into_iter().enumerate() {
                     worker.add(host, series, Stat::Tokens(i), n);
                 }
-                worker.record(host, series, Stat::PerRequest(0), u.input);
-                worker.record(host, series, Stat::PerRequest(1), u.output);
+                if worker.config.metrics.naming.default_histograms() {
+                    worker.record(host, series, Stat::PerRequest(0), u.input);
+                    worker.record(host, series, Stat::PerRequest(1), u.output);
+                }
             }
             None if ended && error == ErrorType::None && (200..300).contains(&status) => {
                 worker.add(host, series, Stat::UsageMissing, 1)

@@ -59,6 +59,9 @@ pub trait Host: SharedStore {
     fn request_body(&self) -> Option<Vec<u8>>;
     /// Replaces the buffered request body (while the request is held).
     fn set_request_body(&mut self, body: &[u8]);
+    /// Publishes the exchange's record as filter state `wasm.<name>` for the access log (see
+    /// [`crate::record`]): the glue encodes it as the property was declared.
+    fn publish_record(&mut self, name: &str, record: &crate::record::Record);
 
     /// Adds to a counter by name, defining it on first use (adding 0 only defines it: Envoy
     /// rejects increments that are not positive).

@@ -18,6 +18,7 @@ use crate::meter::pricing::CostCarry;
 use crate::meter::upstream::QuotaKind;
 use crate::resilience::breaker::State;
 use crate::scan::body::{Skip, Skips};
+use crate::scan::operation::Operation;
 use std::collections::HashMap;
 
 /// How model names become `model` labels on this worker.
@@ -98,10 +99,12 @@ pub(crate) enum Stat {
     PerRequest(usize),
     UpstreamRemaining(QuotaKind),
     UpstreamLimit(QuotaKind),
+    /// `time_per_output_token_ms`.
+    Tpot,
 }
 
 impl Stat {
-    const COUNT: usize = 5 + TOKEN_TYPES.len() + 2 + 4;
+    const COUNT: usize = 5 + TOKEN_TYPES.len() + 2 + 4 + 1;
 
     pub(crate) fn slot(self) -> usize {
         let kind = |k: QuotaKind| match k {
@@ -118,6 +121,7 @@ impl Stat {
             Stat::PerRequest(i) => 5 + TOKEN_TYPES.len() + i,
             Stat::UpstreamRemaining(k) => 5 + TOKEN_TYPES.len() + 2 + kind(k),
             Stat::UpstreamLimit(k) => 5 + TOKEN_TYPES.len() + 4 + kind(k),
+            Stat::Tpot => 5 + TOKEN_TYPES.len() + 6,
         }
     }
 
@@ -153,6 +157,7 @@ impl Stat {
             Stat::PerRequest(_) => Metric::TokensPerRequest,
             Stat::UpstreamRemaining(_) => Metric::UpstreamRatelimitRemaining,
             Stat::UpstreamLimit(_) => Metric::UpstreamRatelimitLimit,
+            Stat::Tpot => Metric::TimePerOutputTokenMs,
         }
     }
 }
@@ -166,6 +171,8 @@ pub(crate) struct Series {
     pub(crate) ids: [Option<u32>; Stat::COUNT],
     /// `requests_total` ids by (operation, status, error_type).
     pub(crate) requests: Vec<(&'static str, u16, ErrorType, u32)>,
+    /// OpenTelemetry instrument ids by (instrument, operation, token type or error type).
+    pub(crate) otel: Vec<(Metric, Operation, &'static str, u32)>,
     pub(crate) cost: CostCarry,
 }
 
@@ -453,6 +460,7 @@ impl Worker {
             app: app.to_string(),
             ids: [None; Stat::COUNT],
             requests: Vec::new(),
+            otel: Vec::new(),
             cost: CostCarry::default(),
         });
         self.series_index.entry(model.to_string()).or_default().insert(app.to_string(), i);
@@ -492,6 +500,33 @@ impl Worker {
         let id = host.define_metric(MetricKind::Counter, &name)?;
         s.requests.push((operation, status, error, id));
         Some(id)
+    }
+
+    /// Records `value` in an OpenTelemetry GenAI instrument of `series` (its model is
+    /// `gen_ai_request_model`) for `operation`; `extra` is the token type
+    /// (`gen_ai_client_token_usage`) or the error type (`gen_ai_server_request_duration_ms`).
+    pub(crate) fn record_otel<H: Host>(
+        &mut self,
+        host: &mut H,
+        series: usize,
+        metric: Metric,
+        operation: Operation,
+        extra: &'static str,
+        value: u64,
+    ) {
+        let Some(s) = self.series.get_mut(series) else { return };
+        let found = s.otel.iter().find(|o| o.0 == metric && o.1 == operation && o.2 == extra).map(|o| o.3);
+        let id = match found {
+            Some(id) => id,
+            None => {
+                let values = [operation.otel_name(), operation.provider(), s.model.as_str(), extra];
+                let name = stat_name(&self.config.metrics.prefix, metric, &values);
+                let Some(id) = host.define_metric(MetricKind::Histogram, &name) else { return };
+                s.otel.push((metric, operation, extra, id));
+                id
+            }
+        };
+        host.metric_record(id, value);
     }
 
     /// Adds to a counter of `series`.

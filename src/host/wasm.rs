@@ -51,6 +51,9 @@ struct MetricIds {
     ids: HashMap<String, u32>,
     hostcall_errors: Option<u32>,
     failures_logged: std::cell::Cell<u64>,
+    /// The record's filter state was declared a `google.protobuf.Struct` (see
+    /// [`crate::record`]); otherwise records are published as JSON text.
+    records_typed: bool,
 }
 
 impl MetricIds {
@@ -126,6 +129,20 @@ impl RootContext for Root {
         let errors_name =
             stat_name(&config.metrics.prefix, Metric::MeterErrorsTotal, &[InternalError::Hostcall.as_str()]);
         metrics.hostcall_errors = abi::define_metric(MetricType::Counter, &errors_name).ok();
+        if config.records.enabled {
+            let args = crate::record::declare_arguments(&config.records.filter_state);
+            match abi::call_foreign_function("declare_property", &args) {
+                Ok(()) => metrics.records_typed = true,
+                Err(status) => log(
+                    LogLevel::Warn,
+                    &format!(
+                        "llm-meter: cannot declare filter state wasm.{} ({status:?}): records are published as \
+                         JSON text, read them with %FILTER_STATE(wasm.{}:PLAIN)%",
+                        config.records.filter_state, config.records.filter_state
+                    ),
+                ),
+            }
+        }
         let mut worker = Worker::new(config);
         let mut host = WasmHost::new(&mut metrics, 0);
         worker.init_shared(&mut host);
@@ -511,6 +528,11 @@ impl Host for WasmHost<'_> {
         // The buffer is now `body`: a later read or rewrite in this callback (injection after a
         // fallback rewrote the model) must cover all of it, not the size it had before.
         self.request_body_size = body.len();
+    }
+
+    fn publish_record(&mut self, name: &str, record: &crate::record::Record) {
+        let value = if self.metrics.records_typed { record.to_struct() } else { record.to_json().into_bytes() };
+        self.check("set_property", abi::set_property(name, &value));
     }
 
     fn set_response_header(&mut self, name: &str, value: &str) {

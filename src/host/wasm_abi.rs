@@ -37,6 +37,15 @@ extern "C" {
     ) -> u32;
     fn proxy_remove_header_map_value(map: u32, key: *const u8, key_size: usize) -> u32;
     fn proxy_get_property(path: *const u8, path_size: usize, value: *mut *mut u8, value_size: *mut usize) -> u32;
+    fn proxy_set_property(path: *const u8, path_size: usize, value: *const u8, value_size: usize) -> u32;
+    fn proxy_call_foreign_function(
+        name: *const u8,
+        name_size: usize,
+        args: *const u8,
+        args_size: usize,
+        results: *mut *mut u8,
+        results_size: *mut usize,
+    ) -> u32;
     fn proxy_get_shared_data(
         key: *const u8,
         key_size: usize,
@@ -173,6 +182,21 @@ pub fn property(path: &[&str]) -> Result<Option<Vec<u8>>, Status> {
     let path = path.join("\0");
     // SAFETY: the path slice and the out-pointers are valid for the call.
     found(returned(|data, size| unsafe { proxy_get_property(path.as_ptr(), path.len(), data, size) }))
+}
+
+/// Sets a property: Envoy keeps it as filter state `wasm.<name>` (see [`crate::record`]).
+pub fn set_property(name: &str, value: &[u8]) -> Result<(), Status> {
+    // SAFETY: both slices are valid for the call.
+    status(unsafe { proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len()) })
+}
+
+/// Calls one of the host's foreign functions (`declare_property`); its result is dropped.
+pub fn call_foreign_function(name: &str, args: &[u8]) -> Result<(), Status> {
+    // SAFETY: the slices and the out-pointers are valid for the call.
+    returned(|data, size| unsafe {
+        proxy_call_foreign_function(name.as_ptr(), name.len(), args.as_ptr(), args.len(), data, size)
+    })
+    .map(drop)
 }
 
 /// A shared-data value and its CAS token; `Ok(None)` when the key was never written.

@@ -533,7 +533,7 @@ fn key_id<H: LimitHost>(host: &H, key: &KeySource) -> Option<String> {
 
 /// The IP of `ip:port`, `[v6]:port` or a bare address; `None` when the peer has no IP (a Unix
 /// socket listener reports a path).
-fn client_ip(addr: &[u8]) -> Option<std::net::IpAddr> {
+pub(crate) fn client_ip(addr: &[u8]) -> Option<std::net::IpAddr> {
     let addr = std::str::from_utf8(addr).ok()?;
     if let Ok(sock) = addr.parse::<std::net::SocketAddr>() {
         return Some(sock.ip());

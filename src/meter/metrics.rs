@@ -85,11 +85,23 @@ pub enum Metric {
     /// `upstream_retries_total{model}`: retries Envoy made below the filter
     /// (`x-envoy-attempt-count` − 1).
     UpstreamRetriesTotal,
+    /// `time_per_output_token_ms{model}`: a stream's time per output token after the first,
+    /// (duration − time to first token) / (output tokens − 1), for streams with ≥ 2 output tokens.
+    TimePerOutputTokenMs,
+    /// OpenTelemetry GenAI `gen_ai.client.token.usage` (tokens per request), with
+    /// `gen_ai_token_type` `input` / `output` (`metrics.naming: otel`).
+    GenAiClientTokenUsage,
+    /// OpenTelemetry GenAI `gen_ai.server.request.duration`, in milliseconds.
+    GenAiServerRequestDuration,
+    /// OpenTelemetry GenAI `gen_ai.server.time_to_first_token`, in milliseconds.
+    GenAiServerTimeToFirstToken,
+    /// OpenTelemetry GenAI `gen_ai.server.time_per_output_token`, in milliseconds.
+    GenAiServerTimePerOutputToken,
 }
 
 impl Metric {
     /// Every metric, for documentation and configuration checks.
-    pub const ALL: [Metric; 25] = [
+    pub const ALL: [Metric; 30] = [
         Metric::RequestsTotal,
         Metric::TokensTotal,
         Metric::CostMicrousdTotal,
@@ -115,7 +127,23 @@ impl Metric {
         Metric::CircuitTransitionsTotal,
         Metric::FallbacksTotal,
         Metric::UpstreamRetriesTotal,
+        Metric::TimePerOutputTokenMs,
+        Metric::GenAiClientTokenUsage,
+        Metric::GenAiServerRequestDuration,
+        Metric::GenAiServerTimeToFirstToken,
+        Metric::GenAiServerTimePerOutputToken,
     ];
+
+    /// An OpenTelemetry GenAI instrument: its name is not prefixed.
+    pub fn is_otel(self) -> bool {
+        matches!(
+            self,
+            Metric::GenAiClientTokenUsage
+                | Metric::GenAiServerRequestDuration
+                | Metric::GenAiServerTimeToFirstToken
+                | Metric::GenAiServerTimePerOutputToken
+        )
+    }
 
     /// Name after the prefix (`requests_total`).
     pub fn suffix(self) -> &'static str {
@@ -145,13 +173,25 @@ impl Metric {
             Metric::CircuitTransitionsTotal => "circuit_transitions_total",
             Metric::FallbacksTotal => "fallbacks_total",
             Metric::UpstreamRetriesTotal => "upstream_retries_total",
+            Metric::TimePerOutputTokenMs => "time_per_output_token_ms",
+            Metric::GenAiClientTokenUsage => "gen_ai_client_token_usage",
+            Metric::GenAiServerRequestDuration => "gen_ai_server_request_duration_ms",
+            Metric::GenAiServerTimeToFirstToken => "gen_ai_server_time_to_first_token_ms",
+            Metric::GenAiServerTimePerOutputToken => "gen_ai_server_time_per_output_token_ms",
         }
     }
 
     /// Stat kind.
     pub fn kind(self) -> Kind {
         match self {
-            Metric::RequestDurationMs | Metric::TimeToFirstTokenMs | Metric::TokensPerRequest => Kind::Histogram,
+            Metric::RequestDurationMs
+            | Metric::TimeToFirstTokenMs
+            | Metric::TimePerOutputTokenMs
+            | Metric::TokensPerRequest
+            | Metric::GenAiClientTokenUsage
+            | Metric::GenAiServerRequestDuration
+            | Metric::GenAiServerTimeToFirstToken
+            | Metric::GenAiServerTimePerOutputToken => Kind::Histogram,
             Metric::ActiveRequests
             | Metric::UpstreamRatelimitRemaining
             | Metric::UpstreamRatelimitLimit
@@ -174,6 +214,7 @@ impl Metric {
             Metric::TokensPerRequest => &["model", "token_type"],
             Metric::RequestDurationMs
             | Metric::TimeToFirstTokenMs
+            | Metric::TimePerOutputTokenMs
             | Metric::ActiveRequests
             | Metric::UsageMissingTotal => &["model"],
             Metric::MeterSkipsTotal => &["reason"],
@@ -190,12 +231,35 @@ impl Metric {
             Metric::ModelState | Metric::UpstreamRetriesTotal => &["model"],
             Metric::CircuitTransitionsTotal => &["model", "state"],
             Metric::FallbacksTotal => &["model", "to"],
+            Metric::GenAiClientTokenUsage => &[OP, PROVIDER, REQUEST_MODEL, TOKEN_TYPE],
+            Metric::GenAiServerRequestDuration => &[OP, PROVIDER, REQUEST_MODEL, "error_type"],
+            Metric::GenAiServerTimeToFirstToken | Metric::GenAiServerTimePerOutputToken => {
+                &[OP, PROVIDER, REQUEST_MODEL]
+            }
         }
     }
 }
 
+/// OpenTelemetry GenAI label keys (`gen_ai.operation.name` and so on, with `_` for `.`).
+const OP: &str = "gen_ai_operation_name";
+const PROVIDER: &str = "gen_ai_provider_name";
+const REQUEST_MODEL: &str = "gen_ai_request_model";
+const TOKEN_TYPE: &str = "gen_ai_token_type";
+
+/// How a label key is written into stat names. The OpenTelemetry keys get a trailing `_`:
+/// `gen_ai_request_model=.=` ends in `model=.=`, which the `model` tag regex would match too
+/// (and `gen_ai_token_type=.=` the `token_type` one); `gen_ai_request_model_=.=` matches only
+/// its own regex. The `stats_tags` entry names the tag without the `_`.
+pub fn encoded_key(key: &str) -> std::borrow::Cow<'static, str> {
+    if key.starts_with("gen_ai_") {
+        format!("{key}_").into()
+    } else {
+        key.to_string().into()
+    }
+}
+
 /// Every label key used by any metric: each needs a `stats_tags` entry in `envoy.yaml`.
-pub const LABEL_KEYS: [&str; 12] = [
+pub const LABEL_KEYS: [&str; 16] = [
     "model",
     "app",
     "operation",
@@ -208,6 +272,10 @@ pub const LABEL_KEYS: [&str; 12] = [
     "state",
     "to",
     "mode",
+    OP,
+    PROVIDER,
+    REQUEST_MODEL,
+    TOKEN_TYPE,
 ];
 
 /// Builds the Envoy stat name of `metric` with label `values` (in [`Metric::label_keys`] order).
@@ -219,6 +287,9 @@ pub fn stat_name(prefix: &str, metric: Metric, values: &[&str]) -> String {
     let mut name = String::with_capacity(prefix.len() + 32 + keys.len() * 24);
     for (i, key) in keys.iter().enumerate() {
         name.push_str(key);
+        if key.starts_with("gen_ai_") {
+            name.push('_');
+        }
         name.push_str("=.=");
         match values.get(i) {
             Some(v) if !v.is_empty() => {
@@ -228,8 +299,10 @@ pub fn stat_name(prefix: &str, metric: Metric, values: &[&str]) -> String {
         }
         name.push_str(";.;");
     }
-    name.push_str(prefix);
-    name.push('_');
+    if !metric.is_otel() {
+        name.push_str(prefix);
+        name.push('_');
+    }
     name.push_str(metric.suffix());
     name
 }
@@ -248,6 +321,20 @@ mod tests {
             "model=.=gpt-4.1;.;app=.=web;.;token_type=.=input;.;llm_tokens_total"
         );
         assert_eq!(stat_name("ai", Metric::ActiveRequests, &["m"]), "model=.=m;.;ai_active_requests");
+    }
+
+    #[test]
+    fn otel_instruments_are_not_prefixed_and_their_keys_cannot_be_taken_for_others() {
+        let n = stat_name("llm", Metric::GenAiClientTokenUsage, &["chat", "openai", "gpt-4o", "input"]);
+        assert_eq!(
+            n,
+            "gen_ai_operation_name_=.=chat;.;gen_ai_provider_name_=.=openai;.;gen_ai_request_model_=.=gpt-4o;.;\
+             gen_ai_token_type_=.=input;.;gen_ai_client_token_usage"
+        );
+        // No other key's `key=.=` occurs in it, so only the OpenTelemetry tag regexes match.
+        for key in LABEL_KEYS.iter().filter(|k| !k.starts_with("gen_ai_")) {
+            assert!(!n.contains(&format!("{key}=.=")), "{key}");
+        }
     }
 
     #[test]
@@ -273,12 +360,24 @@ mod tests {
     fn shipped_envoy_config_extracts_every_label_and_buckets_every_histogram() {
         let yaml = include_str!("../../envoy/envoy.yaml");
         for key in LABEL_KEYS {
-            let entry = format!("- tag_name: {key}\n    regex: '({key}=\\.=(.*?);\\.;)'");
+            let encoded = encoded_key(key);
+            let entry = format!("- tag_name: {key}\n    regex: '({encoded}=\\.=(.*?);\\.;)'");
             assert!(yaml.contains(&entry), "envoy.yaml lacks the stats_tags entry {entry}");
         }
         for m in Metric::ALL.into_iter().filter(|m| m.kind() == Kind::Histogram) {
-            let matcher = format!("match: {{ suffix: \"_{}\" }}", m.suffix());
-            assert!(yaml.contains(&matcher), "envoy.yaml lacks histogram_bucket_settings for {}", m.suffix());
+            // The stat's name as Envoy sees it ends with the metric's (prefixed unless OpenTelemetry).
+            let name = stat_name("llm", m, &[]);
+            let first = yaml
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("- match: { suffix: \"")?.strip_suffix("\" }"))
+                .find(|suffix| name.ends_with(suffix));
+            assert!(first.is_some(), "envoy.yaml lacks histogram_bucket_settings for {}", m.suffix());
+            // Envoy uses the first entry that matches: an OpenTelemetry instrument must not fall
+            // into a default histogram's entry.
+            let own = if m.is_otel() { m.suffix().to_string() } else { format!("_{}", m.suffix()) };
+            // (Time per output token shares the default histogram's boundaries, OpenTelemetry's.)
+            let shared = m == Metric::GenAiServerTimePerOutputToken && first == Some("_time_per_output_token_ms");
+            assert!(first == Some(own.as_str()) || shared, "{} is bucketed by {first:?}", m.suffix());
         }
     }
 }

@@ -64,6 +64,28 @@ impl Operation {
         std::str::from_utf8(model).ok().map(str::to_string)
     }
 
+    /// OpenTelemetry GenAI `gen_ai.operation.name`: its well-known values (`chat`,
+    /// `text_completion`, `embeddings`, `generate_content`); the Responses API and Anthropic
+    /// Messages are chat.
+    pub fn otel_name(self) -> &'static str {
+        match self {
+            Operation::Chat | Operation::Responses | Operation::Messages => "chat",
+            Operation::Completion => "text_completion",
+            Operation::Embeddings => "embeddings",
+            Operation::GenerateContent => "generate_content",
+        }
+    }
+
+    /// OpenTelemetry GenAI `gen_ai.provider.name`, from the API format: `anthropic` for the
+    /// Messages API, `gcp.gemini` for Gemini, `openai` for the OpenAI-compatible APIs.
+    pub fn provider(self) -> &'static str {
+        match self {
+            Operation::Messages => "anthropic",
+            Operation::GenerateContent => "gcp.gemini",
+            _ => "openai",
+        }
+    }
+
     /// Label value (OpenTelemetry GenAI `gen_ai.operation.name` style).
     pub fn as_str(self) -> &'static str {
         match self {

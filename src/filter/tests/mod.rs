@@ -43,6 +43,8 @@ struct FakeHost {
     grpc_calls: Vec<(Vec<u8>, Vec<u8>, u64)>,
     /// Every gRPC dispatch fails.
     grpc_down: bool,
+    /// Records published: (filter state name, the record).
+    records: Vec<(String, crate::record::Record)>,
 }
 
 impl SharedStore for FakeHost {
@@ -134,6 +136,9 @@ impl Host for FakeHost {
     fn remove_response_header(&mut self, name: &str) {
         self.response_headers.remove(name);
     }
+    fn publish_record(&mut self, name: &str, record: &crate::record::Record) {
+        self.records.push((name.to_string(), record.clone()));
+    }
     fn set_request_header(&mut self, name: &str, value: &str) {
         self.request_headers.insert(name.to_string(), value.as_bytes().to_vec());
     }
@@ -184,6 +189,7 @@ fn counter(host: &FakeHost, name: &str) -> u64 {
 
 mod limits;
 mod memory;
+mod records;
 mod resilience;
 
 #[test]
