@@ -9,7 +9,8 @@ Standard library only (Python >= 3.11); PyYAML is used when it is importable.
       unique, panels do not overlap, every panel and target uses the `${datasource}` variable,
       every target has a refId and a PromQL `expr` that uses only known metric names (llm-meter's,
       Envoy's, and the recording rules envoy/prometheus/alerts.yml defines), filters
-      `model=~"$model"` (and `app=~"$app"`) where the metric has that label, and is well formed.
+      `model=~"$model"` (`gen_ai_request_model=~"$model"` for the OpenTelemetry GenAI instruments)
+      and `app=~"$app"` where the metric has that label, and is well formed.
 
   check_ops.py --exprs envoy/grafana/llm-meter.json
       Validates as above, then prints every expression with Grafana's variables substituted
@@ -25,16 +26,20 @@ Standard library only (Python >= 3.11); PyYAML is used when it is importable.
       named *.patch.yaml is a strategic merge patch of a Deployment and has neither). The llm-meter
       JSON configuration found between the `# llm-meter configuration begin` / `end` markers must
       parse as JSON and have the same keys as the one in envoy/envoy.yaml (with PyYAML, it must
-      also be what the manifest field actually holds); `stats_tags`, `histogram_bucket_settings`
-      and Istio `extraStatTags` must match envoy/envoy.yaml's.
+      also be what the manifest field actually holds); `stats_tags` and
+      `histogram_bucket_settings` (entries and order) must match envoy/envoy.yaml's. Istio splits
+      the tags: `extraStatTags` names the tags whose regex is the `(<tag>=\\.=(.*?);\\.;)` that
+      istio-agent renders for a name, and custom_bootstrap.json's stats_tags holds the others (the
+      OpenTelemetry GenAI tags, whose keys end in `_`), with envoy.yaml's regexes.
       With PyYAML, also what Istio and Envoy Gateway do with the objects: no EnvoyFilter patches
       BOOTSTRAP (Istio >= 1.21 ignores such patches); a WasmPlugin comes with a workload patch whose
-      pod annotations set `proxy.istio.io/config` extraStatTags (Istio generates exactly the
-      `(<tag>=\\.=(.*?);\\.;)` regexes of envoy.yaml) and `sidecar.istio.io/bootstrapOverride`
-      naming a ConfigMap, in the WasmPlugin's namespace, whose custom_bootstrap.json holds
-      envoy.yaml's buckets and nothing else; an EnvoyProxy bootstrap holds envoy.yaml's
-      stats_tags and buckets; the CRDs' CEL rules that apply (restated by hand). Wrong copies of
-      the manifests must fail these rules (a self-test on every run).
+      pod annotations set `proxy.istio.io/config` extraStatTags (as above) and
+      `sidecar.istio.io/bootstrapOverride` naming a ConfigMap, in the WasmPlugin's namespace, whose
+      custom_bootstrap.json holds envoy.yaml's buckets and the tags extraStatTags cannot express,
+      and nothing else (Envoy merges it into Istio's bootstrap: lists are appended, single values
+      replace Istio's); an EnvoyProxy bootstrap holds envoy.yaml's stats_tags and buckets; the CRDs' CEL
+      rules that apply (restated by hand). Wrong copies of the manifests must fail these rules (a
+      self-test on every run).
       --schemas DIR: also validates every object the way the API server would, against the
       schemas of the npm packages installed in DIR (`just ops-schemas`; tools/k8s_schema.mjs under
       Node.js): types, enums, required fields, and fields the schema does not declare (which the API
@@ -82,7 +87,18 @@ HISTOGRAMS = {
     "llm_request_duration_ms": {"model"},
     "llm_time_to_first_token_ms": {"model"},
     "llm_tokens_per_request": {"model", "token_type"},
+    "llm_time_per_output_token_ms": {"model"},
+    # The OpenTelemetry GenAI instruments (`metrics.naming: otel` or `both`; src/meter/metrics.rs):
+    # no `llm` prefix, and the model is `gen_ai_request_model`.
+    "gen_ai_client_token_usage": {"gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model",
+                                  "gen_ai_token_type"},
+    "gen_ai_server_request_duration_ms": {"gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model",
+                                          "error_type"},
+    "gen_ai_server_time_to_first_token_ms": {"gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"},
+    "gen_ai_server_time_per_output_token_ms": {"gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"},
 }
+# The label holding the model, and the matcher a dashboard query over a metric with it must have.
+MODEL_LABELS = {"model": 'model=~"$model"', "gen_ai_request_model": 'gen_ai_request_model=~"$model"'}
 GAUGES = {
     "llm_active_requests": {"model"},
     "llm_upstream_ratelimit_remaining": {"model", "kind"},
@@ -95,9 +111,14 @@ GAUGES = {
     "llm_output_tokens_estimate": {"model"},
 }
 # Recording rules of envoy/prometheus/alerts.yml (`- record:`) and their labels: a dashboard
-# query over one needs those rules loaded, so each must be defined there.
+# query over one needs those rules loaded, so each must be defined there. Named
+# level:metric:operations, the level being the labels kept.
 RECORDING_RULES = {
     "llm_ratelimit_used_ratio": {"rule"},
+    "model:llm_requests_upstream_errors:ratio_rate5m": {"model"},
+    "model_token_type:llm_tokens:per_minute_rate5m": {"model", "token_type"},
+    "model_app:llm_cost_usd:increase1h": {"model", "app"},
+    "model_app:llm_cost_usd:increase1d": {"model", "app"},
 }
 ALERTS_YML = ROOT / "envoy" / "prometheus" / "alerts.yml"
 # Series that only exist after rare events (or with a configuration few have): a query over
@@ -112,6 +133,8 @@ SPARSE = {
     "llm_upstream_retries_total",
     "llm_ratelimit_warnings_total",
     "llm_output_tokens_estimate",
+    # Only with `metrics.naming: otel` or `both` (the default naming has none of them).
+    *(f"{base}{series}" for base in HISTOGRAMS if base.startswith("gen_ai_") for series in ("_bucket", "_sum", "_count")),
 }
 
 
@@ -288,7 +311,8 @@ def check_expr(expr: str, where: str, errors: list[str]) -> None:
     sels = selectors(expr)
     if not sels:
         errors.append(f"{where}: no metric selector in {expr}")
-    llm = [(n, m) for n, m in sels if n.startswith("llm_")]
+    # llm-meter's series, recording rules included (model_app:..., not only llm_...).
+    llm = [(n, m) for n, m in sels if llm_metric_labels(n) is not None]
     app_everywhere = all("app" in (llm_metric_labels(n) or set()) for n, _ in llm)
     for name, matchers in sels:
         if not name:
@@ -299,12 +323,13 @@ def check_expr(expr: str, where: str, errors: list[str]) -> None:
             continue
         labels = llm_metric_labels(name)
         if labels is None:
-            errors.append(f"{where}: unknown metric {name} (not an llm-meter metric of the docs/metrics.md, Metrics reference)")
+            errors.append(f"{where}: unknown metric {name} (not an llm-meter metric of the docs/metrics.md, Metrics reference, nor a recording rule listed in RECORDING_RULES)")
             continue
         if name in RECORDING_RULES and name not in recorded_names():
             errors.append(f"{where}: {name} is a recording rule that {ALERTS_YML.relative_to(ROOT)} does not define")
-        if "model" in labels and 'model=~"$model"' not in matchers:
-            errors.append(f'{where}: {name} has a model label but the selector does not filter model=~"$model"')
+        for label, matcher in MODEL_LABELS.items():
+            if label in labels and matcher not in matchers:
+                errors.append(f"{where}: {name} has a {label} label but the selector does not filter {matcher}")
         if "app" in labels and app_everywhere and 'app=~"$app"' not in matchers:
             errors.append(f'{where}: {name} has an app label but the selector does not filter app=~"$app"')
         bare_matchers = STRING.sub('""', matchers)
@@ -436,7 +461,8 @@ def check_dashboard(path: Path) -> tuple[list[dict], list[str]]:
             may_be_empty = t.get("mayBeEmpty") is True
             names = {n for n, _ in selectors(expr) if n}
             if names and names <= SPARSE and "vector(" not in expr and not may_be_empty:
-                errors.append(f'{where}: {", ".join(sorted(names))} only exist after rare events: mark the target "mayBeEmpty": true')
+                errors.append(f'{where}: {", ".join(sorted(names))} only exist after rare events (or with a configuration '
+                          'few have): mark the target "mayBeEmpty": true')
             exprs.append({"source": f"grafana:{title}/{ref}", "expr": substitute(expr)[0], "may_be_empty": may_be_empty})
 
     # Overlaps among the panels laid out together: the top level, and each collapsed row's own.
@@ -516,6 +542,8 @@ def shape_diff(a: object, b: object, path: str = "") -> list[str]:
 
 
 TAG = re.compile(r"tag_name:\s*['\"]?(\w+)['\"]?\s*\n\s*regex:\s*(\S+)")
+# The same written as JSON (custom_bootstrap.json of the Istio ConfigMap).
+TAG_JSON = re.compile(r'"tag_name"\s*:\s*"(\w+)"\s*,\s*"regex"\s*:\s*("(?:[^"\\]|\\.)*")')
 BUCKETS = re.compile(r"match:\s*\{\s*suffix:\s*['\"]?([\w.]+)['\"]?\s*\}\s*\n\s*buckets:\s*(\[[^\]]*\])")
 BUCKETS_BLOCK = re.compile(r"match:\s*\n\s*suffix:\s*['\"]?([\w.]+)['\"]?\s*\n\s*buckets:\s*(\[[^\]]*\])")
 # The same settings written as JSON (custom_bootstrap.json of the Istio ConfigMap).
@@ -539,6 +567,22 @@ def istio_tag_regex(tag: str) -> str:
     return f"({tag}=\\.=(.*?);\\.;)"
 
 
+def istio_split(ref_tags: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """envoy.yaml's stats_tags as Istio gets them: (the names for `extraStatTags`, whose regex is
+    exactly what istio-agent renders for a name; the other tags, which go into the bootstrap
+    override's stats_config.stats_tags as they are). The other tags are the OpenTelemetry GenAI
+    ones: the filter writes their keys with a trailing `_` (`gen_ai_request_model_=.=`, so that
+    the `model` regex cannot match inside them), which `(<name>=\\.=(.*?);\\.;)` cannot express."""
+    names = [t for t, rx in ref_tags.items() if rx == istio_tag_regex(t)]
+    return names, {t: rx for t, rx in ref_tags.items() if rx != istio_tag_regex(t)}
+
+
+def same_buckets(a: dict[str, list[float]], b: dict[str, list[float]]) -> bool:
+    """Same entries in the same order: Envoy uses the first entry whose suffix matches a histogram
+    (`_request_duration_ms` also matches `gen_ai_server_request_duration_ms`)."""
+    return list(a.items()) == list(b.items())
+
+
 def unquote(s: str) -> str:
     s = s.strip()
     if len(s) >= 2 and s[0] == s[-1] == "'":
@@ -553,7 +597,7 @@ def uncommented(text: str) -> str:
 
 
 def stats_settings(text: str) -> tuple[dict[str, str], dict[str, list[float]]]:
-    tags = {name: unquote(rx) for name, rx in TAG.findall(text)}
+    tags = {name: unquote(rx) for name, rx in TAG.findall(text) + TAG_JSON.findall(text)}
     buckets = {}
     for suffix, values in BUCKETS.findall(text) + BUCKETS_BLOCK.findall(text) + BUCKETS_JSON.findall(text):
         buckets[suffix] = [float(v) for v in values.strip("[]").split(",") if v.strip()]
@@ -716,18 +760,21 @@ def check_yaml(paths: list[Path], structural: bool = False, schemas: Path | None
         # The settings as text (comments aside), so that this part also works without PyYAML.
         body = uncommented(text)
         tags, buckets = stats_settings(body)
-        if "stats_tags" in body and tags != ref_tags:
-            missing = sorted(set(ref_tags) - set(tags))
-            extra = sorted(set(tags) - set(ref_tags))
-            changed = sorted(k for k in set(tags) & set(ref_tags) if tags[k] != ref_tags[k])
+        istio_names, override_tags = istio_split(ref_tags)
+        # Istio's custom_bootstrap.json carries only the tags extraStatTags cannot express.
+        want_tags = override_tags if CUSTOM_BOOTSTRAP in body else ref_tags
+        if "stats_tags" in body and tags != want_tags:
+            missing = sorted(set(want_tags) - set(tags))
+            extra = sorted(set(tags) - set(want_tags))
+            changed = sorted(k for k in set(tags) & set(want_tags) if tags[k] != want_tags[k])
             errors.append(f"{where}: stats_tags differ from envoy/envoy.yaml (missing {missing}, extra {extra}, different regex {changed})")
-        if "histogram_bucket_settings" in body and buckets != ref_buckets:
-            errors.append(f"{where}: histogram_bucket_settings differ from envoy/envoy.yaml")
+        if "histogram_bucket_settings" in body and not same_buckets(buckets, ref_buckets):
+            errors.append(f"{where}: histogram_bucket_settings differ from envoy/envoy.yaml (entries or their order)")
         for names in EXTRA_STAT_TAGS.findall(body) if yaml is None else []:  # with PyYAML: istio_wiring_errors
             got = {unquote(n) for n in names.split(",") if n.strip()}
-            if got != set(ref_tags):
-                errors.append(f"{where}: extraStatTags differ from envoy/envoy.yaml's stats_tags (missing "
-                              f"{sorted(set(ref_tags) - got)}, extra {sorted(got - set(ref_tags))})")
+            if got != set(istio_names):
+                errors.append(f"{where}: extraStatTags differ from envoy/envoy.yaml's stats_tags with Istio's regex (missing "
+                              f"{sorted(set(istio_names) - got)}, extra {sorted(got - set(istio_names))})")
 
     if yaml is None:
         notes.append("structural check, PyYAML not importable" if not structural else "structural check")
@@ -817,20 +864,20 @@ def semantic_errors(yaml, parsed: list[Parsed], ref_tags: dict[str, str], ref_bu
             got = {t.get("tag_name"): t.get("regex") for t in stats.get("stats_tags") or [] if isinstance(t, dict)}
             if got != ref_tags:
                 errors.append(f"{where}: EnvoyProxy {name}: bootstrap stats_config.stats_tags differ from envoy/envoy.yaml")
-            if buckets_of(stats.get("histogram_bucket_settings"), where, errors) != ref_buckets:
-                errors.append(f"{where}: EnvoyProxy {name}: bootstrap histogram_bucket_settings differ from envoy/envoy.yaml")
+            if not same_buckets(buckets_of(stats.get("histogram_bucket_settings"), where, errors), ref_buckets):
+                errors.append(f"{where}: EnvoyProxy {name}: bootstrap histogram_bucket_settings differ from envoy/envoy.yaml "
+                              "(entries or their order)")
     return errors
 
 
 def istio_wiring_errors(yaml, where: str, plugin: dict, objects: list[tuple[str, dict]], patches: list[tuple[str, dict]],
                         ref_tags: dict[str, str], ref_buckets: dict[str, list[float]]) -> list[str]:
-    """A WasmPlugin's metrics get their labels and buckets only through the pod annotations."""
+    """A WasmPlugin's metrics get their labels and buckets only through the pod annotations: the
+    tags Istio can render from extraStatTags there, the others (istio_split) and the buckets in the
+    bootstrap override ConfigMap."""
     errors: list[str] = []
     name, ns = meta(plugin)
-    for tag, rx in ref_tags.items():
-        if rx != istio_tag_regex(tag):
-            errors.append(f"{ENVOY_YAML}: stats_tags {tag}: regex {rx} is not the one Istio generates for extraStatTags "
-                          f"({istio_tag_regex(tag)})")
+    istio_names, override_tags = istio_split(ref_tags)
     annotated = []
     for pw, pd in patches:
         template = (pd.get("spec") or {}).get("template") if isinstance(pd.get("spec"), dict) else None
@@ -853,9 +900,13 @@ def istio_wiring_errors(yaml, where: str, plugin: dict, objects: list[tuple[str,
         tags = proxy_config.get("extraStatTags") if isinstance(proxy_config, dict) else None
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             errors.append(f"{pw}: annotation {ISTIO_PROXY_CONFIG} has no extraStatTags list: llm-meter's labels stay in the metric names")
-        elif set(tags) != set(ref_tags) or len(tags) != len(set(tags)):
+        elif set(tags) != set(istio_names) or len(tags) != len(set(tags)):
+            wrong = sorted(set(tags) & set(override_tags))
             errors.append(f"{pw}: {ISTIO_PROXY_CONFIG} extraStatTags differ from envoy/envoy.yaml's stats_tags (missing "
-                          f"{sorted(set(ref_tags) - set(tags))}, extra {sorted(set(tags) - set(ref_tags))})")
+                          f"{sorted(set(istio_names) - set(tags))}, extra {sorted(set(tags) - set(istio_names))}"
+                          + (f"; for {wrong} istio-agent would render {istio_tag_regex(wrong[0])}, not envoy.yaml's "
+                             f"{override_tags[wrong[0]]}: they belong in {CUSTOM_BOOTSTRAP}'s stats_tags" if wrong else "")
+                          + ")")
         cm_name = ann.get(ISTIO_BOOTSTRAP_OVERRIDE)
         if not isinstance(cm_name, str) or not cm_name:
             errors.append(f"{pw}: no {ISTIO_BOOTSTRAP_OVERRIDE} annotation: llm-meter's histograms keep Envoy's default buckets")
@@ -878,12 +929,27 @@ def istio_wiring_errors(yaml, where: str, plugin: dict, objects: list[tuple[str,
                 errors.append(f"{cw}: ConfigMap {cm_name}: {CUSTOM_BOOTSTRAP} is not JSON: {e}")
                 continue
             stats = boot.get("stats_config") if isinstance(boot, dict) else None
-            if not isinstance(stats, dict) or set(boot) != {"stats_config"} or set(stats) != {"histogram_bucket_settings"}:
-                errors.append(f"{cw}: ConfigMap {cm_name}: {CUSTOM_BOOTSTRAP} must hold stats_config.histogram_bucket_settings "
-                              "and nothing else (it is merged into Istio's bootstrap; the labels come from extraStatTags)")
+            keys = {"histogram_bucket_settings"} | ({"stats_tags"} if override_tags else set())
+            if not isinstance(stats, dict) or set(boot) != {"stats_config"} or set(stats) != keys:
+                errors.append(f"{cw}: ConfigMap {cm_name}: {CUSTOM_BOOTSTRAP} must hold stats_config with "
+                              f"{' and '.join(sorted(keys))} and nothing else (Envoy merges it into Istio's bootstrap: "
+                              "lists are appended, single values replace Istio's)")
                 continue
-            if buckets_of(stats["histogram_bucket_settings"], cw, errors) != ref_buckets:
-                errors.append(f"{cw}: ConfigMap {cm_name}: histogram_bucket_settings differ from envoy/envoy.yaml")
+            if not same_buckets(buckets_of(stats["histogram_bucket_settings"], cw, errors), ref_buckets):
+                errors.append(f"{cw}: ConfigMap {cm_name}: histogram_bucket_settings differ from envoy/envoy.yaml "
+                              "(entries or their order)")
+            entries = stats.get("stats_tags") or []
+            if not isinstance(entries, list) or not all(isinstance(t, dict) and set(t) == {"tag_name", "regex"} for t in entries):
+                errors.append(f"{cw}: ConfigMap {cm_name}: a stats_tags entry is not {{tag_name, regex}}")
+                continue
+            got = {t["tag_name"]: t["regex"] for t in entries}
+            if got != override_tags or len(entries) != len(got):
+                twice = sorted(set(got) & set(istio_names))
+                errors.append(f"{cw}: ConfigMap {cm_name}: stats_tags must be envoy/envoy.yaml's stats_tags that "
+                              f"extraStatTags cannot express, {sorted(override_tags)}, with its regexes (missing "
+                              f"{sorted(set(override_tags) - set(got))}, extra {sorted(set(got) - set(override_tags))}, "
+                              f"different regex {sorted(k for k in set(got) & set(override_tags) if got[k] != override_tags[k])})"
+                              + (f"; {twice} come from extraStatTags already: specified twice" if twice else ""))
     return errors
 
 
@@ -914,6 +980,8 @@ def self_test_semantics(yaml, parsed: list[Parsed], ref_tags: dict[str, str], re
                         notes: list[str]) -> list[str]:
     """Wrong copies of the shipped manifests that the rules above must reject."""
     plugin, patch, eep = _first(parsed, "WasmPlugin"), _first(parsed, None), _first(parsed, "EnvoyExtensionPolicy")
+    proxy = _first(parsed, "EnvoyProxy")
+    istio_names, override_tags = istio_split(ref_tags)
     cm = next((d for _, docs, p in parsed if not p for d in docs
                if isinstance(d, dict) and d.get("kind") == "ConfigMap" and CUSTOM_BOOTSTRAP in (d.get("data") or {})), None)
     cases: list[tuple[str, list[Parsed], str]] = []
@@ -930,21 +998,60 @@ def self_test_semantics(yaml, parsed: list[Parsed], ref_tags: dict[str, str], re
                       "applyTo BOOTSTRAP"))
         cases.append(("WasmPlugin without the pod annotations", [("old", [plugin, old], False)], "no workload patch"))
     if plugin is not None and patch is not None and cm is not None:
-        def drop_tag(d):
-            ann = d["spec"]["template"]["metadata"]["annotations"]
-            ann[ISTIO_PROXY_CONFIG] = "extraStatTags: [" + ", ".join(t for t in ref_tags if t != "rule") + "]\n"
+        def extra_stat_tags(names):
+            def change(d):
+                ann = d["spec"]["template"]["metadata"]["annotations"]
+                ann[ISTIO_PROXY_CONFIG] = "extraStatTags: [" + ", ".join(names) + "]\n"
+            return change
         def other_cm(d):
             d["spec"]["template"]["metadata"]["annotations"][ISTIO_BOOTSTRAP_OVERRIDE] = "llm-meter-bootstrap-typo"
-        def with_tags(d):
-            boot = json.loads(d["data"][CUSTOM_BOOTSTRAP])
+        def custom_bootstrap(change_boot):
+            def change(d):
+                boot = json.loads(d["data"][CUSTOM_BOOTSTRAP])
+                change_boot(boot)
+                d["data"][CUSTOM_BOOTSTRAP] = json.dumps(boot)
+            return change
+        def every_tag(boot):
             boot["stats_config"]["stats_tags"] = [{"tag_name": t, "regex": r} for t, r in ref_tags.items()]
-            d["data"][CUSTOM_BOOTSTRAP] = json.dumps(boot)
+        def no_tags(boot):
+            boot["stats_config"].pop("stats_tags", None)
+        def flush_interval(boot):
+            boot["stats_flush_interval"] = "1s"
+        def first_bucket_last(boot):
+            settings = boot["stats_config"]["histogram_bucket_settings"]
+            settings.append(settings.pop(0))
         base = [("m", [plugin, cm], False)]
-        cases.append(("extraStatTags without `rule`", base + [("p", [_changed(patch, drop_tag)], True)], "extraStatTags differ"))
+        with_cm = lambda change: [("m", [plugin, _changed(cm, custom_bootstrap(change))], False), ("p", [patch], True)]
+        cases.append(("extraStatTags without `rule`",
+                      base + [("p", [_changed(patch, extra_stat_tags([t for t in istio_names if t != "rule"]))], True)],
+                      "extraStatTags differ"))
         cases.append(("bootstrapOverride naming a missing ConfigMap", base + [("p", [_changed(patch, other_cm)], True)],
                       "which no manifest defines"))
-        cases.append(("custom_bootstrap.json with stats_tags", [("m", [plugin, _changed(cm, with_tags)], False), ("p", [patch], True)],
-                      "nothing else"))
+        cases.append(("custom_bootstrap.json with stats_flush_interval", with_cm(flush_interval), "nothing else"))
+        cases.append(("custom_bootstrap.json with the first bucket setting moved last", with_cm(first_bucket_last), "their order"))
+        if override_tags:
+            # The GenAI tags: not in extraStatTags (Istio would render a regex that never matches the filter's
+            # `gen_ai_request_model_=.=` keys), but in custom_bootstrap.json, and only they.
+            cases.append(("extraStatTags with the GenAI tags",
+                          base + [("p", [_changed(patch, extra_stat_tags(list(ref_tags)))], True)], "belong in"))
+            cases.append(("custom_bootstrap.json without stats_tags", with_cm(no_tags), "nothing else"))
+            cases.append(("custom_bootstrap.json with every stats_tags entry", with_cm(every_tag), "specified twice"))
+    if proxy is not None:
+        def envoy_proxy(change_stats):
+            def change(d):
+                value = yaml.safe_load(d["spec"]["bootstrap"]["value"])
+                change_stats(value["stats_config"])
+                d["spec"]["bootstrap"]["value"] = yaml.safe_dump(value)
+            return change
+        def drop_override_tags(stats):
+            stats["stats_tags"] = [t for t in stats["stats_tags"] if t["tag_name"] not in override_tags]
+        def first_setting_last(stats):
+            stats["histogram_bucket_settings"].append(stats["histogram_bucket_settings"].pop(0))
+        if override_tags:
+            cases.append(("EnvoyProxy bootstrap without the GenAI stats_tags",
+                          [("e", [_changed(proxy, envoy_proxy(drop_override_tags))], False)], "stats_tags differ"))
+        cases.append(("EnvoyProxy bootstrap with the first bucket setting moved last",
+                      [("e", [_changed(proxy, envoy_proxy(first_setting_last))], False)], "their order"))
     if eep is not None:
         def http_with_image(d):
             d["spec"]["wasm"][0]["code"]["type"] = "HTTP"
