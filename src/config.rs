@@ -881,4 +881,27 @@ mod tests {
             "limits[0].service: missing field `domain`",
         );
     }
+
+    #[test]
+    fn records_and_naming() {
+        let c = Config::parse(b"{}").unwrap();
+        assert_eq!(c.records, RecordsConfig::default());
+        assert!(c.records.enabled && c.records.filter_state == "llm_meter");
+        assert_eq!(c.metrics.naming, Naming::Default);
+        let c = Config::parse(
+            br#"{"records":{"enabled":false,"filter_state":"meter-2","key":"ip"},"metrics":{"naming":"otel"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.records, RecordsConfig { enabled: false, filter_state: "meter-2".into(), key: KeySource::Ip });
+        assert_eq!((c.metrics.naming.default_histograms(), c.metrics.naming.otel()), (false, true));
+        let both = Config::parse(br#"{"metrics":{"naming":"both"}}"#).unwrap().metrics.naming;
+        assert_eq!((both.default_histograms(), both.otel()), (true, true));
+        expect_err(r#"{"records":{"filter_state":"a.b"}}"#, "records.filter_state:");
+        expect_err(r#"{"records":{"filter_state":""}}"#, "records.filter_state:");
+        expect_err(r#"{"records":{"key":"cookie"}}"#, "records.key:");
+        expect_err(r#"{"records":{"key":"header:"}}"#, "records.key:");
+        expect_err(r#"{"records":{"mode":1}}"#, "records.mode: unknown field");
+        expect_err(r#"{"records":[]}"#, "records:");
+        expect_err(r#"{"metrics":{"naming":"prometheus"}}"#, "metrics.naming:");
+    }
 }

@@ -825,7 +825,10 @@ impl Exchange {
             }
             if let Some(u) = usage {
                 worker.record_otel(host, series, Metric::GenAiClientTokenUsage, op, "input", u.input);
-                worker.record_otel(host, series, Metric::GenAiClientTokenUsage, op, "output", u.output);
+                // Embeddings produce no output tokens: no 0 sample to drag the output distribution down.
+                if op != Operation::Embeddings {
+                    worker.record_otel(host, series, Metric::GenAiClientTokenUsage, op, "output", u.output);
+                }
             }
         }
 
