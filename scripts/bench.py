@@ -5,6 +5,8 @@ One machine, one run, the same load from wrk against every setup, in alternating
 
   a        plain Envoy (the shipped envoy/envoy.yaml without the wasm filter)
   b        Envoy + llm-meter, metrics only (the shipped metrics/pricing configuration, no limits)
+  bo       (b) with per-request records off (`records.enabled: false`): what publishing a record
+           per request costs is (b) against (bo)
   c        Envoy + llm-meter, metrics + 2 rate-limit rules (rpm and tpm per x-api-key, set so high
            that nothing is ever rejected)
   r        Envoy + llm-meter, metrics + resilience (b plus a circuit breaker and fallback chains;
@@ -14,6 +16,9 @@ One machine, one run, the same load from wrk against every setup, in alternating
   litellm  LiteLLM proxy (venv .venv-litellm from bench/requirements-litellm.txt), when it installs
   n        Envoy + an empty proxy-wasm filter (generated here, ~400 bytes) in llm-meter's place:
            what any wasm filter costs in Envoy + V8, to tell it apart from llm-meter's own work
+
+The shipped JSON access log is left out of every setup (it would measure Envoy's logger, the same
+in each); `--access-log` keeps it in all of them, printing every record.
 
 All forward to one upstream that is not the bottleneck: a second Envoy whose listeners answer
 with `direct_response` (an OpenAI chat completion JSON of ~1 KB with `usage`, or an SSE stream of
@@ -70,10 +75,10 @@ LL_VENV = ROOT / ".venv-litellm"
 LL_REQS = ROOT / "bench" / "requirements-litellm.txt"
 
 PORT = {
-    "a": 19001, "b": 19002, "c": 19003, "py": 19004, "litellm": 19005, "n": 19006, "r": 19007,
+    "a": 19001, "b": 19002, "c": 19003, "py": 19004, "litellm": 19005, "n": 19006, "r": 19007, "bo": 19008,
     "mem_a": 19011, "mem_b": 19012,
     "up_json": 19100, "up_sse": 19101, "up_big": 19102, "up_admin": 19190,
-    "a_admin": 19901, "b_admin": 19902, "c_admin": 19903, "n_admin": 19906, "r_admin": 19907,
+    "a_admin": 19901, "b_admin": 19902, "c_admin": 19903, "n_admin": 19906, "r_admin": 19907, "bo_admin": 19908,
     "mem_a_admin": 19911, "mem_b_admin": 19912,
 }
 LIMIT_RULES = [
@@ -90,6 +95,7 @@ RESILIENCE = {
 SETUPS = {
     "a": "plain Envoy (no wasm)",
     "b": "Envoy + llm-meter (metrics)",
+    "bo": "Envoy + llm-meter (records off)",
     "c": "Envoy + llm-meter (metrics + 2 limits)",
     "r": "Envoy + llm-meter (metrics+resilience)",
     "py": "Python proxy (FastAPI+httpx+prom)",
@@ -107,9 +113,9 @@ WORKLOADS = {
                "streaming request WITH stream_options.include_usage -> SSE: 200 chat.completion.chunk "
                "events + usage chunk + [DONE], {sse} bytes"),
 }
-ENVOY_SETUPS = ("a", "n", "b", "c", "r")
+ENVOY_SETUPS = ("a", "n", "b", "bo", "c", "r")
 # The llm-meter setups, whose metering is checked after each workload.
-METER_SETUPS = ("b", "c", "r")
+METER_SETUPS = ("b", "bo", "c", "r")
 CPU_PROXY, CPU_LOAD = "0", "1"
 # LiteLLM's proxy refuses to start without a master key, and then checks it on every request; all
 # setups get the same `authorization: Bearer` header. A local benchmark value, not a credential.
@@ -446,9 +452,19 @@ def front_yaml(setup, listen, admin, upstream, shipped):
     router_start = cfg.find("          - name: envoy.filters.http.router")
     if wasm_start < 0 or router_start < wasm_start:
         raise RuntimeError("envoy/envoy.yaml: wasm filter entry before the router not found")
+    if not ACCESS_LOG:
+        log_start = cfg.find("          # One JSON line per request")
+        log_end = cfg.find("          route_config:")
+        if log_start < 0 or log_end < log_start:
+            raise RuntimeError("envoy/envoy.yaml: the access_log block before route_config not found")
+        cfg = cfg[:log_start] + cfg[log_end:]
+        wasm_start = cfg.find("          - name: envoy.filters.http.wasm")
+        router_start = cfg.find("          - name: envoy.filters.http.router")
     if setup == "a":
         return cfg[:wasm_start] + cfg[router_start:]
     filter_cfg = {} if setup == "n" else metrics_config(shipped)
+    if setup == "bo":
+        filter_cfg["records"] = {"enabled": False}
     if setup == "c":
         filter_cfg["limits"] = LIMIT_RULES
     if setup == "r":
@@ -463,6 +479,9 @@ def front_yaml(setup, listen, admin, upstream, shipped):
              + indent)
     return cfg[:begin] + block + cfg[end:]
 
+
+# --access-log: keep the shipped access log in every setup.
+ACCESS_LOG = False
 
 # --filter-extra: JSON merged into the (b), (c) and (r) filter configurations (an experiment's knob).
 FILTER_EXTRA = {}
@@ -1112,6 +1131,8 @@ def parse_args():
     ap.add_argument("--filter-extra", default=os.environ.get("BENCH_FILTER_EXTRA", ""),
                     help="JSON object merged into the llm-meter configuration of (b), (c) and (r), e.g. "
                          "'{\"request\":{\"model_lookahead_bytes\":0}}' to measure a configuration's cost")
+    ap.add_argument("--access-log", action="store_true", default=env_flag("BENCH_ACCESS_LOG", False),
+                    help="keep the shipped JSON access log (stdout, one line per request) in every Envoy setup")
     ap.add_argument("--perf", action="store_true", default=env_flag("BENCH_PERF", False),
                     help="after each workload's rounds, profile each Envoy setup with perf (cpu-clock) "
                          "and print where its CPU goes")
@@ -1167,8 +1188,9 @@ def machine():
 
 
 def main():
-    global PROCS, WASM
+    global PROCS, WASM, ACCESS_LOG
     args = parse_args()
+    ACCESS_LOG = args.access_log
     if args.filter:
         WASM = Path(args.filter).resolve()
     if args.filter_extra:
@@ -1190,7 +1212,7 @@ def main():
     if busy:
         sys.exit(f"ports already in use: {busy} (a previous bench still running?)")
 
-    setups = ["a", "b", "r", "c"] + (["n"] if args.noop else [])
+    setups = ["a", "b", "bo", "r", "c"] + (["n"] if args.noop else [])
     if args.python:
         if ensure_venv(PY_VENV, PY_REQS, "the Python proxy (FastAPI, uvicorn, httpx, prometheus-client)", 600):
             setups.append("py")
