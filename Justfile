@@ -169,6 +169,10 @@ bench *flags: (deps "bench") build envoy
 soak seconds="600": (deps "test") build mock envoy
     LLM_METER_SOAK_SECS={{seconds}} cargo test -p llm-meter --test soak -- --nocapture
 
+# Cost and usage per day, app and model from an Envoy access log with llm-meter records (tools/llm_cost.py, docs/records.md); e.g. `just cost envoy.log --by key_hash --format csv` for a chargeback per API key, `-` for stdin
+cost log *args:
+    python3 tools/llm_cost.py {{args}} "{{log}}"
+
 # Fuzz every target (fuzz/, cargo-fuzz on the nightly toolchain) for `seconds` each, starting from fuzz/seeds; a crash stops with the input in fuzz/artifacts/
 fuzz seconds="10":
     #!/usr/bin/env bash

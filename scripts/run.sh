@@ -31,7 +31,7 @@ trap 'exit 130' INT TERM
 
 target/release/mock-llm --port 8000 >.run/mock.out 2>.run/mock.log &
 pids+=($!)
-.venv/bin/envoy -c envoy/envoy.yaml --concurrency 2 --log-level warn >.run/envoy.log 2>&1 &
+.venv/bin/envoy -c envoy/envoy.yaml --concurrency 2 --log-level warn --file-flush-interval-msec 200 >.run/envoy.log 2>&1 &
 pids+=($!)
 
 ready=false
@@ -89,6 +89,13 @@ done
 echo
 echo "llm_* metrics on http://127.0.0.1:9901/stats/prometheus (histogram buckets omitted):"
 curl -s http://127.0.0.1:9901/stats/prometheus | grep -E '^(# TYPE )?llm_' | grep -v '_bucket{' || true
+
+echo
+echo "per-request records: the access log in .run/envoy.log, one JSON line per request; the last one:"
+grep '^{' .run/envoy.log | grep '"llm":{' | tail -n 1 || true
+echo
+echo "the daily cost per app and model from those records (python3 tools/llm_cost.py .run/envoy.log):"
+python3 tools/llm_cost.py .run/envoy.log || true
 
 if $once; then
   exit 0
