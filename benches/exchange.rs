@@ -195,6 +195,11 @@ mod native {
         "limits": [{"name": "rpm", "key": "header:x-api-key", "requests_per_minute": 100000000},
                    {"name": "tpm", "key": "header:x-api-key", "tokens_per_minute": 100000000000}]}"#;
 
+    /// The metrics configuration without per-request records.
+    const RECORDS_OFF: &str = r#"{"metrics": {"app_header": "x-app-id"},
+        "pricing": {"gpt-4o-mini": {"input": 0.15, "output": 0.6, "cached_input": 0.075}},
+        "records": {"enabled": false}}"#;
+
     /// The metrics configuration plus a circuit breaker and a fallback chain (no circuit open).
     const RESILIENCE: &str = r#"{"metrics": {"app_header": "x-app-id"},
         "pricing": {"gpt-4o-mini": {"input": 0.15, "output": 0.6, "cached_input": 0.075}},
@@ -211,6 +216,7 @@ mod native {
             ("content-length", "208"),
             ("x-app-id", "bench"),
             ("x-api-key", "sk-bench-0123456789"),
+            ("authorization", "Bearer sk-bench-5f0c3a9e7d2b4186a1c9e0f3b7d64a25c8e1f0a3b6d9c2e5"),
             ("user-agent", "wrk"),
         ] {
             host.request_headers.push((k.to_string(), v.as_bytes().to_vec()));
@@ -273,6 +279,7 @@ mod native {
         let json = response_json();
         let sse = response_sse();
         case(&mut c, "chat_json_metrics", CONFIG, "application/json", &json, 16384);
+        case(&mut c, "chat_json_metrics_records_off", RECORDS_OFF, "application/json", &json, 16384);
         case(&mut c, "chat_json_metrics_2_limits", LIMITS, "application/json", &json, 16384);
         case(&mut c, "chat_json_metrics_resilience", RESILIENCE, "application/json", &json, 16384);
         // Envoy hands a 60 KB upstream body to filters in chunks of up to 16 KiB.

@@ -1131,6 +1131,8 @@ def parse_args():
     ap.add_argument("--filter-extra", default=os.environ.get("BENCH_FILTER_EXTRA", ""),
                     help="JSON object merged into the llm-meter configuration of (b), (c) and (r), e.g. "
                          "'{\"request\":{\"model_lookahead_bytes\":0}}' to measure a configuration's cost")
+    ap.add_argument("--skip", default=os.environ.get("BENCH_SKIP", ""),
+                    help="comma-separated setups to leave out (e.g. bo for a filter build without records)")
     ap.add_argument("--access-log", action="store_true", default=env_flag("BENCH_ACCESS_LOG", False),
                     help="keep the shipped JSON access log (stdout, one line per request) in every Envoy setup")
     ap.add_argument("--perf", action="store_true", default=env_flag("BENCH_PERF", False),
@@ -1213,6 +1215,7 @@ def main():
         sys.exit(f"ports already in use: {busy} (a previous bench still running?)")
 
     setups = ["a", "b", "bo", "r", "c"] + (["n"] if args.noop else [])
+    setups = [k for k in setups if k not in args.skip.split(",")]
     if args.python:
         if ensure_venv(PY_VENV, PY_REQS, "the Python proxy (FastAPI, uvicorn, httpx, prometheus-client)", 600):
             setups.append("py")

@@ -862,7 +862,9 @@ impl Exchange {
                 duration_ms,
                 rejected_by: self.rejected_by.clone(),
                 key_hash: match &worker.config.records.key {
-                    KeySource::Header(_) => self.record_key.as_deref().filter(|v| !v.is_empty()).map(record::key_hash),
+                    KeySource::Header(_) => {
+                        self.record_key.as_deref().filter(|v| !v.is_empty()).map(|v| worker.key_hashes.get(v))
+                    }
                     KeySource::Ip => host
                         .client_address()
                         .and_then(|a| enforce::client_ip(&a))

@@ -33,6 +33,8 @@ pub(crate) enum ModelLabeler {
 #[derive(Debug)]
 pub struct Worker {
     pub(crate) config: Config,
+    /// The records' key hashes, remembered (see [`crate::record::KeyHashes`]).
+    pub(crate) key_hashes: crate::record::KeyHashes,
     pub(crate) models: ModelLabeler,
     pub(crate) apps: Option<LabelSet>,
     pub(crate) skips_logged: [u64; Skip::ALL.len()],
@@ -194,6 +196,7 @@ impl Worker {
             .as_ref()
             .map(|_| LabelSet::new(format!("llm_meter.{prefix}.apps"), config.metrics.max_apps));
         Self {
+            key_hashes: crate::record::KeyHashes::default(),
             models,
             apps,
             skips_logged: [0; Skip::ALL.len()],

@@ -20,6 +20,7 @@
 //! declaration's arguments.
 
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 
 /// Default filter state name (`wasm.llm_meter` in the access log format).
 pub const DEFAULT_NAME: &str = "llm_meter";
@@ -61,7 +62,8 @@ pub struct Record {
     pub tpot_ms: Option<f64>,
     /// From request headers to the end of the response, ms.
     pub duration_ms: u64,
-    /// The limit rule that rejected the request, when this filter answered it with a rejection.
+    /// The rule that rejected the request, when this filter answered it itself: a limit rule,
+    /// `max_input_tokens`, `failure_mode`, or `circuit_open`.
     pub rejected_by: Option<String>,
     /// The first 12 hex digits of the SHA-256 of the record's key (see [`key_hash`]).
     pub key_hash: Option<String>,
@@ -86,80 +88,80 @@ enum Value<'a> {
 }
 
 impl Record {
-    /// The published fields, in a fixed order (the access log's JSON printer sorts them).
-    fn fields(&self) -> Vec<(&'static str, Value<'_>)> {
-        let mut f = Vec::with_capacity(22);
-        fn s(v: &Option<String>) -> Option<Value<'_>> {
-            v.as_deref().map(Value::Str)
-        }
+    /// Calls `f` with each published field, in a fixed order (the access log's JSON printer
+    /// sorts them).
+    fn for_each_field(&self, mut f: impl FnMut(&'static str, Value<'_>)) {
         let n = |v: u64| Value::Num(v as f64);
-        if let Some(v) = s(&self.request_model) {
-            f.push(("request_model", v));
-        }
-        if let Some(v) = s(&self.model) {
-            f.push(("model", v));
-        }
-        if let Some(v) = s(&self.response_model) {
-            f.push(("response_model", v));
-        }
-        f.push(("model_label", Value::Str(&self.model_label)));
-        f.push(("app", Value::Str(&self.app)));
-        f.push(("operation", Value::Str(self.operation)));
-        f.push(("provider", Value::Str(self.provider)));
-        f.push(("stream", Value::Bool(self.stream)));
-        f.push(("status", n(u64::from(self.status))));
-        f.push(("error_type", Value::Str(self.error_type)));
+        let mut s = |key: &'static str, v: &Option<String>| {
+            if let Some(v) = v.as_deref() {
+                f(key, Value::Str(v));
+            }
+        };
+        s("request_model", &self.request_model);
+        s("model", &self.model);
+        s("response_model", &self.response_model);
+        f("model_label", Value::Str(&self.model_label));
+        f("app", Value::Str(&self.app));
+        f("operation", Value::Str(self.operation));
+        f("provider", Value::Str(self.provider));
+        f("stream", Value::Bool(self.stream));
+        f("status", n(u64::from(self.status)));
+        f("error_type", Value::Str(self.error_type));
         if let Some(u) = self.usage {
-            f.push(("input_tokens", n(u.input)));
-            f.push(("output_tokens", n(u.output)));
-            f.push(("cached_input_tokens", n(u.cached_input)));
-            f.push(("cache_creation_input_tokens", n(u.cache_creation_input)));
-            f.push(("reasoning_tokens", n(u.reasoning)));
+            f("input_tokens", n(u.input));
+            f("output_tokens", n(u.output));
+            f("cached_input_tokens", n(u.cached_input));
+            f("cache_creation_input_tokens", n(u.cache_creation_input));
+            f("reasoning_tokens", n(u.reasoning));
         }
         if let Some(c) = self.cost_microusd {
-            f.push(("cost_microusd", Value::Num(c)));
+            f("cost_microusd", Value::Num(c));
         }
         if let Some(t) = self.ttft_ms {
-            f.push(("ttft_ms", n(t)));
+            f("ttft_ms", n(t));
         }
         if let Some(t) = self.tpot_ms {
-            f.push(("tpot_ms", Value::Num(t)));
+            f("tpot_ms", Value::Num(t));
         }
-        f.push(("duration_ms", n(self.duration_ms)));
-        if let Some(v) = s(&self.rejected_by) {
-            f.push(("rejected_by", v));
-        }
-        if let Some(v) = s(&self.key_hash) {
-            f.push(("key_hash", v));
-        }
-        f
+        f("duration_ms", n(self.duration_ms));
+        let mut s = |key: &'static str, v: &Option<String>| {
+            if let Some(v) = v.as_deref() {
+                f(key, Value::Str(v));
+            }
+        };
+        s("rejected_by", &self.rejected_by);
+        s("key_hash", &self.key_hash);
     }
 
-    /// The record as a serialized `google.protobuf.Struct` (what the declared property holds).
+    /// The record as a serialized `google.protobuf.Struct` (what the declared property holds),
+    /// written in one pass into one buffer.
     pub fn to_struct(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(640);
-        let mut entry = Vec::with_capacity(96);
-        let mut value = Vec::with_capacity(80);
-        for (key, v) in self.fields() {
-            value.clear();
-            match v {
-                // Value.string_value = 3
-                Value::Str(s) => bytes_field(&mut value, 3, s.as_bytes()),
-                // Value.number_value = 2 (double)
-                Value::Num(x) => {
-                    value.push(2 << 3 | 1);
-                    value.extend_from_slice(&x.to_le_bytes());
-                }
-                // Value.bool_value = 4 (varint)
-                Value::Bool(b) => value.extend_from_slice(&[4 << 3, u8::from(b)]),
-            }
-            // map<string, Value> entry: key = 1, value = 2
-            entry.clear();
-            bytes_field(&mut entry, 1, key.as_bytes());
-            bytes_field(&mut entry, 2, &value);
+        let mut out = Vec::with_capacity(768);
+        self.for_each_field(|key, v| {
+            // Value: string_value = 3 (length-delimited), number_value = 2 (double), bool_value
+            // = 4 (varint).
+            let value_len = match v {
+                Value::Str(s) => 1 + varint_len(s.len()) + s.len(),
+                Value::Num(_) => 9,
+                Value::Bool(_) => 2,
+            };
+            // map<string, Value> entry: key = 1, value = 2.
+            let entry_len = 1 + varint_len(key.len()) + key.len() + 1 + varint_len(value_len) + value_len;
             // Struct.fields = 1
-            bytes_field(&mut out, 1, &entry);
-        }
+            out.push(1 << 3 | 2);
+            varint(&mut out, entry_len);
+            bytes_field(&mut out, 1, key.as_bytes());
+            out.push(2 << 3 | 2);
+            varint(&mut out, value_len);
+            match v {
+                Value::Str(s) => bytes_field(&mut out, 3, s.as_bytes()),
+                Value::Num(x) => {
+                    out.push(2 << 3 | 1);
+                    out.extend_from_slice(&x.to_le_bytes());
+                }
+                Value::Bool(b) => out.extend_from_slice(&[4 << 3, u8::from(b)]),
+            }
+        });
         out
     }
 
@@ -167,14 +169,14 @@ impl Record {
     /// what the tests compare).
     pub fn to_json(&self) -> String {
         let mut map = serde_json::Map::new();
-        for (key, v) in self.fields() {
+        self.for_each_field(|key, v| {
             let v = match v {
                 Value::Str(s) => serde_json::Value::from(s),
                 Value::Num(x) => serde_json::Number::from_f64(x).map_or(serde_json::Value::Null, Into::into),
                 Value::Bool(b) => serde_json::Value::from(b),
             };
             map.insert(key.to_string(), v);
-        }
+        });
         serde_json::Value::Object(map).to_string()
     }
 }
@@ -199,6 +201,35 @@ pub fn key_hash(value: &[u8]) -> String {
     digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
 }
 
+/// The hashes of the keys seen lately, per worker: an API key sends many requests, and SHA-256
+/// in a Wasm VM costs about a microsecond. Bounded: at most [`KeyHashes::MAX_KEYS`] values of
+/// at most [`KeyHashes::MAX_KEY_BYTES`] (longer ones are hashed every time), forgotten all at
+/// once when full.
+#[derive(Debug, Default)]
+pub struct KeyHashes(HashMap<Vec<u8>, String>);
+
+impl KeyHashes {
+    /// Keys remembered.
+    pub const MAX_KEYS: usize = 256;
+    /// Longest key remembered, in bytes.
+    pub const MAX_KEY_BYTES: usize = 256;
+
+    /// [`key_hash`] of `value`.
+    pub fn get(&mut self, value: &[u8]) -> String {
+        if let Some(hash) = self.0.get(value) {
+            return hash.clone();
+        }
+        let hash = key_hash(value);
+        if value.len() <= Self::MAX_KEY_BYTES {
+            if self.0.len() >= Self::MAX_KEYS {
+                self.0.clear();
+            }
+            self.0.insert(value.to_vec(), hash.clone());
+        }
+        hash
+    }
+}
+
 /// The arguments of Envoy's `declare_property` foreign function (a serialized
 /// `DeclarePropertyArguments`): property `name`, writable, of type protobuf
 /// `google.protobuf.Struct`, living as long as the request.
@@ -215,13 +246,28 @@ pub fn declare_arguments(name: &str) -> Vec<u8> {
 /// Appends a length-delimited protobuf field.
 fn bytes_field(out: &mut Vec<u8>, number: u8, bytes: &[u8]) {
     out.push(number << 3 | 2);
-    let mut len = bytes.len();
-    while len >= 0x80 {
-        out.push((len as u8 & 0x7f) | 0x80);
-        len >>= 7;
-    }
-    out.push(len as u8);
+    varint(out, bytes.len());
     out.extend_from_slice(bytes);
+}
+
+/// Appends a protobuf varint.
+fn varint(out: &mut Vec<u8>, mut n: usize) {
+    while n >= 0x80 {
+        out.push((n as u8 & 0x7f) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+/// Bytes of `n` as a protobuf varint.
+fn varint_len(n: usize) -> usize {
+    let mut len = 1;
+    let mut n = n >> 7;
+    while n > 0 {
+        len += 1;
+        n >>= 7;
+    }
+    len
 }
 
 #[cfg(test)]
@@ -378,6 +424,19 @@ mod tests {
     fn key_hash_is_a_prefix_of_sha256() {
         // sha256("abc") = ba7816bf8f01cfea…
         assert_eq!(key_hash(b"abc"), "ba7816bf8f01");
+    }
+
+    #[test]
+    fn remembered_hashes_are_the_hashes_and_the_memory_stays_bounded() {
+        let mut hashes = KeyHashes::default();
+        for i in 0..3 * KeyHashes::MAX_KEYS {
+            let key = format!("Bearer sk-{}", i % (KeyHashes::MAX_KEYS + 7));
+            assert_eq!(hashes.get(key.as_bytes()), key_hash(key.as_bytes()));
+            assert!(hashes.0.len() <= KeyHashes::MAX_KEYS);
+        }
+        let long = vec![b'k'; KeyHashes::MAX_KEY_BYTES + 1];
+        assert_eq!(hashes.get(&long), key_hash(&long));
+        assert!(!hashes.0.contains_key(&long));
     }
 
     #[test]

@@ -66,6 +66,12 @@ fn an_open_circuit_sends_requests_down_the_fallback_chain_then_answers_503() {
     assert_eq!(host.request_headers.get("content-length"), Some(&got.len().to_string().into_bytes()));
     assert_eq!(host.response_headers.get("x-llm-fallback-from").map(Vec::as_slice), Some(&b"gpt-4.1"[..]));
     assert_eq!(counter(&host, "model=.=gpt-4.1;.;to=.=claude-sonnet-4;.;llm_fallbacks_total"), 1);
+    // The record names the model asked for and the one that served it.
+    let r = &host.records.last().expect("a record").1;
+    assert_eq!(
+        (r.request_model.as_deref(), r.model.as_deref(), r.response_model.as_deref(), r.model_label.as_str()),
+        (Some("gpt-4.1"), Some("claude-sonnet-4"), Some("claude-sonnet-4"), "claude-sonnet-4")
+    );
     assert_eq!(counter(&host, "model=.=claude-sonnet-4;.;app=.=unknown;.;token_type=.=output;.;llm_tokens_total"), 2);
     assert_eq!(
         counter(&host, "model=.=claude-sonnet-4;.;app=.=unknown;.;operation=.=chat;.;status=.=200;.;error_type=.=none;.;llm_requests_total"),
@@ -90,6 +96,8 @@ fn an_open_circuit_sends_requests_down_the_fallback_chain_then_answers_503() {
         (serde_json::json!("server_error"), serde_json::json!("model_unavailable"))
     );
     assert!(body.contains("gpt-4.1, claude-sonnet-4, gemini-2.5-flash"), "{body}");
+    let r = &host.records.last().expect("a record").1;
+    assert_eq!((r.status, r.error_type, r.rejected_by.as_deref()), (503, "circuit_open", Some("circuit_open")));
     // gpt-4.1 opened at t0 for 2 s; 100 ms have passed, so it reopens first, in 2 s (rounded up).
     assert_eq!(headers.iter().find(|(k, _)| k == "retry-after").map(|(_, v)| v.as_str()), Some("2"));
     assert_eq!(
