@@ -126,8 +126,8 @@ pub struct RecordsConfig {
     pub enabled: bool,
     /// Filter state name: the access log reads `%FILTER_STATE(wasm.<name>:TYPED)%`.
     pub filter_state: String,
-    /// Whose hash the record's `key_hash` is (default: the `authorization` header); `global`
-    /// leaves `key_hash` out.
+    /// Whose hash the record's `key_hash` is: by default the first rate limit rule's key (a
+    /// header or the client IP), else the `authorization` header; `global` leaves `key_hash` out.
     pub key: KeySource,
 }
 
@@ -293,22 +293,24 @@ impl Config {
             let field = if path == "." || path.is_empty() { "configuration".to_string() } else { path };
             err(field, e.into_inner().to_string())
         })?;
+        let limits = limits::validate(limits::RawLimits {
+            rules: raw.limits,
+            max_input_tokens: raw.max_input_tokens,
+            failure_mode: raw.failure_mode,
+            max_limit_keys: raw.max_limit_keys,
+            token_estimate: raw.token_estimate,
+        })?;
+        let records = validate_records(raw.records, &limits)?;
         Ok(Self {
             metrics: validate_metrics(raw.metrics)?,
             request: validate_request(raw.request)?,
             pricing: validate_pricing(raw.pricing)?,
-            limits: limits::validate(limits::RawLimits {
-                rules: raw.limits,
-                max_input_tokens: raw.max_input_tokens,
-                failure_mode: raw.failure_mode,
-                max_limit_keys: raw.max_limit_keys,
-                token_estimate: raw.token_estimate,
-            })?,
+            limits,
             usage_headers: validate_usage_headers(raw.usage_headers.unwrap_or_default())?,
             inject_stream_usage: raw.inject_stream_usage.unwrap_or(true),
             memory: validate_memory(raw.memory)?,
             resilience: resilience::validate(raw.resilience)?,
-            records: validate_records(raw.records)?,
+            records,
         })
     }
 }
@@ -442,7 +444,7 @@ fn validate_metrics(raw: RawMetrics) -> Result<MetricsConfig, ConfigError> {
     Ok(MetricsConfig { prefix, models, app_header, max_apps, naming: raw.naming.unwrap_or_default() })
 }
 
-fn validate_records(raw: RawRecords) -> Result<RecordsConfig, ConfigError> {
+fn validate_records(raw: RawRecords, limits: &LimitsConfig) -> Result<RecordsConfig, ConfigError> {
     let defaults = RecordsConfig::default();
     let filter_state = raw.filter_state.unwrap_or(defaults.filter_state);
     let valid = !filter_state.is_empty()
@@ -451,9 +453,18 @@ fn validate_records(raw: RawRecords) -> Result<RecordsConfig, ConfigError> {
     if !valid {
         return Err(err("records.filter_state", "must be 1 to 64 characters of [A-Za-z0-9_-]"));
     }
+    // By default the rate limits' key (the first rule keyed by a header or the client IP: the
+    // limits read it anyway, and the hash prefix then matches the limiter's bucket ids), else
+    // the API key in `authorization`.
     let key = match raw.key {
         Some(k) => limits::parse_key("records.key", &k)?,
-        None => defaults.key,
+        None => limits
+            .rules
+            .iter()
+            .map(|r| &r.key)
+            .find(|k| !matches!(k, KeySource::Global))
+            .cloned()
+            .unwrap_or(defaults.key),
     };
     Ok(RecordsConfig { enabled: raw.enabled.unwrap_or(true), filter_state, key })
 }
@@ -896,6 +907,23 @@ mod tests {
         assert_eq!((c.metrics.naming.default_histograms(), c.metrics.naming.otel()), (false, true));
         let both = Config::parse(br#"{"metrics":{"naming":"both"}}"#).unwrap().metrics.naming;
         assert_eq!((both.default_histograms(), both.otel()), (true, true));
+        // By default the key is the rate limits' (the first rule keyed by a header or IP).
+        let key = |json: &str| Config::parse(json.as_bytes()).unwrap().records.key;
+        assert_eq!(
+            key(r#"{"limits":[{"name":"g","key":"global","requests_per_minute":1},
+                              {"name":"k","key":"header:X-Api-Key","requests_per_minute":1},
+                              {"name":"i","key":"ip","requests_per_minute":1}]}"#),
+            KeySource::Header("x-api-key".into())
+        );
+        assert_eq!(key(r#"{"limits":[{"name":"i","key":"ip","requests_per_minute":1}]}"#), KeySource::Ip);
+        assert_eq!(
+            key(r#"{"limits":[{"name":"g","key":"global","requests_per_minute":1}]}"#),
+            KeySource::Header("authorization".into())
+        );
+        assert_eq!(
+            key(r#"{"records":{"key":"global"},"limits":[{"name":"i","key":"ip","requests_per_minute":1}]}"#),
+            KeySource::Global
+        );
         expect_err(r#"{"records":{"filter_state":"a.b"}}"#, "records.filter_state:");
         expect_err(r#"{"records":{"filter_state":""}}"#, "records.filter_state:");
         expect_err(r#"{"records":{"key":"cookie"}}"#, "records.key:");
