@@ -868,7 +868,7 @@ impl Exchange {
                     KeySource::Ip => host
                         .client_address()
                         .and_then(|a| enforce::client_ip(&a))
-                        .map(|ip| record::key_hash(ip.to_string().as_bytes())),
+                        .map(|ip| worker.key_hashes.get(ip.to_string().as_bytes())),
                     KeySource::Global => None,
                 },
             };

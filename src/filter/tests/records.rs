@@ -206,3 +206,39 @@ fn otel_naming_exports_the_gen_ai_instruments_instead_of_the_default_histograms(
         assert_eq!(counter(&host, "model=.=gpt-4o;.;app=.=unknown;.;token_type=.=input;.;llm_tokens_total"), 7);
     }
 }
+
+#[test]
+fn the_key_hash_follows_records_key() {
+    let mut host = FakeHost { client_address: Some(b"10.0.0.1:5123".to_vec()), ..FakeHost::default() };
+    host.request_headers.insert("authorization".into(), b"Bearer sk-1".to_vec());
+    for (config, want) in [
+        (r#"{"records":{"key":"ip"}}"#, Some(key_hash(b"10.0.0.1"))),
+        (r#"{"records":{"key":"global"}}"#, None),
+        ("{}", Some(key_hash(b"Bearer sk-1"))),
+    ] {
+        let mut w = worker(config);
+        exchange(
+            &mut host,
+            &mut w,
+            "/v1/chat/completions",
+            r#"{"model":"gpt-4o"}"#,
+            200,
+            "application/json",
+            &[CHAT_JSON.as_bytes()],
+        );
+        assert_eq!(last_record(&host).key_hash, want, "{config}");
+    }
+    // No key in the request: no hash (an empty header is no key either).
+    host.request_headers.insert("authorization".into(), Vec::new());
+    let mut w = worker("{}");
+    exchange(
+        &mut host,
+        &mut w,
+        "/v1/chat/completions",
+        r#"{"model":"gpt-4o"}"#,
+        200,
+        "application/json",
+        &[CHAT_JSON.as_bytes()],
+    );
+    assert_eq!(last_record(&host).key_hash, None);
+}
