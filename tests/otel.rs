@@ -15,96 +15,28 @@
 
 mod common;
 
-use common::{client, eventually, free_port, http_get, root, send, Envoy, Mock};
+use common::{client, eventually, http_get, send, Envoy, Mock, Prometheus};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-// ---- A real Prometheus scraping several Envoys ----
+// ---- Samples of a real Prometheus scraping several Envoys ----
 
-struct Prometheus {
-    child: Child,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-impl Prometheus {
-    /// The shipped scrape job (envoy/prometheus/prometheus.yml) pointed at `admins`, every
-    /// second, without the alert rules (tests/prometheus.rs checks those).
-    fn start(admins: &[u16]) -> Prometheus {
-        let bin = PathBuf::from("/usr/bin/prometheus");
-        assert!(bin.exists(), "prometheus is missing: install Debian's `prometheus` package (.ci/run does)");
-        let dir = std::env::temp_dir().join(format!("llm-meter-otel-prom-{}-{}", std::process::id(), free_port()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let shipped = std::fs::read_to_string(root().join("envoy/prometheus/prometheus.yml")).unwrap();
-        let targets: Vec<String> = admins.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
-        let mut config = shipped;
-        for (from, to) in [
-            ("scrape_interval: 15s", "scrape_interval: 1s".to_string()),
-            ("evaluation_interval: 15s", "evaluation_interval: 1s".to_string()),
-            ("rule_files:\n  - alerts.yml\n", String::new()),
-            ("\"127.0.0.1:9901\"", targets.join(", ")),
-        ] {
-            assert!(config.contains(from), "envoy/prometheus/prometheus.yml no longer contains {from:?}");
-            config = config.replace(from, &to);
-        }
-        std::fs::write(dir.join("prometheus.yml"), config).unwrap();
-        let port = free_port();
-        let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
-        let child = Command::new(bin)
-            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn prometheus");
-        let p = Prometheus { child, port, dir };
-        eventually(Duration::from_secs(30), "Prometheus ready", || {
-            http_get(p.port, "/-/ready").filter(|(c, _)| *c == 200)
-        });
-        p
-    }
-
-    /// Instant query: every sample as (labels including `__name__`, value).
-    fn query(&self, expr: &str) -> Vec<Sample> {
-        let url = format!("http://127.0.0.1:{}/api/v1/query", self.port);
-        let mut resp = client().get(&url).query("query", expr).call().unwrap_or_else(|e| panic!("GET {url}: {e}"));
-        let body = resp.body_mut().read_to_string().unwrap();
-        let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
-        assert_eq!(v["status"], "success", "query {expr}: {body}");
-        v["data"]["result"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-            .iter()
-            .map(|r| {
-                let labels = r["metric"]
-                    .as_object()
-                    .unwrap()
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
-                    .collect();
-                let value = r["value"][1].as_str().unwrap().parse().unwrap();
-                Sample { labels, value }
-            })
-            .collect()
-    }
-
-    fn scalar(&self, expr: &str) -> Option<f64> {
-        self.query(expr).first().map(|s| s.value)
-    }
+/// Instant query: every sample as (labels including `__name__`, value).
+fn query_samples(prom: &Prometheus, expr: &str) -> Vec<Sample> {
+    prom.query(expr)
+        .iter()
+        .map(|r| {
+            let labels = r["metric"]
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+                .collect();
+            let value = r["value"][1].as_str().unwrap().parse().unwrap();
+            Sample { labels, value }
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone)]
@@ -516,7 +448,7 @@ fn otel_naming_exports_the_gen_ai_instruments_to_prometheus_and_default_naming_i
     };
     let otel = Envoy::start(mock.port, &config(r#", "naming": "otel""#));
     let plain = Envoy::start(mock.port, &config(""));
-    let prom = Prometheus::start(&[otel.admin, plain.admin]);
+    let prom = Prometheus::start(&[otel.admin, plain.admin], false);
     let (otel_i, plain_i) = (instance(&otel), instance(&plain));
 
     let calls = traffic();
@@ -557,7 +489,7 @@ fn otel_naming_exports_the_gen_ai_instruments_to_prometheus_and_default_naming_i
     for inst in &OTEL {
         assert!(raw.contains(&format!("# TYPE {} histogram\n", inst.name)), "no `# TYPE {} histogram` line", inst.name);
     }
-    let samples = prom.query(&format!(r#"{{__name__=~"gen_ai_.+",instance="{otel_i}"}}"#));
+    let samples = query_samples(&prom, &format!(r#"{{__name__=~"gen_ai_.+",instance="{otel_i}"}}"#));
     let names: BTreeSet<&str> = samples.iter().map(Sample::name).collect();
     let want_names: BTreeSet<String> =
         OTEL.iter().flat_map(|i| ["_bucket", "_sum", "_count"].map(|s| format!("{}{s}", i.name))).collect();
@@ -571,7 +503,7 @@ fn otel_naming_exports_the_gen_ai_instruments_to_prometheus_and_default_naming_i
 
     // The token sums agree with the llm_tokens_total counter (and what was sent), per model and
     // token type.
-    let counters = prom.query(&format!(r#"llm_tokens_total{{instance="{otel_i}"}}"#));
+    let counters = query_samples(&prom, &format!(r#"llm_tokens_total{{instance="{otel_i}"}}"#));
     assert!(!counters.is_empty(), "llm_tokens_total missing in otel mode");
     for (series, sum) in &sums["gen_ai_client_token_usage"] {
         let (model, token_type) = (&series[2], &series[3]);
@@ -624,14 +556,17 @@ fn otel_naming_exports_the_gen_ai_instruments_to_prometheus_and_default_naming_i
     assert!(*tpot_sum >= CHUNK_DELAY_MS.parse::<f64>().unwrap() * 0.95, "gpt-4o time per output token _sum {tpot_sum}");
 
     // No default histogram in otel mode; the counters and gauges are there.
-    let defaults = prom.query(&format!(
-        r#"{{__name__=~"llm_(request_duration_ms|time_to_first_token_ms|time_per_output_token_ms|tokens_per_request)(_bucket|_sum|_count)?",instance="{otel_i}"}}"#
-    ));
+    let defaults = query_samples(
+        &prom,
+        &format!(
+            r#"{{__name__=~"llm_(request_duration_ms|time_to_first_token_ms|time_per_output_token_ms|tokens_per_request)(_bucket|_sum|_count)?",instance="{otel_i}"}}"#
+        ),
+    );
     assert!(defaults.is_empty(), "default histograms exported in otel mode: {defaults:#?}");
     for inst in &DEFAULT_HISTOGRAMS {
         assert!(!raw.contains(inst.name), "{} in the otel Envoy's /stats/prometheus", inst.name);
     }
-    let requests = prom.query(&format!(r#"llm_requests_total{{instance="{otel_i}"}}"#));
+    let requests = query_samples(&prom, &format!(r#"llm_requests_total{{instance="{otel_i}"}}"#));
     let mut by_op: BTreeMap<(String, String, String), f64> = BTreeMap::new();
     for s in &requests {
         *by_op.entry((s.get("model").into(), s.get("operation").into(), s.get("error_type").into())).or_default() +=
@@ -662,9 +597,9 @@ fn otel_naming_exports_the_gen_ai_instruments_to_prometheus_and_default_naming_i
         raw.lines().filter(|l| l.starts_with("llm_") && (l.contains("_count{") || l.contains("_ms_sum{"))).collect();
     println!("default-naming Envoy /stats/prometheus, histogram counts:\n{}", default_raw.join("\n"));
     assert!(!raw.contains("gen_ai"), "gen_ai in the default-naming Envoy's /stats/prometheus");
-    let gen_ai = prom.query(&format!(r#"{{__name__=~"gen_ai.*",instance="{plain_i}"}}"#));
+    let gen_ai = query_samples(&prom, &format!(r#"{{__name__=~"gen_ai.*",instance="{plain_i}"}}"#));
     assert!(gen_ai.is_empty(), "gen_ai_* series with the default naming: {gen_ai:#?}");
-    let samples = prom.query(&format!(r#"{{__name__=~"llm_.+",instance="{plain_i}"}}"#));
+    let samples = query_samples(&prom, &format!(r#"{{__name__=~"llm_.+",instance="{plain_i}"}}"#));
     let mut default_sums = BTreeMap::new();
     for inst in &DEFAULT_HISTOGRAMS {
         let exact = inst.name == "llm_tokens_per_request";

@@ -6,87 +6,10 @@
 
 mod common;
 
-use common::{client, eventually, free_port, render_config, root, send, Envoy, Mock};
+use common::{client, eventually, render_config, root, send, Envoy, Mock, Prometheus};
 use serde_json::{json, Value};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
-
-struct Prometheus {
-    child: Child,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-impl Prometheus {
-    /// Scrapes Envoy's admin port every second, with the shipped alert rules.
-    fn start(envoy_admin: u16) -> Prometheus {
-        let bin = PathBuf::from("/usr/bin/prometheus");
-        assert!(bin.exists(), "prometheus is missing: install Debian's `prometheus` package (.ci/run does)");
-        let dir = std::env::temp_dir().join(format!("llm-meter-prom-{}-{}", std::process::id(), free_port()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let rules = root().join("envoy/prometheus/alerts.yml");
-        let shipped = std::fs::read_to_string(root().join("envoy/prometheus/prometheus.yml")).unwrap();
-        // The shipped scrape job, pointed at this Envoy, scraping every second.
-        let config = shipped
-            .replace("scrape_interval: 15s", "scrape_interval: 1s")
-            .replace("evaluation_interval: 15s", "evaluation_interval: 1s")
-            .replace("- alerts.yml", &format!("- {}", rules.display()))
-            .replace("127.0.0.1:9901", &format!("127.0.0.1:{envoy_admin}"));
-        assert!(config.contains(&format!("127.0.0.1:{envoy_admin}")), "scrape target not found in prometheus.yml");
-        std::fs::write(dir.join("prometheus.yml"), config).unwrap();
-        let port = free_port();
-        let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
-        let child = Command::new(bin)
-            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn prometheus");
-        let p = Prometheus { child, port, dir };
-        eventually(Duration::from_secs(30), "Prometheus ready", || {
-            common::http_get(p.port, "/-/ready").filter(|(c, _)| *c == 200)
-        });
-        p
-    }
-
-    fn api(&self, path: &str) -> Value {
-        let url = format!("http://127.0.0.1:{}{path}", self.port);
-        let mut resp = client().get(&url).call().unwrap_or_else(|e| panic!("GET {url}: {e}"));
-        let body = resp.body_mut().read_to_string().unwrap();
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
-    }
-
-    /// Instant query; the `data.result` array (panics on a query error, e.g. a PromQL typo).
-    fn query(&self, expr: &str) -> Vec<Value> {
-        let url = format!("http://127.0.0.1:{}/api/v1/query", self.port);
-        let mut resp = client().get(&url).query("query", expr).call().unwrap();
-        let body = resp.body_mut().read_to_string().unwrap();
-        let v: Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(v["status"], "success", "query {expr}: {body}");
-        v["data"]["result"].as_array().cloned().unwrap_or_default()
-    }
-
-    fn scalar(&self, expr: &str) -> Option<f64> {
-        let r = self.query(expr);
-        r.first()?["value"][1].as_str()?.parse().ok()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
-    }
-}
 
 /// Every alert expression of alerts.yml, without its threshold (the query part must return
 /// data; the comparison decides whether it fires).
@@ -149,7 +72,7 @@ fn every_alert_and_dashboard_query_returns_data_from_a_real_prometheus() {
     // The shipped envoy.yaml with a short route timeout, so a timeout can be produced quickly.
     let yaml = render_config(mock.port, CONFIG).replace("timeout: 300s", "timeout: 1s");
     let envoy = Envoy::try_start_yaml(&yaml).unwrap();
-    let prom = Prometheus::start(envoy.admin);
+    let prom = Prometheus::start(&[envoy.admin], true);
     eventually(Duration::from_secs(30), "Prometheus scraping Envoy", || {
         prom.scalar(r#"up{job="envoy-llm-meter"}"#).filter(|&v| v == 1.0)
     });

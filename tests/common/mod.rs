@@ -860,3 +860,92 @@ impl Envoy {
         text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(": ")?.trim().parse().ok()).unwrap_or(0)
     }
 }
+
+/// A real Prometheus (Debian's `prometheus`) scraping Envoys' admin ports every second with the
+/// shipped scrape job (`envoy/prometheus/prometheus.yml`), with or without the shipped alert and
+/// recording rules.
+pub struct Prometheus {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Prometheus {
+    /// Scrapes `admins` (Envoy admin ports); `rules`: load `envoy/prometheus/alerts.yml`.
+    pub fn start(admins: &[u16], rules: bool) -> Prometheus {
+        let bin = PathBuf::from("/usr/bin/prometheus");
+        assert!(bin.exists(), "prometheus is missing: install Debian's `prometheus` package (.ci/run does)");
+        let dir = std::env::temp_dir().join(format!("llm-meter-prom-{}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let shipped = std::fs::read_to_string(root().join("envoy/prometheus/prometheus.yml")).unwrap();
+        let targets: Vec<String> = admins.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+        let rule_files = if rules {
+            format!("rule_files:\n  - {}\n", root().join("envoy/prometheus/alerts.yml").display())
+        } else {
+            String::new()
+        };
+        let mut config = shipped;
+        for (from, to) in [
+            ("scrape_interval: 15s", "scrape_interval: 1s".to_string()),
+            ("evaluation_interval: 15s", "evaluation_interval: 1s".to_string()),
+            ("rule_files:\n  - alerts.yml\n", rule_files),
+            ("\"127.0.0.1:9901\"", targets.join(", ")),
+        ] {
+            assert!(config.contains(from), "envoy/prometheus/prometheus.yml no longer contains {from:?}");
+            config = config.replace(from, &to);
+        }
+        std::fs::write(dir.join("prometheus.yml"), config).unwrap();
+        let port = free_port();
+        let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+        let child = Command::new(bin)
+            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn prometheus");
+        let p = Prometheus { child, port, dir };
+        eventually(Duration::from_secs(30), "Prometheus ready", || {
+            http_get(p.port, "/-/ready").filter(|(c, _)| *c == 200)
+        });
+        p
+    }
+
+    /// A GET of the HTTP API, as JSON.
+    pub fn api(&self, path: &str) -> serde_json::Value {
+        let url = format!("http://127.0.0.1:{}{path}", self.port);
+        let mut resp = client().get(&url).call().unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        let body = resp.body_mut().read_to_string().unwrap();
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+    }
+
+    /// Instant query; the `data.result` array (panics on a query error, e.g. a PromQL typo).
+    pub fn query(&self, expr: &str) -> Vec<serde_json::Value> {
+        let url = format!("http://127.0.0.1:{}/api/v1/query", self.port);
+        let mut resp = client().get(&url).query("query", expr).call().unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        let body = resp.body_mut().read_to_string().unwrap();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+        assert_eq!(v["status"], "success", "query {expr}: {body}");
+        v["data"]["result"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// The first sample's value of an instant query.
+    pub fn scalar(&self, expr: &str) -> Option<f64> {
+        self.query(expr).first()?["value"][1].as_str()?.parse().ok()
+    }
+
+    /// Prometheus's own log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
+    }
+}
