@@ -272,15 +272,7 @@ fn cost_and_usd_budgets_price_by_the_same_model() {
         r#"{"pricing":{"gpt-4o-2024-08-06":{"input":100,"output":100}},
             "limits":[{"name":"usd","key":"global","usd_per_hour":1}]}"#,
     );
-    exchange(
-        &mut host,
-        &mut w,
-        "/v1/chat/completions",
-        r#"{"model":"gpt-4o"}"#,
-        200,
-        "application/json",
-        &[CHAT_JSON.as_bytes()],
-    );
+    chat_json(&mut host, &mut w);
     // 29 tokens at 100 USD per 1M: 2,900 µUSD in the metric ...
     assert_eq!(counter(&host, "model=.=gpt-4o;.;app=.=unknown;.;llm_cost_microusd_total"), 2900);
     assert_eq!(counter(&host, "reason=.=unpriced;.;llm_meter_skips_total"), 0);

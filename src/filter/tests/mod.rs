@@ -183,6 +183,19 @@ fn exchange(host: &mut FakeHost, w: &mut Worker, path: &str, req: &str, status: 
     x.on_log(host, w); // idempotent
 }
 
+/// One non-streaming chat exchange for `gpt-4o` answered 200 with [`CHAT_JSON`].
+fn chat_json(host: &mut FakeHost, w: &mut Worker) {
+    exchange(
+        host,
+        w,
+        "/v1/chat/completions",
+        r#"{"model":"gpt-4o"}"#,
+        200,
+        "application/json",
+        &[CHAT_JSON.as_bytes()],
+    );
+}
+
 fn counter(host: &FakeHost, name: &str) -> u64 {
     host.counters.get(name).copied().unwrap_or(0)
 }
@@ -345,15 +358,7 @@ fn non_streaming_chat_records_everything() {
     assert!(!host.histograms.contains_key("model=.=gpt-4o;.;llm_time_to_first_token_ms"));
     assert_eq!(host.gauges["model=.=gpt-4o;.;llm_active_requests"], 0);
     // A second identical request: the carried 0.75 makes 287.5 → 287 in total.
-    exchange(
-        &mut host,
-        &mut w,
-        "/v1/chat/completions",
-        r#"{"model":"gpt-4o"}"#,
-        200,
-        "application/json",
-        &[CHAT_JSON.as_bytes()],
-    );
+    chat_json(&mut host, &mut w);
     assert_eq!(counter(&host, "model=.=gpt-4o;.;app=.=unknown;.;llm_cost_microusd_total"), 287);
 }
 

@@ -113,15 +113,7 @@ fn a_rejected_request_names_its_rule_and_an_upstream_error_its_type() {
             "records":{"key":"header:x-api-key"}}"#,
     );
     for _ in 0..2 {
-        exchange(
-            &mut host,
-            &mut w,
-            "/v1/chat/completions",
-            r#"{"model":"gpt-4o"}"#,
-            200,
-            "application/json",
-            &[CHAT_JSON.as_bytes()],
-        );
+        chat_json(&mut host, &mut w);
     }
     let r = last_record(&host);
     assert_eq!((r.status, r.error_type, r.rejected_by.as_deref()), (429, "rate_limited", Some("rpm")));
@@ -138,27 +130,11 @@ fn a_rejected_request_names_its_rule_and_an_upstream_error_its_type() {
 fn records_can_be_turned_off_and_unmetered_paths_have_none() {
     let mut host = FakeHost::default();
     let mut w = worker(r#"{"records":{"enabled":false}}"#);
-    exchange(
-        &mut host,
-        &mut w,
-        "/v1/chat/completions",
-        r#"{"model":"gpt-4o"}"#,
-        200,
-        "application/json",
-        &[CHAT_JSON.as_bytes()],
-    );
+    chat_json(&mut host, &mut w);
     let mut w = worker(r#"{"records":{"filter_state":"meter2"}}"#);
     exchange(&mut host, &mut w, "/v1/models", "", 200, "application/json", &[b"{}"]);
     assert!(host.records.is_empty());
-    exchange(
-        &mut host,
-        &mut w,
-        "/v1/chat/completions",
-        r#"{"model":"gpt-4o"}"#,
-        200,
-        "application/json",
-        &[CHAT_JSON.as_bytes()],
-    );
+    chat_json(&mut host, &mut w);
     assert_eq!(host.records.len(), 1);
     assert_eq!(host.records[0].0, "meter2");
 }
@@ -217,28 +193,12 @@ fn the_key_hash_follows_records_key() {
         ("{}", Some(key_hash(b"Bearer sk-1"))),
     ] {
         let mut w = worker(config);
-        exchange(
-            &mut host,
-            &mut w,
-            "/v1/chat/completions",
-            r#"{"model":"gpt-4o"}"#,
-            200,
-            "application/json",
-            &[CHAT_JSON.as_bytes()],
-        );
+        chat_json(&mut host, &mut w);
         assert_eq!(last_record(&host).key_hash, want, "{config}");
     }
     // No key in the request: no hash (an empty header is no key either).
     host.request_headers.insert("authorization".into(), Vec::new());
     let mut w = worker("{}");
-    exchange(
-        &mut host,
-        &mut w,
-        "/v1/chat/completions",
-        r#"{"model":"gpt-4o"}"#,
-        200,
-        "application/json",
-        &[CHAT_JSON.as_bytes()],
-    );
+    chat_json(&mut host, &mut w);
     assert_eq!(last_record(&host).key_hash, None);
 }
