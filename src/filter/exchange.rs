@@ -118,8 +118,9 @@ pub struct Exchange {
     limits_checked: bool,
     /// Charges to release when the exchange ends.
     reservation: Option<Reservation>,
-    /// The request headers the limits read (see [`Limits`]).
-    limit_headers: Vec<(String, Vec<u8>)>,
+    /// The request headers the limits and the record's key read, kept when the request headers
+    /// arrived (see [`Limits`] and [`Worker::kept_headers`]).
+    kept_headers: Vec<(String, Vec<u8>)>,
     /// The rule that rejected the request, when this filter answered it.
     rejected_by: Option<String>,
     /// Global rules that apply to the request (see [`crate::limit::global`]).
@@ -158,8 +159,6 @@ pub struct Exchange {
     local_error: Option<ErrorType>,
     /// The response is a stream (server-sent events).
     streamed: bool,
-    /// The value of the header the record's `key_hash` is made of (`records.key`).
-    record_key: Option<Vec<u8>>,
 }
 
 fn parse_u64(value: &[u8]) -> Option<u64> {
@@ -189,24 +188,9 @@ impl Exchange {
             && matches!(self.operation, Some(Operation::Chat | Operation::Completion));
         self.started_nanos = host.now_nanos();
         self.app = worker.app_label(host);
-        if worker.config.limits.is_active() {
-            for name in worker.config.limits.request_headers() {
-                if let Some(value) = host.request_header(name) {
-                    self.limit_headers.push((name.to_string(), value));
-                }
-            }
-        }
-        if worker.config.records.enabled {
-            if let KeySource::Header(name) = &worker.config.records.key {
-                self.record_key = match header_value(&self.limit_headers, name) {
-                    Some(value) => Some(value.to_vec()),
-                    None if worker.config.limits.is_active()
-                        && worker.config.limits.request_headers().contains(&name.as_str()) =>
-                    {
-                        None
-                    }
-                    None => host.request_header(name),
-                };
+        for name in &worker.kept_headers {
+            if let Some(value) = host.request_header(name) {
+                self.kept_headers.push((name.clone(), value));
             }
         }
         if end_of_stream {
@@ -352,7 +336,7 @@ impl Exchange {
             return None;
         }
         self.limits_checked = true;
-        let content_length = header_value(&self.limit_headers, "content-length").and_then(parse_u64).unwrap_or(0);
+        let content_length = header_value(&self.kept_headers, "content-length").and_then(parse_u64).unwrap_or(0);
         let max_output = self.request.max_output_tokens();
         // A request that does not say its output reserves its model's average (one read).
         let mut label = None;
@@ -367,7 +351,7 @@ impl Exchange {
             max_output,
             output_average,
         };
-        let limits = Limits(&*host, &self.limit_headers);
+        let limits = Limits(&*host, &self.kept_headers);
         let (verdict, notes) = enforce::check(&limits, &worker.config, facts, &mut worker.admitted);
         for rule in &notes.overflowed {
             let name = worker.name(Metric::RatelimitKeyOverflowTotal, &[rule]);
@@ -401,7 +385,7 @@ impl Exchange {
             return None;
         }
         let (charges, unknown) = global::charges(
-            &Limits(&*host, &self.limit_headers),
+            &Limits(&*host, &self.kept_headers),
             &worker.config,
             self.request_model(),
             estimate,
@@ -513,7 +497,7 @@ impl Exchange {
         if let Some(reservation) = self.reservation.take() {
             // The local rules admitted it, then a rate limit service refused it: it never
             // reaches the upstream, so nothing of the local limits is spent on it.
-            for _ in 0..enforce::give_back(&Limits(&*host, &self.limit_headers), &reservation) {
+            for _ in 0..enforce::give_back(&Limits(&*host, &self.kept_headers), &reservation) {
                 worker.count_error(host, InternalError::RateLimit);
             }
         }
@@ -741,7 +725,7 @@ impl Exchange {
         if let Some(reservation) = self.reservation.take() {
             let failed = error != ErrorType::None;
             let released = enforce::release(
-                &Limits(&*host, &self.limit_headers),
+                &Limits(&*host, &self.kept_headers),
                 &worker.config,
                 price.as_ref(),
                 &reservation,
@@ -862,9 +846,9 @@ impl Exchange {
                 duration_ms,
                 rejected_by: self.rejected_by.clone(),
                 key_hash: match &worker.config.records.key {
-                    KeySource::Header(_) => {
-                        self.record_key.as_deref().filter(|v| !v.is_empty()).map(|v| worker.key_hashes.get(v))
-                    }
+                    KeySource::Header(name) => header_value(&self.kept_headers, name)
+                        .filter(|v| !v.is_empty())
+                        .map(|v| worker.key_hashes.get(v)),
                     KeySource::Ip => host
                         .client_address()
                         .and_then(|a| enforce::client_ip(&a))

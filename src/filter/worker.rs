@@ -6,7 +6,7 @@
 use super::hold::HoldWatch;
 use super::host::{add_to_counter, Host, InternalError, MetricKind};
 use crate::config::FailureMode;
-use crate::config::{Config, ModelLabels};
+use crate::config::{Config, KeySource, ModelLabels};
 use crate::limit::enforce;
 use crate::limit::global;
 use crate::limit::limiter::AdmittedKeys;
@@ -35,6 +35,9 @@ pub struct Worker {
     pub(crate) config: Config,
     /// The records' key hashes, remembered (see [`crate::record::KeyHashes`]).
     pub(crate) key_hashes: crate::record::KeyHashes,
+    /// The request headers an exchange keeps when its request headers arrive: those the limits
+    /// read (with limits), and the one the record's `key_hash` is made of (with records).
+    pub(crate) kept_headers: Vec<String>,
     pub(crate) models: ModelLabeler,
     pub(crate) apps: Option<LabelSet>,
     pub(crate) skips_logged: [u64; Skip::ALL.len()],
@@ -183,6 +186,15 @@ impl Worker {
     pub fn new(config: Config) -> Self {
         // The VM's budget is the configuration's (the latest, when a reload runs two at once).
         Pool::with(|p| p.set_max_total(config.memory.max_stream_bytes_total));
+        let mut kept_headers: Vec<String> = Vec::new();
+        if config.limits.is_active() {
+            kept_headers.extend(config.limits.request_headers().into_iter().map(str::to_string));
+        }
+        if let (true, KeySource::Header(name)) = (config.records.enabled, &config.records.key) {
+            if !kept_headers.contains(name) {
+                kept_headers.push(name.clone());
+            }
+        }
         let prefix = &config.metrics.prefix;
         let models = match &config.metrics.models {
             ModelLabels::Allowlist(set) => ModelLabeler::Allowlist(set.clone()),
@@ -197,6 +209,7 @@ impl Worker {
             .map(|_| LabelSet::new(format!("llm_meter.{prefix}.apps"), config.metrics.max_apps));
         Self {
             key_hashes: crate::record::KeyHashes::default(),
+            kept_headers,
             models,
             apps,
             skips_logged: [0; Skip::ALL.len()],
