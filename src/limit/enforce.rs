@@ -695,6 +695,14 @@ mod tests {
     use crate::meter::labels::StoreError;
     use std::collections::HashMap;
 
+    #[test]
+    fn a_records_key_hash_is_the_start_of_the_limiters_bucket_id() {
+        // docs/records.md promises it: a record's key_hash finds the key's buckets and warnings.
+        for key in [&b"Bearer sk-1"[..], b"10.0.0.1", b""] {
+            assert!(hash_hex(key).starts_with(&crate::record::key_hash(key)));
+        }
+    }
+
     #[derive(Default)]
     struct H {
         store: FakeStore,

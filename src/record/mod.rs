@@ -92,14 +92,15 @@ impl Record {
     /// sorts them).
     fn for_each_field(&self, mut f: impl FnMut(&'static str, Value<'_>)) {
         let n = |v: u64| Value::Num(v as f64);
-        let mut s = |key: &'static str, v: &Option<String>| {
+        /// An optional string field, left out when absent.
+        fn s<F: FnMut(&'static str, Value<'_>)>(f: &mut F, key: &'static str, v: &Option<String>) {
             if let Some(v) = v.as_deref() {
                 f(key, Value::Str(v));
             }
-        };
-        s("request_model", &self.request_model);
-        s("model", &self.model);
-        s("response_model", &self.response_model);
+        }
+        s(&mut f, "request_model", &self.request_model);
+        s(&mut f, "model", &self.model);
+        s(&mut f, "response_model", &self.response_model);
         f("model_label", Value::Str(&self.model_label));
         f("app", Value::Str(&self.app));
         f("operation", Value::Str(self.operation));
@@ -124,13 +125,8 @@ impl Record {
             f("tpot_ms", Value::Num(t));
         }
         f("duration_ms", n(self.duration_ms));
-        let mut s = |key: &'static str, v: &Option<String>| {
-            if let Some(v) = v.as_deref() {
-                f(key, Value::Str(v));
-            }
-        };
-        s("rejected_by", &self.rejected_by);
-        s("key_hash", &self.key_hash);
+        s(&mut f, "rejected_by", &self.rejected_by);
+        s(&mut f, "key_hash", &self.key_hash);
     }
 
     /// The record as a serialized `google.protobuf.Struct` (what the declared property holds),
