@@ -356,6 +356,9 @@ fn check_records(envoy: &Envoy, sent: &[Sent]) -> BTreeMap<&'static str, serde_j
     records
 }
 
+/// An API key a Gemini client sends as `?key=`.
+const GEMINI_QUERY_KEY: &str = "AIzaRecordsQuerySecret0123456789";
+
 /// No raw key anywhere in Envoy's log (access log and Envoy's own lines).
 fn assert_no_key_in_log(envoy: &Envoy, sent: &[Sent]) {
     let log = envoy.log();
@@ -557,8 +560,9 @@ fn records_carry_what_the_counters_moved_by() {
     ];
     let want =
         Want::ok("gemini-2.5-flash", "generate_content", "gcp.gemini", false).tokens([1000, 500, 600, 0, 300], 1415.0);
-    let path = "/v1beta/models/gemini-2.5-flash:generateContent";
-    d.post("gemini", "gemini", path, &h, &gemini_body(), want);
+    // Gemini clients may send their API key in the query: the log keeps the path without it.
+    let path = format!("/v1beta/models/gemini-2.5-flash:generateContent?key={GEMINI_QUERY_KEY}");
+    d.post("gemini", "gemini", &path, &h, &gemini_body(), want);
 
     // A Gemini stream (SSE) of 8 output tokens: 50 × 0.3 + 8 × 2.5 = 35 µUSD.
     let h = [("x-mock-prompt-tokens", "50"), ("x-mock-completion-tokens", "8"), ("x-mock-chunk-delay-ms", "5")];
@@ -627,6 +631,7 @@ fn records_carry_what_the_counters_moved_by() {
     assert!(ttft >= 50.0 && ttft < duration, "ttft {ttft}, duration {duration}");
     assert!((10.0..(duration - 50.0) / 11.0 + 1.0).contains(&tpot), "tpot {tpot}, duration {duration}");
     assert_no_key_in_log(&envoy, &d.sent);
+    assert!(!envoy.log().contains(GEMINI_QUERY_KEY), "the key in a Gemini path's query is in Envoy's log");
     // Every metered access log line is one of ours, and none was logged twice.
     let metered: Vec<Value> = access_log(&envoy).into_values().filter(|l| !l["llm"].is_null()).collect();
     assert_eq!(metered.len(), d.sent.len());
