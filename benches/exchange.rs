@@ -9,6 +9,8 @@
 //! slower and every hostcall also costs a VM exit.
 //!
 //! `cargo bench -p llm-meter --bench exchange` (native only: on wasm32 this is an empty binary).
+//! With `EXCHANGE_HOSTCALLS_ONLY=1` it prints the hostcall counts and skips the timing (`just
+//! bench` reads them that way).
 
 #[cfg(not(target_arch = "wasm32"))]
 mod native {
@@ -268,6 +270,9 @@ mod native {
             chunks.len(),
             trace.join(", ")
         );
+        if std::env::var_os("EXCHANGE_HOSTCALLS_ONLY").is_some() {
+            return;
+        }
         let mut group = c.benchmark_group("exchange");
         group.throughput(Throughput::Bytes((REQUEST.len() + body.len()) as u64));
         group.bench_function(name, |b| b.iter(|| exchange(&mut host, &mut worker, &chunks)));
