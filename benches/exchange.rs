@@ -17,6 +17,7 @@ mod native {
     use criterion::{Criterion, Throughput};
     use llm_meter::config::Config;
     use llm_meter::filter::{Exchange, Host, MetricKind, Worker};
+    use llm_meter::meter::deltas::Deltas;
     use llm_meter::meter::labels::{SharedStore, StoreError};
     use std::cell::{Cell, RefCell};
     use std::collections::HashMap;
@@ -37,6 +38,8 @@ mod native {
         /// The glue reads the clock once per callback.
         now_read: Cell<bool>,
         hostcalls: Cell<u64>,
+        /// Counter and gauge updates held until a flush, as in the glue.
+        deltas: Deltas,
         /// Hostcalls by kind, while `tracing`.
         trace: RefCell<std::collections::BTreeMap<&'static str, u64>>,
         tracing: Cell<bool>,
@@ -91,6 +94,14 @@ mod native {
             self.call("get_header_map_value");
             find(&self.request_headers, name)
         }
+        /// One map read for more than one name, as the glue does.
+        fn request_headers(&self, names: &[String]) -> Vec<Option<Vec<u8>>> {
+            if names.len() < 2 {
+                return names.iter().map(|name| self.request_header(name)).collect();
+            }
+            self.call("get_header_map_pairs");
+            names.iter().map(|name| find(&self.request_headers, name)).collect()
+        }
         fn response_headers(&self) -> Vec<(String, Vec<u8>)> {
             self.call("get_header_map_pairs");
             self.response_headers.clone()
@@ -120,8 +131,10 @@ mod native {
             self.values.push(0);
             Some(id)
         }
+        /// Held until the next flush, as the glue does (`metrics.flush_interval_ms`): no hostcall
+        /// per update; a flush sends one per changed stat, whatever the number of requests.
         fn metric_add(&mut self, id: u32, delta: i64) {
-            self.call("increment_metric");
+            self.deltas.add(id, delta);
             if let Some(v) = self.values.get_mut(id as usize) {
                 *v += delta;
             }
@@ -150,6 +163,20 @@ mod native {
             self.call("replace_header_map_value");
             self.response_headers.retain(|(k, _)| k != name);
             self.response_headers.push((name.to_string(), value.as_bytes().to_vec()));
+        }
+        /// The whole map in one call for more than one header, as the glue does.
+        fn set_response_headers(&mut self, current: &[(String, Vec<u8>)], set: &[(&str, &str)]) {
+            if set.len() < 2 {
+                for (name, value) in set {
+                    self.set_response_header(name, value);
+                }
+                return;
+            }
+            self.call("set_header_map_pairs");
+            let mut headers: Vec<(String, Vec<u8>)> =
+                current.iter().filter(|(n, _)| !set.iter().any(|(s, _)| s == n)).cloned().collect();
+            headers.extend(set.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())));
+            self.response_headers = black_box(headers);
         }
         fn remove_response_header(&mut self, name: &str) {
             self.call("remove_header_map_value");
@@ -259,16 +286,19 @@ mod native {
         let chunks: Vec<&[u8]> = body.as_bytes().chunks(chunk).collect();
         // Warm: labels admitted, metrics defined; then count one steady-state exchange.
         exchange(&mut host, &mut worker, &chunks);
+        host.deltas = Deltas::default();
         host.hostcalls.set(0);
         host.tracing.set(true);
         exchange(&mut host, &mut worker, &chunks);
         host.tracing.set(false);
         let trace: Vec<String> = host.trace.borrow().iter().map(|(k, n)| format!("{k} {n}")).collect();
         println!(
-            "{name}: {} hostcalls per exchange ({} response chunks): {}",
+            "{name}: {} hostcalls per exchange ({} response chunks): {}; {} counter/gauge updates held \
+             (a flush sends one per changed stat per interval, whatever the request rate)",
             host.hostcalls.get(),
             chunks.len(),
-            trace.join(", ")
+            trace.join(", "),
+            host.deltas.len()
         );
         if std::env::var_os("EXCHANGE_HOSTCALLS_ONLY").is_some() {
             return;

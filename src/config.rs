@@ -24,6 +24,11 @@ use std::fmt;
 pub const DEFAULT_PREFIX: &str = "llm";
 /// Default for `metrics.max_models`.
 pub const DEFAULT_MAX_MODELS: usize = 100;
+/// Default for `metrics.flush_interval_ms`: the hold watchdog's timer period, so the default
+/// configuration needs no timer of its own.
+pub const DEFAULT_FLUSH_INTERVAL_MS: u64 = 250;
+/// Upper bound for `metrics.flush_interval_ms`: counters must stay current for alerts.
+const MAX_FLUSH_INTERVAL_MS: u64 = 10_000;
 /// Default for `metrics.max_apps`.
 pub const DEFAULT_MAX_APPS: usize = 50;
 /// Upper bound for `max_models` / `max_apps` and allowlist length: every label value is a set of
@@ -88,6 +93,10 @@ pub struct MetricsConfig {
     pub max_apps: usize,
     /// Which histogram names are exported (`metrics.naming`).
     pub naming: Naming,
+    /// How long counter and gauge updates are held per worker before they are sent to Envoy
+    /// together (`metrics.flush_interval_ms`; 0: every update at once). See
+    /// [`crate::meter::deltas`].
+    pub flush_interval_ms: u64,
 }
 
 /// `metrics.naming`: the default `llm_*` histograms, the OpenTelemetry GenAI instruments
@@ -199,6 +208,7 @@ impl Default for Config {
                 app_header: None,
                 max_apps: DEFAULT_MAX_APPS,
                 naming: Naming::Default,
+                flush_interval_ms: DEFAULT_FLUSH_INTERVAL_MS,
             },
             request: RequestConfig { model_lookahead_bytes: DEFAULT_MODEL_LOOKAHEAD_BYTES },
             pricing: Pricing::default(),
@@ -261,6 +271,7 @@ struct RawMetrics {
     app_header: Option<String>,
     max_apps: Option<u64>,
     naming: Option<Naming>,
+    flush_interval_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -441,7 +452,21 @@ fn validate_metrics(raw: RawMetrics) -> Result<MetricsConfig, ConfigError> {
         return Err(err("metrics.max_apps", "requires metrics.app_header"));
     }
     let max_apps = bounded("metrics.max_apps", raw.max_apps, DEFAULT_MAX_APPS)?;
-    Ok(MetricsConfig { prefix, models, app_header, max_apps, naming: raw.naming.unwrap_or_default() })
+    let flush_interval_ms = raw.flush_interval_ms.unwrap_or(DEFAULT_FLUSH_INTERVAL_MS);
+    if flush_interval_ms > MAX_FLUSH_INTERVAL_MS {
+        return Err(err(
+            "metrics.flush_interval_ms",
+            format!("must be at most {MAX_FLUSH_INTERVAL_MS} (0 sends every update at once)"),
+        ));
+    }
+    Ok(MetricsConfig {
+        prefix,
+        models,
+        app_header,
+        max_apps,
+        naming: raw.naming.unwrap_or_default(),
+        flush_interval_ms,
+    })
 }
 
 fn validate_records(raw: RawRecords, limits: &LimitsConfig) -> Result<RecordsConfig, ConfigError> {
@@ -931,5 +956,10 @@ mod tests {
         expect_err(r#"{"records":{"mode":1}}"#, "records.mode: unknown field");
         expect_err(r#"{"records":[]}"#, "records:");
         expect_err(r#"{"metrics":{"naming":"prometheus"}}"#, "metrics.naming:");
+        expect_err(r#"{"metrics":{"flush_interval_ms":10001}}"#, "metrics.flush_interval_ms: must be at most 10000");
+        expect_err(r#"{"metrics":{"flush_interval_ms":-1}}"#, "metrics");
+        let c = Config::parse(br#"{"metrics":{"flush_interval_ms":0}}"#).unwrap();
+        assert_eq!(c.metrics.flush_interval_ms, 0);
+        assert_eq!(Config::default().metrics.flush_interval_ms, 250);
     }
 }

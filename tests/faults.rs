@@ -134,9 +134,8 @@ fn every_fault_counts_once_releases_its_reservation_and_balances_the_gauges() {
     }
     assert!(envoy.is_running());
 
-    let m = common::eventually(Duration::from_secs(10), "every request counted", || {
-        let m = envoy.metrics();
-        (m.sum("llm_requests_total", &[]) == (7 * EACH) as f64).then_some(m)
+    let m = envoy.wait_for(Duration::from_secs(10), "every request counted", |m| {
+        m.sum("llm_requests_total", &[]) == (7 * EACH) as f64
     });
     assert_eq!(requests(&m, "200", "none"), (2 * EACH) as f64);
     assert_eq!(requests(&m, "503", "network"), EACH as f64, "upstream down");
@@ -254,9 +253,8 @@ fn a_listener_reload_with_a_new_filter_configuration_under_traffic_loses_nothing
         "traffic on both sides of the reload: {reloaded_at} then {sent}"
     );
 
-    let m = common::eventually(Duration::from_secs(10), "every request counted", || {
-        let m = envoy.metrics();
-        (m.sum("llm_requests_total", &[]) == sent as f64).then_some(m)
+    let m = envoy.wait_for(Duration::from_secs(10), "every request counted", |m| {
+        m.sum("llm_requests_total", &[]) == sent as f64
     });
     assert!(envoy.is_running());
     // Both configurations metered: the old one without the app label, the new one with it.

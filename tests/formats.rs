@@ -311,7 +311,7 @@ fn compressed_responses_are_metered_and_reach_the_client_untouched() {
     assert!(decompress("br", &bytes).contains("message_stop"));
     let m = envoy.wait_value(&requests("claude-sonnet-4-5", "messages", 200, "none"), 1.0);
     assert_tokens(&m, "claude-sonnet-4-5", [9, 3, 0, 0, 0]);
-    let m = envoy.metrics();
+    let m = envoy.settled();
     // No skip of any reason (`compressed` included) and no response without usage.
     assert_none_counted(&m, "llm_meter_skips_total");
     assert_none_counted(&m, "llm_usage_missing_total");

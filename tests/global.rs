@@ -205,7 +205,7 @@ fn two_envoys_admit_one_global_limit_between_them() {
     assert_eq!(admitted, LIMIT, "admitted {admitted} of a global limit of {LIMIT}");
     // Each Envoy admitted part of it: the limit really is shared.
     for e in &envoys {
-        let m = e.metrics();
+        let m = e.settled();
         let ok = m.sum("llm_requests_total", &[("status", "200")]);
         assert!(ok > 0.0 && ok < LIMIT as f64, "one Envoy admitted {ok}");
         assert_eq!(m.sum("llm_ratelimit_service_errors_total", &[]), 0.0);
@@ -264,14 +264,14 @@ fn two_envoys_spend_one_global_usd_budget_and_stop_within_one_requests_cost() {
     let r = send(&client(), &other.url(CHAT), &headers, body);
     assert_eq!(r.status, 429, "{}", r.body);
     for e in &envoys {
-        let m = e.metrics();
+        let m = e.settled();
         assert!(m.sum("llm_requests_total", &[("status", "200")]) > 0.0);
         // The budget's use and limit in micro-USD, and the warning at half of it.
         assert_eq!(m.value(r#"llm_ratelimit_limit{rule="team-month"}"#), Some(100_000.0));
         assert!(m.value(r#"llm_ratelimit_used{rule="team-month"}"#).unwrap() > 50_000.0);
         assert_eq!(m.sum("llm_ratelimit_service_errors_total", &[]), 0.0);
     }
-    let warnings: f64 = envoys.iter().map(|e| e.metrics().sum("llm_ratelimit_warnings_total", &[])).sum();
+    let warnings: f64 = envoys.iter().map(|e| e.settled().sum("llm_ratelimit_warnings_total", &[])).sum();
     assert_eq!(warnings, 1.0, "the budget crossed warn_at once, on one of the two Envoys");
 }
 
@@ -350,7 +350,7 @@ fn token_usage_reported_by_one_envoy_is_enforced_on_the_other() {
     let r = send(&client(), &b.url(CHAT), &[("authorization", "Bearer team-b")], &chat());
     assert_eq!(r.status, 200);
     for e in [&a, &b] {
-        assert_eq!(e.metrics().sum("llm_ratelimit_service_errors_total", &[]), 0.0);
+        assert_eq!(e.settled().sum("llm_ratelimit_service_errors_total", &[]), 0.0);
     }
     b.wait_value(r#"llm_ratelimit_rejected_total{model="gpt-4o",rule="tph",mode="enforce"}"#, 1.0);
 }
@@ -546,7 +546,7 @@ fn a_global_budget_survives_killing_envoy_and_the_rate_limit_service() {
     let rls = Rls::start(&redis);
     let e = envoy(&mock, rls.port, &config);
     assert_kept(before, spend(&e, &redis), "after Envoy and llm-rls were killed and started again");
-    assert_eq!(e.metrics().sum("llm_ratelimit_service_errors_total", &[]), 0.0);
+    assert_eq!(e.settled().sum("llm_ratelimit_service_errors_total", &[]), 0.0);
     println!("kept across killing Envoy and llm-rls ({before:?}) in {:?}", started.elapsed());
 }
 

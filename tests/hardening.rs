@@ -49,9 +49,8 @@ fn a_flood_of_distinct_models_and_apps_leaves_the_series_bounded() {
     let m = if m.sum("llm_requests_total", &[]) == REQUESTS as f64 {
         m
     } else {
-        common::eventually(std::time::Duration::from_secs(10), "every request counted", || {
-            let m = envoy.metrics();
-            (m.sum("llm_requests_total", &[]) == REQUESTS as f64).then_some(m)
+        envoy.wait_for(std::time::Duration::from_secs(10), "every request counted", |m| {
+            m.sum("llm_requests_total", &[]) == REQUESTS as f64
         })
     };
     // 20 first-seen models and 10 apps get their own label; the other 99,980 / 99,990 are `other`.

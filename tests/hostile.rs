@@ -341,10 +341,8 @@ fn hostile_bodies_pass_through_unchanged_and_are_counted_skips() {
             got.len(),
             case.body.len()
         );
-        let after = common::eventually(std::time::Duration::from_secs(10), "the request counted", || {
-            let m = envoy.metrics();
-            let done = m.sum("llm_requests_total", &[]) == (i + 1) as f64 && m.sum("llm_active_requests", &[]) == 0.0;
-            done.then_some(m)
+        let after = envoy.wait_for(std::time::Duration::from_secs(10), "the request counted", |m| {
+            m.sum("llm_requests_total", &[]) == (i + 1) as f64 && m.sum("llm_active_requests", &[]) == 0.0
         });
         let (skips0, tokens0) = counts(&before);
         let (skips1, tokens1) = counts(&after);
@@ -372,12 +370,12 @@ fn hostile_bodies_pass_through_unchanged_and_are_counted_skips() {
     let ok =
         br#"{"model":"gpt-4o","choices":[],"usage":{"prompt_tokens":30,"completion_tokens":40,"total_tokens":70}}"#;
     let before =
-        envoy.metrics().value(r#"llm_tokens_total{model="gpt-4o",app="unknown",token_type="output"}"#).unwrap_or(0.0);
+        envoy.settled().value(r#"llm_tokens_total{model="gpt-4o",app="unknown",token_type="output"}"#).unwrap_or(0.0);
     assert_eq!(echo(&envoy, JSON, ok).0, 200);
     envoy.wait_value(r#"llm_tokens_total{model="gpt-4o",app="unknown",token_type="output"}"#, before + 40.0);
     let log = envoy.log();
     for bad in ["panicked", "RuntimeError", "Uncaught", "VM failed", "critical"] {
         assert!(!log.contains(bad), "{bad:?} in Envoy's log:\n{log}");
     }
-    assert_eq!(envoy.metrics().sum("llm_meter_errors_total", &[]), 0.0, "internal errors");
+    assert_eq!(envoy.settled().sum("llm_meter_errors_total", &[]), 0.0, "internal errors");
 }

@@ -224,9 +224,8 @@ fn client_cancel_mid_stream_is_canceled_and_balances_the_gauge() {
     let envoy = Envoy::start(mock.port, DEFAULT_CONFIG);
     // Read the headers and the first events, then go away mid-stream.
     let s = common::open_stream(envoy.port, &chat_body("gpt-4o", true), 200, 50);
-    std::thread::sleep(Duration::from_millis(200));
     // While the stream runs the request is active.
-    assert_eq!(envoy.metrics().value(&active("gpt-4o")), Some(1.0));
+    envoy.wait_value(&active("gpt-4o"), 1.0);
     drop(s);
     let m = envoy.wait_value(&requests("gpt-4o", "unknown", "chat", 200, "canceled"), 1.0);
     assert_eq!(m.value(&active("gpt-4o")), Some(0.0));
@@ -306,8 +305,7 @@ fn hostile_header_bytes_and_unmetered_paths_pass_through() {
     // /v1/models is no LLM operation: passed through, not metered.
     let (code, _) = common::http_get(envoy.port, "/v1/models").unwrap();
     assert_eq!(code, 200);
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(envoy.metrics().sum("llm_requests_total", &[]), m.sum("llm_requests_total", &[]));
+    assert_eq!(envoy.settled().sum("llm_requests_total", &[]), m.sum("llm_requests_total", &[]));
     assert!(!envoy.log().contains("panicked"), "{}", envoy.log());
 }
 

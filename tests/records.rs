@@ -168,7 +168,7 @@ impl<'a> Driver<'a> {
         send: impl FnOnce(&ureq::Agent) -> u16,
     ) {
         let series = format!(r#"llm_request_duration_ms_count{{model="{}"}}"#, want.model);
-        let before = self.envoy.metrics();
+        let before = self.envoy.settled();
         let n = before.value(&series).unwrap_or(0.0);
         let http_status = send(&self.agent);
         let after = self.envoy.wait_value(&series, n + 1.0);
@@ -411,7 +411,7 @@ impl Drop for LogFile {
 /// over days, with the counters: requests, errors, input/output/cached tokens, and the floor of
 /// the exact summed cost with llm_cost_microusd_total. Returns the tool's total.
 fn check_cost_tool(envoy: &Envoy, log_name: &str) -> Value {
-    let m = envoy.metrics();
+    let m = envoy.settled();
     let log = LogFile::new(log_name, &envoy.log());
     let out: Value = serde_json::from_str(&llm_cost(&["--format", "json", log.path()]))
         .expect("llm_cost.py --format json prints JSON");

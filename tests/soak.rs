@@ -292,9 +292,8 @@ fn soak_counts_exactly_and_memory_stays_flat() {
     let elapsed = start.elapsed().as_secs_f64();
     let total: u64 = sent.requests.values().sum();
 
-    let m = common::eventually(Duration::from_secs(20), "every request counted", || {
-        let m = envoy.metrics();
-        (m.sum("llm_requests_total", &[]) == total as f64).then_some(m)
+    let m = envoy.wait_for(Duration::from_secs(20), "every request counted", |m| {
+        m.sum("llm_requests_total", &[]) == total as f64
     });
     let mib = |b: u64| b as f64 / 1048576.0;
     // The warm-up also holds the first two storm rounds.

@@ -253,8 +253,7 @@ fn fail_open_cuts_the_failed_workers_streams_then_passes_its_traffic_unmetered_f
         // ...without the filter: a trap request passes too, and nothing is metered there.
         let passes = request_on(&envoy, worker, &[("x-app-id", &format!("{tag}-trap-again")), (TRAP, callback)], true);
         assert_eq!((passes.status, passes.complete), (200, true), "{passes:?}");
-        std::thread::sleep(Duration::from_millis(300));
-        let m = envoy.metrics();
+        let m = envoy.settled();
         if phase == 0 {
             // Worker 1 still meters: its VM is fine (the failed worker would have by now).
             wait_requests(&envoy, &format!("{tag}-bystander"), 1.0);

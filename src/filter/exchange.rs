@@ -53,8 +53,8 @@ fn header_value<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a 
 /// A [`Host`] seen as the [`LimitHost`] the rate limits need, with the request headers they
 /// read copied when the request headers arrived: Envoy lets a filter read request headers only
 /// until it forwards them, and without a hold the limits are checked after that, at the end of
-/// the body.
-struct Limits<'a, H>(&'a H, &'a [(String, Vec<u8>)]);
+/// the body. The third field, when set, is the time to use (ms) instead of reading the clock.
+struct Limits<'a, H>(&'a H, &'a [(String, Vec<u8>)], Option<u64>);
 
 impl<H: Host> SharedStore for Limits<'_, H> {
     fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
@@ -73,7 +73,7 @@ impl<H: Host> LimitHost for Limits<'_, H> {
         self.0.client_address()
     }
     fn now_ms(&self) -> u64 {
-        self.0.now_nanos() / 1_000_000
+        self.2.unwrap_or_else(|| self.0.now_nanos() / 1_000_000)
     }
 }
 
@@ -178,7 +178,9 @@ impl Exchange {
     /// Request headers: decides whether the exchange is metered, starts its clock, and holds the
     /// headers when a body with the model follows (see [`Flow::Hold`]).
     pub fn on_request_headers<H: Host>(&mut self, host: &mut H, worker: &mut Worker, end_of_stream: bool) -> Flow {
-        let path = host.request_header(":path").unwrap_or_default();
+        // `:path` (first), the app header and the kept headers, in one read.
+        let mut values = host.request_headers(&worker.request_header_names);
+        let path = values.first_mut().and_then(Option::take).unwrap_or_default();
         self.operation = Operation::from_path(&path);
         if self.operation.is_none() {
             return Flow::Continue;
@@ -187,12 +189,16 @@ impl Exchange {
         self.inject_pending = worker.config.inject_stream_usage
             && matches!(self.operation, Some(Operation::Chat | Operation::Completion));
         self.started_nanos = host.now_nanos();
-        self.app = worker.app_label(host);
+        let at = |name: &str| worker.request_header_names.iter().position(|n| n == name);
+        // Copied: the app header may be a kept header too.
+        let app =
+            worker.config.metrics.app_header.as_deref().and_then(at).and_then(|i| values.get(i).cloned().flatten());
         for name in &worker.kept_headers {
-            if let Some(value) = host.request_header(name) {
+            if let Some(value) = at(name).and_then(|i| values.get_mut(i)).and_then(Option::take) {
                 self.kept_headers.push((name.clone(), value));
             }
         }
+        self.app = worker.app_label(host, app.as_deref());
         if end_of_stream {
             if let Some(flow) = self.route(host, worker, true) {
                 return flow;
@@ -351,7 +357,8 @@ impl Exchange {
             max_output,
             output_average,
         };
-        let limits = Limits(&*host, &self.kept_headers);
+        // The request is admitted as of its arrival (its headers): no clock read at its body.
+        let limits = Limits(&*host, &self.kept_headers, Some(self.started_nanos / 1_000_000));
         let (verdict, notes) = enforce::check(&limits, &worker.config, facts, &mut worker.admitted);
         for rule in &notes.overflowed {
             let name = worker.name(Metric::RatelimitKeyOverflowTotal, &[rule]);
@@ -385,7 +392,7 @@ impl Exchange {
             return None;
         }
         let (charges, unknown) = global::charges(
-            &Limits(&*host, &self.kept_headers),
+            &Limits(&*host, &self.kept_headers, None),
             &worker.config,
             self.request_model(),
             estimate,
@@ -497,7 +504,7 @@ impl Exchange {
         if let Some(reservation) = self.reservation.take() {
             // The local rules admitted it, then a rate limit service refused it: it never
             // reaches the upstream, so nothing of the local limits is spent on it.
-            for _ in 0..enforce::give_back(&Limits(&*host, &self.kept_headers), &reservation) {
+            for _ in 0..enforce::give_back(&Limits(&*host, &self.kept_headers, None), &reservation) {
                 worker.count_error(host, InternalError::RateLimit);
             }
         }
@@ -563,13 +570,15 @@ impl Exchange {
                 })
             };
             let keep = [theirs_tighter("requests"), theirs_tighter("tokens")];
-            for (name, value) in &ours {
-                let family = name.rsplit('-').next().unwrap_or_default();
-                if (family == "requests" && keep[0]) || (family == "tokens" && keep[1]) {
-                    continue;
-                }
-                host.set_response_header(name, value);
-            }
+            let set: Vec<(&str, &str)> = ours
+                .iter()
+                .filter(|(name, _)| {
+                    let family = name.rsplit('-').next().unwrap_or_default();
+                    !((family == "requests" && keep[0]) || (family == "tokens" && keep[1]))
+                })
+                .map(|(name, value)| (name.as_str(), value.as_str()))
+                .collect();
+            host.set_response_headers(&headers, &set);
         }
         self.status = header_value(&headers, ":status").map_or(0, parse_status);
         if let Some(from) = &self.fallback_from {
@@ -725,7 +734,7 @@ impl Exchange {
         if let Some(reservation) = self.reservation.take() {
             let failed = error != ErrorType::None;
             let released = enforce::release(
-                &Limits(&*host, &self.kept_headers),
+                &Limits(&*host, &self.kept_headers, None),
                 &worker.config,
                 price.as_ref(),
                 &reservation,

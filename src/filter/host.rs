@@ -14,6 +14,12 @@ pub use crate::meter::metrics::Kind as MetricKind;
 pub trait Host: SharedStore {
     /// A request header (`:path` included), if present.
     fn request_header(&self, name: &str) -> Option<Vec<u8>>;
+    /// The first value of each request header in `names` (lower case), in the order asked.
+    /// The glue reads the header map once when more than one name is asked for: one hostcall
+    /// instead of one per name.
+    fn request_headers(&self, names: &[String]) -> Vec<Option<Vec<u8>>> {
+        names.iter().map(|name| self.request_header(name)).collect()
+    }
     /// Every response header (`:status` included), names in lower case as Envoy keeps them.
     fn response_headers(&self) -> Vec<(String, Vec<u8>)>;
     /// Wall-clock time in nanoseconds.
@@ -37,6 +43,15 @@ pub trait Host: SharedStore {
     fn send_response(&mut self, status: u16, headers: &[(String, String)], body: &[u8]);
     /// Sets (replaces) a response header.
     fn set_response_header(&mut self, name: &str, value: &str);
+    /// Sets (replaces) several response headers; `current` is every response header as
+    /// [`Host::response_headers`] returned it in this callback. The glue writes the whole map
+    /// in one hostcall when there is more than one to set, instead of one call per header.
+    fn set_response_headers(&mut self, current: &[(String, Vec<u8>)], set: &[(&str, &str)]) {
+        let _ = current;
+        for (name, value) in set {
+            self.set_response_header(name, value);
+        }
+    }
     /// Starts a unary gRPC call of `method` of `service` on the Envoy cluster `grpc_service`
     /// describes (a serialized `GrpcService`); returns the call's token (`None`: the call could
     /// not be started, counted by the host). The answer comes back

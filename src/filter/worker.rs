@@ -38,6 +38,9 @@ pub struct Worker {
     /// The request headers an exchange keeps when its request headers arrive: those the limits
     /// read (with limits), and the one the record's `key_hash` is made of (with records).
     pub(crate) kept_headers: Vec<String>,
+    /// Every request header an exchange reads when its request headers arrive, read together:
+    /// `:path`, the app header (if configured), then the kept headers.
+    pub(crate) request_header_names: Vec<String>,
     pub(crate) models: ModelLabeler,
     pub(crate) apps: Option<LabelSet>,
     pub(crate) skips_logged: [u64; Skip::ALL.len()],
@@ -195,6 +198,12 @@ impl Worker {
                 kept_headers.push(name.clone());
             }
         }
+        let mut request_header_names = vec![":path".to_string()];
+        for name in config.metrics.app_header.iter().chain(&kept_headers) {
+            if !request_header_names.contains(name) {
+                request_header_names.push(name.clone());
+            }
+        }
         let prefix = &config.metrics.prefix;
         let models = match &config.metrics.models {
             ModelLabels::Allowlist(set) => ModelLabeler::Allowlist(set.clone()),
@@ -210,6 +219,7 @@ impl Worker {
         Self {
             key_hashes: crate::record::KeyHashes::default(),
             kept_headers,
+            request_header_names,
             models,
             apps,
             skips_logged: [0; Skip::ALL.len()],
@@ -636,12 +646,10 @@ impl Worker {
         resolved.label
     }
 
-    pub(crate) fn app_label<H: Host>(&mut self, host: &mut H) -> String {
-        let (Some(header), Some(apps)) = (self.config.metrics.app_header.as_deref(), self.apps.as_mut()) else {
-            return UNKNOWN.to_string();
-        };
-        let value = host.request_header(header).filter(|v| !v.is_empty());
-        let Some(value) = value else { return UNKNOWN.to_string() };
+    /// The `app` label for the app header's value (`value`: as the request sent it, if it did).
+    pub(crate) fn app_label<H: Host>(&mut self, host: &mut H, value: Option<&[u8]>) -> String {
+        let Some(apps) = self.apps.as_mut() else { return UNKNOWN.to_string() };
+        let Some(value) = value.filter(|v| !v.is_empty()) else { return UNKNOWN.to_string() };
         let resolved = apps.resolve(&*host, &sanitize(value));
         if resolved.store_failed {
             self.count_error(host, InternalError::SharedData);

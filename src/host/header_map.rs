@@ -11,8 +11,35 @@
 
 /// Header pairs from a serialized map; `None` if the bytes are not a well-formed map.
 pub fn parse(bytes: &[u8]) -> Option<Vec<(String, Vec<u8>)>> {
+    let mut pairs = Vec::new();
+    let mut utf8 = true;
+    walk(bytes, |name, value| match std::str::from_utf8(name) {
+        Ok(name) => pairs.push((name.to_string(), value.to_vec())),
+        Err(_) => utf8 = false,
+    })?;
+    utf8.then_some(pairs)
+}
+
+/// The values of the headers `names` (lower case, as Envoy keeps names) from a serialized map,
+/// in the order asked: the first value of each name, as `proxy_get_header_map_value` gives it.
+/// Only the asked values are copied. `None` if the bytes are not a well-formed map.
+pub fn values_of<S: AsRef<str>>(bytes: &[u8], names: &[S]) -> Option<Vec<Option<Vec<u8>>>> {
+    let mut values: Vec<Option<Vec<u8>>> = vec![None; names.len()];
+    walk(bytes, |name, value| {
+        for (slot, wanted) in values.iter_mut().zip(names) {
+            if slot.is_none() && wanted.as_ref().as_bytes() == name {
+                *slot = Some(value.to_vec());
+            }
+        }
+    })?;
+    Some(values)
+}
+
+/// Calls `pair` with every (name, value) of a serialized map, after checking the whole layout
+/// (count, sizes, NULs); `None` (and no call) if it is malformed.
+fn walk<'a>(bytes: &'a [u8], mut pair: impl FnMut(&'a [u8], &'a [u8])) -> Option<()> {
     if bytes.is_empty() {
-        return Some(Vec::new());
+        return Some(());
     }
     let u32_at = |at: usize| -> Option<usize> {
         let raw: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
@@ -24,9 +51,8 @@ pub fn parse(bytes: &[u8]) -> Option<Vec<(String, Vec<u8>)>> {
     if count > bytes.len() / 10 {
         return None;
     }
-    let mut pairs = Vec::with_capacity(count);
     let mut at = 4usize.checked_add(count.checked_mul(8)?)?;
-    let mut take = |len: usize| -> Option<&[u8]> {
+    let mut take = |len: usize| -> Option<&'a [u8]> {
         let end = at.checked_add(len)?;
         let data = bytes.get(at..end)?;
         if bytes.get(end) != Some(&0) {
@@ -35,14 +61,28 @@ pub fn parse(bytes: &[u8]) -> Option<Vec<(String, Vec<u8>)>> {
         at = end.checked_add(1)?;
         Some(data)
     };
+    let mut found = Vec::with_capacity(count);
     for i in 0..count {
         let sizes = 4 + i * 8;
         let (name_len, value_len) = (u32_at(sizes)?, u32_at(sizes + 4)?);
-        let name = String::from_utf8(take(name_len)?.to_vec()).ok()?;
-        let value = take(value_len)?.to_vec();
-        pairs.push((name, value));
+        found.push((take(name_len)?, take(value_len)?));
     }
-    Some(pairs)
+    for (name, value) in found {
+        pair(name, value);
+    }
+    Some(())
+}
+
+/// `current` with every header named in `set` replaced by `set`'s value (each name once, in
+/// `set`'s order, after the others): the whole map to write back when several headers change.
+pub fn replaced(current: &[(String, Vec<u8>)], set: &[(&str, &str)]) -> Vec<u8> {
+    let mut pairs: Vec<(&str, &[u8])> = current
+        .iter()
+        .filter(|(name, _)| !set.iter().any(|(n, _)| n == name))
+        .map(|(name, value)| (name.as_str(), value.as_slice()))
+        .collect();
+    pairs.extend(set.iter().map(|(name, value)| (*name, value.as_bytes())));
+    serialize(&pairs)
 }
 
 /// Serializes header pairs (for a local reply's headers).
@@ -138,5 +178,61 @@ mod tests {
         let mut huge_len = good.clone();
         huge_len[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
         assert_eq!(parse(&huge_len), None);
+    }
+
+    #[test]
+    fn replaced_sets_each_name_once_and_keeps_the_others() {
+        let current: Vec<(String, Vec<u8>)> = [
+            (":status", "200"),
+            ("x-ratelimit-limit-requests", "10"),
+            ("set-cookie", "a"),
+            ("set-cookie", "b"),
+            ("x-ratelimit-limit-requests", "11"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+        .collect();
+        let map = replaced(&current, &[("x-ratelimit-limit-requests", "5"), ("x-ratelimit-remaining-requests", "4")]);
+        let want: Vec<(String, Vec<u8>)> = [
+            (":status", "200"),
+            ("set-cookie", "a"),
+            ("set-cookie", "b"),
+            ("x-ratelimit-limit-requests", "5"),
+            ("x-ratelimit-remaining-requests", "4"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+        .collect();
+        assert_eq!(parse(&map), Some(want));
+    }
+
+    #[test]
+    fn values_of_copies_the_first_value_of_each_name_asked() {
+        let pairs: [(&str, &[u8]); 5] = [
+            (":path", b"/v1/chat/completions"),
+            ("x-app-id", b"web"),
+            ("authorization", b"Bearer \xff"),
+            ("x-app-id", b"second"),
+            ("content-length", b"208"),
+        ];
+        let map = serialize(&pairs);
+        let got = values_of(&map, &[":path", "authorization", "x-app-id", "x-missing", "Content-Length"]).unwrap();
+        assert_eq!(
+            got,
+            vec![
+                Some(b"/v1/chat/completions".to_vec()),
+                Some(b"Bearer \xff".to_vec()),
+                Some(b"web".to_vec()),
+                None,
+                // Names are matched as Envoy keeps them: lower case.
+                None,
+            ]
+        );
+        assert_eq!(values_of::<&str>(&map, &[]), Some(vec![]));
+        assert_eq!(values_of(b"", &[":path"]), Some(vec![None]));
+        // A malformed map gives nothing, whatever its first pairs held.
+        for end in 1..map.len() {
+            assert_eq!(values_of(&map[..end], &[":path"]), None, "cut at {end}");
+        }
     }
 }

@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::filter::hold;
 use crate::filter::{Exchange, Flow, Host, InternalError, MetricKind, Worker};
 use crate::host::wasm_abi as abi;
+use crate::meter::deltas::Batch;
 use crate::meter::labels::{SharedStore, StoreError};
 use crate::meter::metrics::{stat_name, Metric};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -44,11 +45,18 @@ struct State {
     reports: HashMap<u32, crate::limit::global::Call>,
 }
 
-/// Envoy metric ids by stat name. Defining a metric is a hostcall that allocates a new id each
-/// time, so ids are defined once per VM and reused. The names are bounded by the label bounds.
+/// Envoy metric ids by stat name, and the counter and gauge updates not sent yet. Defining a
+/// metric is a hostcall that allocates a new id each time, so ids are defined once per VM and
+/// reused. The names are bounded by the label bounds. The exchange addresses a stat by its index
+/// here (dense, so [`Batch`] holds updates in a vector): `envoy[index]` is Envoy's id.
 #[derive(Default)]
 struct MetricIds {
     ids: HashMap<String, u32>,
+    envoy: Vec<u32>,
+    /// Counter and gauge deltas held until the next flush (`metrics.flush_interval_ms`).
+    batch: Batch,
+    /// The latest clock reading on this worker (any callback).
+    latest_now: std::cell::Cell<u64>,
     hostcall_errors: Option<u32>,
     failures_logged: std::cell::Cell<u64>,
     /// The record's filter state was declared a `google.protobuf.Struct` (see
@@ -58,18 +66,68 @@ struct MetricIds {
 
 impl MetricIds {
     fn get(&mut self, kind: MetricType, name: &str) -> Option<u32> {
-        if let Some(&id) = self.ids.get(name) {
-            return Some(id);
+        if let Some(&index) = self.ids.get(name) {
+            return Some(index);
         }
+        let index = u32::try_from(self.envoy.len()).ok()?;
         match abi::define_metric(kind, name) {
             Ok(id) => {
-                self.ids.insert(name.to_string(), id);
-                Some(id)
+                self.ids.insert(name.to_string(), index);
+                self.envoy.push(id);
+                Some(index)
             }
             Err(status) => {
                 self.hostcall_failed("define_metric", status);
                 None
             }
+        }
+    }
+
+    fn add(&mut self, index: u32, delta: i64) {
+        if !self.batch.hold(index, delta) {
+            if let Some(&id) = self.envoy.get(index as usize) {
+                self.check("increment_metric", abi::increment_metric(id, delta));
+            }
+        }
+    }
+
+    fn record(&mut self, index: u32, value: u64) {
+        // A gauge set overrides the deltas held for it (histograms have none).
+        self.batch.forget(index);
+        if let Some(&id) = self.envoy.get(index as usize) {
+            self.check("record_metric", abi::record_metric(id, value));
+        }
+    }
+
+    /// A timer tick: sends the held updates when their interval is over.
+    fn tick(&mut self) {
+        if self.batch.tick() {
+            self.flush();
+        }
+    }
+
+    /// A request ended: sends the held updates if the last flush is an interval old (see
+    /// [`Batch::request_ended`]; by the latest clock reading, no new one).
+    fn request_ended(&mut self) {
+        if self.batch.request_ended(self.latest_now.get()) {
+            self.flush();
+        }
+    }
+
+    /// Sends every held update: one hostcall per changed stat.
+    fn flush(&mut self) {
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.flush(self.latest_now.get(), |index, delta| {
+            if let Some(&id) = self.envoy.get(index as usize) {
+                self.check("increment_metric", abi::increment_metric(id, delta));
+            }
+        });
+        self.batch = batch;
+    }
+
+    fn check(&self, call: &str, result: Result<(), Status>) {
+        if let Err(status) = result {
+            self.hostcall_failed(call, status);
         }
     }
 
@@ -96,6 +154,15 @@ struct Root {
 }
 
 impl Context for Root {
+    /// The VM is stopping (the filter's configuration was replaced or Envoy shuts down): sends
+    /// the counter updates still held.
+    fn on_done(&mut self) -> bool {
+        if let Some(mut state) = self.state.as_ref().and_then(|s| s.try_borrow_mut().ok()) {
+            state.metrics.flush();
+        }
+        true
+    }
+
     /// The answer to a usage report: a failure is counted; an answer shows the rule's use and
     /// may cross its `warn_at` (an OVER_LIMIT answer is the service counting usage beyond the
     /// limit, as it should).
@@ -147,11 +214,8 @@ impl RootContext for Root {
         let mut host = WasmHost::new(&mut metrics, 0);
         worker.init_shared(&mut host);
         log(LogLevel::Info, "llm-meter: configured");
-        if worker.limits_need_tick() {
-            set_tick(REPORT_EVERY_MS);
-        } else if worker.config().request.model_lookahead_bytes > 0 || worker.config().resilience.is_active() {
-            set_tick(hold::CHECK_EVERY_MS);
-        }
+        let holds = worker.config().request.model_lookahead_bytes > 0;
+        start_timer(&worker, &mut metrics, holds);
         self.state =
             Some(Rc::new(RefCell::new(State { worker, metrics, released: BTreeSet::new(), reports: HashMap::new() })));
         true
@@ -164,6 +228,7 @@ impl RootContext for Root {
         let Some(state) = self.state.as_ref() else { return };
         let Ok(mut guard) = state.try_borrow_mut() else { return };
         let State { worker, metrics, released, reports } = &mut *guard;
+        metrics.tick();
         let mut host = WasmHost::new(metrics, 0);
         worker.refresh_circuits(&mut host);
         worker.refresh_use(&mut host);
@@ -193,9 +258,7 @@ impl RootContext for Root {
                 "llm-meter: a held request got no body callback; set `allow_on_headers_stop_iteration: true` in \
                  the Wasm filter's config (Envoy >= 1.35). Holding requests for the model is off on this worker.",
             );
-            if !worker.limits_need_tick() && !worker.config().resilience.is_active() {
-                set_tick(0);
-            }
+            start_timer(worker, metrics, false);
         }
     }
 
@@ -221,6 +284,24 @@ fn grpc_response(status_code: u32, response_size: usize) -> Result<Vec<u8>, ()> 
         return Err(());
     }
     Ok(Http::body(BufferType::GrpcReceiveBuffer, 0, response_size).unwrap_or_default())
+}
+
+/// Sets the root context's timer to the shortest period a configured feature needs (none: no
+/// timer): global rules' reports ([`REPORT_EVERY_MS`]), the hold watchdog and circuit refresh
+/// ([`hold::CHECK_EVERY_MS`]; `holds`: the watchdog is still needed), and the flush of held
+/// counter updates (`metrics.flush_interval_ms`, a multiple of the period).
+fn start_timer(worker: &Worker, metrics: &mut MetricIds, holds: bool) {
+    let flush_ms = worker.config().metrics.flush_interval_ms;
+    let needs = [
+        worker.limits_need_tick().then_some(REPORT_EVERY_MS),
+        (holds || worker.config().resilience.is_active()).then_some(hold::CHECK_EVERY_MS),
+        (flush_ms > 0).then_some(flush_ms),
+    ];
+    let period = needs.into_iter().flatten().min().unwrap_or(0);
+    // The tick count per flush changes with the period: send what is held under the old one.
+    metrics.flush();
+    metrics.batch = Batch::new(flush_ms, period);
+    set_tick(period);
 }
 
 fn set_tick(ms: u64) {
@@ -362,6 +443,7 @@ impl HttpContext for Http {
         self.with(|x, host, worker| {
             x.stop_holding();
             x.on_log(host, worker);
+            host.metrics.request_ended();
         });
     }
 }
@@ -417,9 +499,7 @@ impl WasmHost<'_> {
     }
 
     fn check(&self, call: &str, result: Result<(), Status>) {
-        if let Err(status) = result {
-            self.metrics.hostcall_failed(call, status);
-        }
+        self.metrics.check(call, result);
     }
 }
 
@@ -448,6 +528,16 @@ impl Host for WasmHost<'_> {
         self.header(MapType::HttpRequestHeaders, name)
     }
 
+    fn request_headers(&self, names: &[String]) -> Vec<Option<Vec<u8>>> {
+        if names.len() < 2 {
+            return names.iter().map(|name| self.request_header(name)).collect();
+        }
+        abi::header_values(MapType::HttpRequestHeaders, names).unwrap_or_else(|status| {
+            self.metrics.hostcall_failed("get_header_map_pairs", status);
+            vec![None; names.len()]
+        })
+    }
+
     fn response_headers(&self) -> Vec<(String, Vec<u8>)> {
         abi::header_pairs(MapType::HttpResponseHeaders).unwrap_or_else(|status| {
             self.metrics.hostcall_failed("get_header_map_pairs", status);
@@ -461,6 +551,7 @@ impl Host for WasmHost<'_> {
         }
         let now = abi::now_nanos().unwrap_or(0);
         self.now.set(Some(now));
+        self.metrics.latest_now.set(now);
         now
     }
 
@@ -482,11 +573,11 @@ impl Host for WasmHost<'_> {
     }
 
     fn metric_add(&mut self, id: u32, delta: i64) {
-        self.check("increment_metric", abi::increment_metric(id, delta));
+        self.metrics.add(id, delta);
     }
 
     fn metric_record(&mut self, id: u32, value: u64) {
-        self.check("record_metric", abi::record_metric(id, value));
+        self.metrics.record(id, value);
     }
 
     fn log_warn(&self, message: &str) {
@@ -533,6 +624,17 @@ impl Host for WasmHost<'_> {
     fn publish_record(&mut self, name: &str, record: &crate::record::Record) {
         let value = if self.metrics.records_typed { record.to_struct() } else { record.to_json().into_bytes() };
         self.check("set_property", abi::set_property(name, &value));
+    }
+
+    fn set_response_headers(&mut self, current: &[(String, Vec<u8>)], set: &[(&str, &str)]) {
+        if set.len() < 2 {
+            for (name, value) in set {
+                self.set_response_header(name, value);
+            }
+            return;
+        }
+        let map = crate::host::header_map::replaced(current, set);
+        self.check("set_header_map_pairs", abi::set_header_pairs(MapType::HttpResponseHeaders, &map));
     }
 
     fn set_response_header(&mut self, name: &str, value: &str) {

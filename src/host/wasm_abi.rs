@@ -21,6 +21,7 @@ extern "C" {
     fn proxy_get_buffer_bytes(kind: u32, start: usize, max: usize, data: *mut *mut u8, size: *mut usize) -> u32;
     fn proxy_set_buffer_bytes(kind: u32, start: usize, size: usize, data: *const u8, data_size: usize) -> u32;
     fn proxy_get_header_map_pairs(map: u32, data: *mut *mut u8, size: *mut usize) -> u32;
+    fn proxy_set_header_map_pairs(map: u32, data: *const u8, size: usize) -> u32;
     fn proxy_get_header_map_value(
         map: u32,
         key: *const u8,
@@ -153,6 +154,19 @@ pub fn header_pairs(map: MapType) -> Result<Vec<(String, Vec<u8>)>, Status> {
     // SAFETY: the out-pointers are valid for the call.
     let bytes = returned(|data, size| unsafe { proxy_get_header_map_pairs(map as u32, data, size) })?;
     header_map::parse(&bytes).ok_or(Status::ParseFailure)
+}
+
+/// The first value of each header of `map` named in `names` (lower case), read in one hostcall.
+pub fn header_values<S: AsRef<str>>(map: MapType, names: &[S]) -> Result<Vec<Option<Vec<u8>>>, Status> {
+    // SAFETY: the out-pointers are valid for the call.
+    let bytes = returned(|data, size| unsafe { proxy_get_header_map_pairs(map as u32, data, size) })?;
+    header_map::values_of(&bytes, names).ok_or(Status::ParseFailure)
+}
+
+/// Replaces every header of `map` with `serialized` (a map in [`header_map`]'s format).
+pub fn set_header_pairs(map: MapType, serialized: &[u8]) -> Result<(), Status> {
+    // SAFETY: a valid slice for the duration of the call.
+    status(unsafe { proxy_set_header_map_pairs(map as u32, serialized.as_ptr(), serialized.len()) })
 }
 
 /// One header's value; `Ok(None)` when absent.

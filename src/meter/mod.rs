@@ -1,6 +1,6 @@
 //! Turning an exchange into numbers: metric names and label encoding ([`metrics`]), bounded
 //! label values shared by every worker ([`labels`]), prices and cost ([`pricing`]), error
-//! classes ([`classify`]), and what upstream response headers say (quotas, usage:
+//! classes ([`classify`]), counter updates held per worker until a flush ([`deltas`]), and what upstream response headers say (quotas, usage:
 //! [`upstream`]).
 //!
 //! Open this folder for "why is this series labelled so / missing / priced so?". It depends on
@@ -8,6 +8,7 @@
 //! use it.
 
 pub mod classify;
+pub mod deltas;
 pub mod labels;
 pub mod metrics;
 pub mod pricing;

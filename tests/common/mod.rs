@@ -17,6 +17,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+/// The filter's default `metrics.flush_interval_ms`: counters reach Envoy at most this long
+/// after the request that moved them.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(250);
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -257,13 +261,21 @@ impl Envoy {
     }
 
     /// Polls `/stats/prometheus` until `series` (with exactly these labels) has `value`.
+    ///
+    /// The filter holds counter and gauge updates for up to `metrics.flush_interval_ms` (250 ms
+    /// by default) and sends them together, while histograms and set gauges move at once: the
+    /// returned scrape is taken a flush interval after the one that matched (and matches too),
+    /// so every update made before the match has arrived, whatever `series` is.
     pub fn wait_value(&self, series: &str, value: f64) -> Metrics {
         let mut last = None;
         let found = (0..200).find_map(|_| {
             let m = self.metrics();
             let v = m.value(series);
             if v == Some(value) {
-                return Some(m);
+                let again = self.after_batch();
+                if again.value(series) == Some(value) {
+                    return Some(again);
+                }
             }
             last = Some((v, m.raw.clone()));
             std::thread::sleep(Duration::from_millis(50));
@@ -278,6 +290,39 @@ impl Envoy {
                 tail(&self.log(), 30)
             )
         })
+    }
+
+    /// Polls `/stats/prometheus` until `done` holds (panics after `timeout`); like
+    /// [`Envoy::wait_value`], returns a scrape taken after the matching one.
+    pub fn wait_for(&self, timeout: Duration, what: &str, done: impl Fn(&Metrics) -> bool) -> Metrics {
+        eventually(timeout, what, || {
+            if !done(&self.metrics()) {
+                return None;
+            }
+            let again = self.after_batch();
+            done(&again).then_some(again)
+        })
+    }
+
+    /// A scrape once the filter has sent every counter update it held: two scrapes a flush
+    /// interval apart that agree on every `llm_` series (for a "before" snapshot, or counters
+    /// that must not have moved).
+    pub fn settled(&self) -> Metrics {
+        eventually(Duration::from_secs(10), "the filter's counters to settle", || {
+            let first = self.metrics();
+            std::thread::sleep(FLUSH_INTERVAL + Duration::from_millis(50));
+            let second = self.metrics();
+            let llm =
+                |m: &Metrics| m.raw.lines().filter(|l| l.starts_with("llm_")).map(str::to_string).collect::<Vec<_>>();
+            (llm(&first) == llm(&second)).then_some(second)
+        })
+    }
+
+    /// A scrape a flush interval after the one just taken: every counter update made before
+    /// that one has been sent by then.
+    fn after_batch(&self) -> Metrics {
+        std::thread::sleep(FLUSH_INTERVAL + Duration::from_millis(60));
+        self.metrics()
     }
 
     /// Envoy's process id.
