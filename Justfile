@@ -162,7 +162,7 @@ wasm-bindgen-cli:
     rm -f "$log"
 
 # Benchmark plain Envoy vs Envoy + llm-meter vs Python proxies (wrk) and memory on 10 MB streams (BENCHMARKS.md); `just bench --smoke` checks the harness in seconds
-bench *flags: (deps "bench") build envoy
+bench *flags: (deps "bench") build envoy mock rls
     python3 scripts/bench.py {{flags}}
 
 # Soak: mixed traffic (streaming and not, five API shapes, failures) at full speed through Envoy + the filter for `seconds`; asserts exact counters and flat memory (tests/soak.rs). `just test` runs 30 s of it
