@@ -1,5 +1,7 @@
 //! Throughput of the body scanners, as the filter runs them: response bodies handed over in
-//! 16 KiB chunks (Envoy's usual buffer slice size).
+//! 16 KiB chunks (Envoy's usual buffer slice size), and streams one event per chunk.
+//! `response_scan_without_templates` runs the same streams through the full JSON scan of every
+//! event (no event templates, `scan::template`): the cost before them, in the same run.
 //!
 //! `cargo bench -p llm-meter --bench scanners` (native only: on wasm32 this is an empty binary).
 
@@ -109,6 +111,58 @@ mod native {
         s.into_bytes()
     }
 
+    /// A Gemini stream (`alt=sse`): every event carries `usageMetadata` (the counts so far) and
+    /// `modelVersion`, so every event must be parsed whole.
+    fn gemini_stream(events: usize) -> Vec<u8> {
+        let mut s = String::new();
+        for k in 0..events {
+            s.push_str("data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"");
+            s.push_str(WORDS[k % WORDS.len()]);
+            s.push_str(" \"}],\"role\":\"model\"},\"index\":0}],\"usageMetadata\":{\"promptTokenCount\":9,");
+            s.push_str(&format!("\"candidatesTokenCount\":{},\"totalTokenCount\":{}}},", k + 1, k + 10));
+            s.push_str("\"modelVersion\":\"gemini-2.5-flash\",\"responseId\":\"r1\"}\n\n");
+        }
+        s.into_bytes()
+    }
+
+    /// An OpenAI chat stream whose events alternate between two shapes (a content delta and a
+    /// tool-call delta): the worst case for a scan that compares each event with the previous
+    /// one, since no event has the shape of the one before.
+    fn openai_alternating_stream(events: usize) -> Vec<u8> {
+        let mut s = String::new();
+        for k in 0..events {
+            s.push_str(
+                "data: {\"id\":\"chatcmpl-AbCdEfGhIjKlMnOpQrStUvWxYz012\",\"object\":\"chat.completion.chunk\",\
+                 \"model\":\"gpt-4o-mini-2024-07-18\",\"choices\":[{\"index\":0,\"delta\":{",
+            );
+            if k % 2 == 0 {
+                s.push_str("\"content\":\"");
+            } else {
+                s.push_str("\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"");
+            }
+            s.push_str(WORDS[k % WORDS.len()]);
+            s.push_str(if k % 2 == 0 { " \"}}],\"usage\":null}\n\n" } else { " \"}}]}}],\"usage\":null}\n\n" });
+        }
+        s.push_str(OPENAI_TAIL);
+        s.into_bytes()
+    }
+
+    /// The body cut after every blank line: one SSE event per chunk, as streams usually arrive
+    /// (one event per upstream write, so one per body callback).
+    fn per_event(body: &[u8]) -> Vec<&[u8]> {
+        let mut out = Vec::new();
+        let mut rest = body;
+        while let Some(p) = rest.windows(2).position(|w| w == b"\n\n") {
+            let (event, tail) = rest.split_at(p + 2);
+            out.push(event);
+            rest = tail;
+        }
+        if !rest.is_empty() {
+            out.push(rest);
+        }
+        out
+    }
+
     /// A non-streaming chat completion whose message content is about `content_len` bytes of
     /// prose with the escapes real content has (`\n`, `\"`).
     fn chat_json(content_len: usize) -> Vec<u8> {
@@ -135,18 +189,28 @@ mod native {
         .into_bytes()
     }
 
-    /// Feeds `body` in 16 KiB chunks to a fresh response scanner, as the filter does.
-    fn scan_response(body: &[u8], format: BodyFormat, usage: UsageFormat) -> u64 {
-        let mut scanner = ResponseScanner::new(format, usage);
-        for chunk in body.chunks(CHUNK) {
+    /// Feeds `chunks` to a fresh response scanner, as the filter does.
+    fn scan_response(chunks: &[&[u8]], format: BodyFormat, usage: UsageFormat) -> u64 {
+        scan_response_with(ResponseScanner::new, chunks, format, usage)
+    }
+
+    /// Feeds `chunks` to a fresh scanner made by `new`.
+    fn scan_response_with(
+        new: fn(BodyFormat, UsageFormat) -> ResponseScanner,
+        chunks: &[&[u8]],
+        format: BodyFormat,
+        usage: UsageFormat,
+    ) -> u64 {
+        let mut scanner = new(format, usage);
+        for chunk in chunks {
             scanner.feed(black_box(chunk));
         }
         scanner.finish();
         scanner.usage().map_or(0, |u| u.output)
     }
 
-    fn check_usage(body: &[u8], format: BodyFormat, usage: UsageFormat, output: u64) {
-        assert_eq!(scan_response(body, format, usage), output, "the benchmark input must carry its usage");
+    fn check_usage(chunks: &[&[u8]], format: BodyFormat, usage: UsageFormat, output: u64) {
+        assert_eq!(scan_response(chunks, format, usage), output, "the benchmark input must carry its usage");
     }
 
     pub fn response_scans(c: &mut Criterion) {
@@ -160,20 +224,74 @@ mod native {
                 UsageFormat::OpenAiChat,
                 200,
             ),
+            (
+                "sse_openai_alternating/200_events",
+                openai_alternating_stream(EVENTS),
+                BodyFormat::Sse,
+                UsageFormat::OpenAiChat,
+                200,
+            ),
             ("sse_anthropic/200_events", anthropic_stream(EVENTS, 0), BodyFormat::Sse, UsageFormat::Anthropic, 200),
             ("sse_anthropic/10MB", anthropic_stream(0, BIG), BodyFormat::Sse, UsageFormat::Anthropic, 200),
+            ("sse_gemini/200_events", gemini_stream(EVENTS), BodyFormat::Sse, UsageFormat::Gemini, 200),
             ("json_chat/1KB", chat_json(600), BodyFormat::Json, UsageFormat::OpenAiChat, 10),
             ("json_chat/1MB", chat_json(1 << 20), BodyFormat::Json, UsageFormat::OpenAiChat, 10),
         ];
         let mut group = c.benchmark_group("response_scan");
         for (name, body, format, usage, output) in &cases {
-            check_usage(body, *format, *usage, *output);
+            let chunks: Vec<&[u8]> = body.chunks(CHUNK).collect();
+            check_usage(&chunks, *format, *usage, *output);
             group.throughput(Throughput::Bytes(body.len() as u64));
-            group.bench_with_input(BenchmarkId::from_parameter(name), body, |b, body| {
-                b.iter(|| scan_response(body, *format, *usage))
+            group.bench_with_input(BenchmarkId::from_parameter(name), &chunks, |b, chunks| {
+                b.iter(|| scan_response(chunks, *format, *usage))
+            });
+        }
+        // One event per chunk (one upstream write per event, one body callback each): the
+        // per-event cost, without 16 KiB chunks to spread it over.
+        let streams = one_per_chunk_streams();
+        for (name, body, usage) in &streams {
+            let chunks = per_event(body);
+            check_usage(&chunks, BodyFormat::Sse, *usage, 200);
+            group.throughput(Throughput::Bytes(body.len() as u64));
+            group.bench_with_input(BenchmarkId::from_parameter(name), &chunks, |b, chunks| {
+                b.iter(|| scan_response(chunks, BodyFormat::Sse, *usage))
             });
         }
         group.finish();
+
+        // The same streams, every event scanned in full.
+        let mut group = c.benchmark_group("response_scan_without_templates");
+        let whole: Vec<(&str, Vec<u8>, UsageFormat)> = vec![
+            ("sse_openai/200_events", openai_stream(EVENTS, 0, false), UsageFormat::OpenAiChat),
+            ("sse_openai_full_fields/200_events", openai_stream(EVENTS, 0, true), UsageFormat::OpenAiChat),
+            ("sse_anthropic/200_events", anthropic_stream(EVENTS, 0), UsageFormat::Anthropic),
+        ];
+        let cut = whole
+            .iter()
+            .map(|(name, body, usage)| (*name, body.chunks(CHUNK).collect::<Vec<_>>(), *usage))
+            .chain(streams.iter().map(|(name, body, usage)| (*name, per_event(body), *usage)));
+        for (name, chunks, usage) in cut {
+            let bytes: usize = chunks.iter().map(|c| c.len()).sum();
+            group.throughput(Throughput::Bytes(bytes as u64));
+            group.bench_with_input(BenchmarkId::from_parameter(name), &chunks, |b, chunks| {
+                b.iter(|| scan_response_with(ResponseScanner::without_templates, chunks, BodyFormat::Sse, usage))
+            });
+        }
+        group.finish();
+    }
+
+    /// The streams also measured one event per chunk.
+    fn one_per_chunk_streams() -> Vec<(&'static str, Vec<u8>, UsageFormat)> {
+        vec![
+            ("sse_openai/200_events_one_per_chunk", openai_stream(EVENTS, 0, false), UsageFormat::OpenAiChat),
+            (
+                "sse_openai_full_fields/200_events_one_per_chunk",
+                openai_stream(EVENTS, 0, true),
+                UsageFormat::OpenAiChat,
+            ),
+            ("sse_anthropic/200_events_one_per_chunk", anthropic_stream(EVENTS, 0), UsageFormat::Anthropic),
+            ("sse_gemini/200_events_one_per_chunk", gemini_stream(EVENTS), UsageFormat::Gemini),
+        ]
     }
 
     /// Counts event data without parsing it: the SSE framing cost alone.

@@ -4,10 +4,13 @@
 //! or an [`SseScanner`] feeding a per-event [`JsonScanner`] (streaming), which keep only a few
 //! bytes of parser state plus the bounded raw bytes of the values they capture (`model`,
 //! `usage`). So a 10 MB embeddings response or a 5,000-event stream costs the same memory as a
-//! small one, and a usage event split anywhere across chunks is still found.
+//! small one, and a usage event split anywhere across chunks is still found. Stream events that
+//! provably scan like the previous one (the same shape, differing only in bytes the JSON scan
+//! skips) are not scanned again ([`crate::scan::template`]).
 
 use crate::scan::json_scan::{Found, JsonScanner};
 use crate::scan::sse::{SseScanner, SseSink};
+use crate::scan::template::{Templates, TEMPLATE_BYTES};
 use crate::scan::usage::{parse_anthropic, parse_usage, AnthropicUsage, Usage, UsageFormat};
 
 /// Largest usage object captured. Real ones are a few hundred bytes.
@@ -16,9 +19,10 @@ const MAX_USAGE_BYTES: usize = 16 * 1024;
 const MAX_MODEL_BYTES: usize = 1024;
 
 /// What a [`ResponseScanner`] may hold on the heap at most, whatever the body: a usage object
-/// being captured, a key being decoded, the last model's raw bytes and its decoded string. Its
-/// SSE and sniffing state is inline. Charged to the stream's memory lease when scanning starts.
-pub const RESPONSE_SCAN_BYTES: usize = MAX_USAGE_BYTES + 64 + 2 * MAX_MODEL_BYTES;
+/// being captured, a key being decoded, the last model's raw bytes and its decoded string, and
+/// a stream's event template with the event copy that may replace it. Its SSE and sniffing
+/// state is inline. Charged to the stream's memory lease when scanning starts.
+pub const RESPONSE_SCAN_BYTES: usize = MAX_USAGE_BYTES + 64 + 2 * MAX_MODEL_BYTES + TEMPLATE_BYTES;
 
 /// Input the filter could not meter. Each is counted (`meter_skips_total{reason}`) and logged;
 /// none of them affects the traffic.
@@ -285,11 +289,21 @@ struct Findings {
     model: Option<String>,
     /// Raw JSON of the last model decoded.
     model_raw: Vec<u8>,
+    /// How often `model_raw` changed: an event template stands for events whose findings change
+    /// nothing, which holds for the model it was recorded with only.
+    model_gen: u64,
     skips: Skips,
 }
 
 impl Findings {
-    fn absorb(&mut self, found: Found<'_>) {
+    /// Takes one finding; true when it changed nothing (a `null` usage, the model already
+    /// decoded), what the events a template stands for find.
+    fn absorb(&mut self, found: Found<'_>) -> bool {
+        let unchanged = match found {
+            Found::Value { path, raw } if is_usage_path(path) => raw == b"null",
+            Found::Value { raw, .. } => raw == self.model_raw.as_slice(),
+            Found::TooLarge { .. } => false,
+        };
         match found {
             // OpenAI streams send `"usage":null` in every chunk but the last: nothing to parse.
             Found::Value { path, raw } if is_usage_path(path) && raw == b"null" => {}
@@ -325,12 +339,14 @@ impl Findings {
                     self.model = Some(m);
                     self.model_raw.clear();
                     self.model_raw.extend_from_slice(raw);
+                    self.model_gen = self.model_gen.wrapping_add(1);
                 }
                 None => self.skips.add(Skip::ModelInvalid),
             },
             Found::TooLarge { path } if is_usage_path(path) => self.skips.add(Skip::UsageTooLarge),
             Found::TooLarge { .. } => self.skips.add(Skip::ModelInvalid),
         }
+        unchanged
     }
 }
 
@@ -348,8 +364,15 @@ impl DataHead {
     const LEN: usize = 16;
 
     fn push(&mut self, data: &[u8]) {
-        for (slot, &b) in self.bytes.iter_mut().skip(self.seen).zip(data) {
-            *slot = b;
+        // (One copy, not a byte loop: this runs for every event, mostly with all of its data.)
+        if let (0, Some(head)) = (self.seen, data.first_chunk::<{ Self::LEN }>()) {
+            self.bytes = *head;
+            self.seen = data.len();
+            return;
+        }
+        let take = data.len().min(Self::LEN.saturating_sub(self.seen));
+        if let (Some(slots), Some(src)) = (self.bytes.get_mut(self.seen..self.seen + take), data.get(..take)) {
+            slots.copy_from_slice(src);
         }
         self.seen = self.seen.saturating_add(data.len());
     }
@@ -359,11 +382,13 @@ impl DataHead {
     }
 }
 
-/// Feeds SSE event data into a JSON scanner that starts afresh with every event.
+/// Feeds SSE event data into a JSON scanner that starts afresh with every event, unless the
+/// event matches the stream's template.
 struct EventSink<'a> {
     json: &'a mut JsonScanner,
     findings: &'a mut Findings,
     head: &'a mut DataHead,
+    templates: &'a mut Templates,
     saw_data: bool,
     /// Whether an event whose JSON is broken (not a JSON object, or cut short) is counted: yes
     /// for events ended by a blank line or by the end of the body, not for the last one of an
@@ -376,10 +401,19 @@ impl SseSink for EventSink<'_> {
         self.saw_data = true;
         self.head.push(bytes);
         let findings = &mut *self.findings;
-        self.json.feed(bytes, |f| findings.absorb(f));
+        let model_gen = findings.model_gen;
+        self.templates.data(bytes, model_gen, self.json, |f| findings.absorb(f));
     }
 
     fn dispatch(&mut self, _has_data: bool) {
+        let findings = &mut *self.findings;
+        let model_gen = findings.model_gen;
+        if self.templates.dispatch(self.json, model_gen, |f| findings.absorb(f)) {
+            // Scans like the template: a complete JSON object that finds nothing new. The JSON
+            // scanner did not see it.
+            *self.head = DataHead::default();
+            return;
+        }
         // Data that is not a JSON object (`[DONE]` excepted) or that ends inside its JSON.
         // Events without data (comments, `event:` alone) and empty data are no documents.
         let broken = self.json.is_truncated() || (self.json.is_malformed() && !self.head.is_done_sentinel());
@@ -397,6 +431,8 @@ pub struct ResponseScanner {
     sse: Option<SseScanner>,
     /// The start of the current event's data (streams only).
     head: DataHead,
+    /// The stream's event template and how the current event compares with it (streams only).
+    templates: Templates,
     /// Until the framing is known: what `content-type` says, and the body's first bytes (at
     /// most [`SNIFF_LEN`], leading whitespace dropped). See [`BodyFormat::sniff`].
     undecided: Option<(BodyFormat, Vec<u8>)>,
@@ -409,10 +445,23 @@ impl ResponseScanner {
     /// A scanner for a body labelled as `format` (the framing is confirmed by the body's first
     /// bytes), holding usage in `usage_format`.
     pub fn new(format: BodyFormat, usage_format: UsageFormat) -> Self {
+        Self::with_templates(format, usage_format, true)
+    }
+
+    /// The same scanner without event templates: every stream event goes through the full JSON
+    /// scan. The reference the differential tests and the `response_scan` fuzz target compare
+    /// [`Self::new`] with; the filter does not use it.
+    pub fn without_templates(format: BodyFormat, usage_format: UsageFormat) -> Self {
+        Self::with_templates(format, usage_format, false)
+    }
+
+    fn with_templates(format: BodyFormat, usage_format: UsageFormat, templates: bool) -> Self {
+        let paths = response_paths(usage_format);
         Self {
-            json: JsonScanner::new(response_paths(usage_format), MAX_USAGE_BYTES),
+            json: JsonScanner::new(paths, MAX_USAGE_BYTES),
             sse: None,
             head: DataHead::default(),
+            templates: Templates::new(paths, templates),
             undecided: Some((format, Vec::with_capacity(SNIFF_LEN))),
             findings: Findings {
                 usage_format,
@@ -420,6 +469,7 @@ impl ResponseScanner {
                 anthropic: None,
                 model: None,
                 model_raw: Vec::new(),
+                model_gen: 0,
                 skips: Skips::default(),
             },
             first_data_seen: false,
@@ -458,6 +508,7 @@ impl ResponseScanner {
                     json: &mut self.json,
                     findings: &mut self.findings,
                     head: &mut self.head,
+                    templates: &mut self.templates,
                     saw_data: false,
                     count_broken: true,
                 };
@@ -468,7 +519,9 @@ impl ResponseScanner {
             }
             None => {
                 let findings = &mut self.findings;
-                self.json.feed(chunk, |f| findings.absorb(f));
+                self.json.feed(chunk, |f| {
+                    findings.absorb(f);
+                });
                 false
             }
         }
@@ -502,6 +555,7 @@ impl ResponseScanner {
                     json: &mut self.json,
                     findings: &mut self.findings,
                     head: &mut self.head,
+                    templates: &mut self.templates,
                     saw_data: false,
                     count_broken: ended,
                 };
@@ -535,10 +589,23 @@ impl ResponseScanner {
         self.sse.is_some()
     }
 
-    /// Parser state held between chunks, in bytes (bounded whatever the body).
+    /// Parser state held between chunks, in bytes (bounded whatever the body): what the current
+    /// JSON document or event and the SSE framing need. The event template, the same for every
+    /// chunk of a stream, is not parser state: see [`Self::template_len`].
     pub fn carry_len(&self) -> usize {
         let head = self.undecided.as_ref().map_or(0, |(_, head)| head.len());
         head + self.json.carry_len() + self.sse.as_ref().map_or(0, SseScanner::carry_len)
+    }
+
+    /// Stream events whose JSON scan was skipped because they matched the stream's template.
+    pub fn events_matched(&self) -> u64 {
+        self.templates.matched()
+    }
+
+    /// Bytes held for the stream's event template (at most
+    /// [`TEMPLATE_BYTES`](crate::scan::template::TEMPLATE_BYTES), whatever the body).
+    pub fn template_len(&self) -> usize {
+        self.templates.held_len()
     }
 }
 

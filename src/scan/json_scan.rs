@@ -707,12 +707,12 @@ impl JsonScanner {
     }
 }
 
-fn is_ws(b: u8) -> bool {
+pub(crate) fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
 
 /// Bytes of numbers and literals (`true`, `false`, `null`).
-fn is_scalar(b: u8) -> bool {
+pub(crate) fn is_scalar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'+' | b'.')
 }
 
@@ -720,8 +720,8 @@ fn hex_digit(b: u8) -> Option<u32> {
     char::from(b).to_digit(16)
 }
 
-#[cfg(test)]
-fn is_nest_byte(b: u8) -> bool {
+/// The bytes a skipped container is read by outside strings: `"` and the brackets.
+pub(crate) fn is_nest_byte(b: u8) -> bool {
     matches!(b, b'"' | b'{' | b'}' | b'[' | b']')
 }
 
@@ -780,7 +780,7 @@ const INLINE_QUOTE_SEARCH: usize = 64;
 /// Position of the first `"` or `\`. Most JSON strings are short, so the first 64 bytes are
 /// searched inline, eight at a time; longer strings go to `memchr2`.
 #[inline(always)]
-fn find_quote(s: &[u8]) -> Option<usize> {
+pub(crate) fn find_quote(s: &[u8]) -> Option<usize> {
     let mut at = 0;
     while at < INLINE_QUOTE_SEARCH {
         let Some(x) = word_at(s, at) else {
@@ -799,9 +799,8 @@ fn find_quote(s: &[u8]) -> Option<usize> {
 }
 
 /// Position of the first `"`, `{`, `}`, `[` or `]`, eight bytes at a time (the search that
-/// skipping containers does).
-#[cfg(test)]
-fn find_nest_byte(s: &[u8]) -> Option<usize> {
+/// skipping containers does; event templates skim the runs of a container with it).
+pub(crate) fn find_nest_byte(s: &[u8]) -> Option<usize> {
     let mut at = 0;
     while let Some(rest) = s.get(at..).filter(|r| !r.is_empty()) {
         let mut m = container_bytes(word_at(rest, 0).unwrap_or_else(|| padded_word(rest)));

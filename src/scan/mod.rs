@@ -4,7 +4,8 @@
 //! Open this folder for "why is this token count wrong?": [`usage`] turns each API's usage
 //! object into one shape, [`body`] finds it (and the `model`) in request and response bodies
 //! chunk by chunk, over [`json_scan`] (incremental JSON path capture) and [`sse`] (event
-//! streams); [`decode`] decodes a copy of compressed bodies for them; [`inject`] adds
+//! streams), skipping the JSON scan of stream events that provably scan like one already
+//! scanned ([`template`]); [`decode`] decodes a copy of compressed bodies for them; [`inject`] adds
 //! `include_usage` to streaming requests and cuts the usage chunk the client did not ask for;
 //! [`operation`] tells the API from the request path.
 //!
@@ -17,4 +18,5 @@ pub mod inject;
 pub mod json_scan;
 pub mod operation;
 pub mod sse;
+pub mod template;
 pub mod usage;
