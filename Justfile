@@ -161,6 +161,15 @@ wasm-bindgen-cli:
     fi
     rm -f "$log"
 
+# The filter's own code per exchange inside V8 (node, Liftoff off as in Envoy): benches/exchange.rs built for wasm32, µs per exchange and hostcalls; `just bench-v8 2_limits` runs the cases whose name has that; EXCHANGE_SECONDS sets each case's time (default 2)
+bench-v8 *args: targets
+    #!/usr/bin/env bash
+    set -euo pipefail
+    command -v node >/dev/null || { echo "just bench-v8 needs Node.js (Debian: apt-get install nodejs)" >&2; exit 1; }
+    wasm=$(cargo bench -p llm-meter --target wasm32-wasip1 --bench exchange --no-run --message-format=json 2>/dev/null \
+      | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])')
+    node --no-liftoff --no-warnings bench/wasi_run.mjs "$wasm" {{args}}
+
 # Benchmark plain Envoy vs Envoy + llm-meter vs Python proxies (wrk) and memory on 10 MB streams (BENCHMARKS.md); `just bench --smoke` checks the harness in seconds
 bench *flags: (deps "bench") build envoy mock rls
     python3 scripts/bench.py {{flags}}

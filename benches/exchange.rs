@@ -8,13 +8,14 @@
 //! chunk into the VM. Natively this is the logic's cost without V8; in Envoy the same code runs
 //! slower and every hostcall also costs a VM exit.
 //!
-//! `cargo bench -p llm-meter --bench exchange` (native only: on wasm32 this is an empty binary).
-//! With `EXCHANGE_HOSTCALLS_ONLY=1` it prints the hostcall counts and skips the timing (`just
-//! bench` reads them that way).
+//! `cargo bench -p llm-meter --bench exchange`. With `EXCHANGE_HOSTCALLS_ONLY=1` it prints the
+//! hostcall counts and skips the timing (`just bench` reads them that way).
+//!
+//! Built for wasm32 (`just bench-v8`), the same exchanges run inside V8 under node with the flags
+//! Envoy gives V8 (no Liftoff: every function compiled by TurboFan), timed by a plain loop: the
+//! filter's own code as Envoy runs it, without Envoy, so it can be profiled per function.
 
-#[cfg(not(target_arch = "wasm32"))]
-mod native {
-    use criterion::{Criterion, Throughput};
+mod exchange {
     use llm_meter::config::Config;
     use llm_meter::filter::{Exchange, Host, MetricKind, Worker};
     use llm_meter::meter::deltas::Deltas;
@@ -280,7 +281,11 @@ mod native {
         x.on_log(host, worker);
     }
 
-    fn case(c: &mut Criterion, name: &str, config: &str, content_type: &str, body: &str, chunk: usize) {
+    /// Times a case: its name, the bytes one exchange moves, and one exchange to run.
+    pub type Timer<'t> = dyn FnMut(&str, u64, &mut dyn FnMut()) + 't;
+
+    /// Runs one case: counts its hostcalls, then hands `time` a closure doing one exchange.
+    pub fn case(time: &mut Timer, name: &str, config: &str, content_type: &str, body: &str, chunk: usize) {
         let mut worker = Worker::new(Config::parse(config.as_bytes()).expect("config"));
         let mut host = host(content_type);
         let chunks: Vec<&[u8]> = body.as_bytes().chunks(chunk).collect();
@@ -303,27 +308,65 @@ mod native {
         if std::env::var_os("EXCHANGE_HOSTCALLS_ONLY").is_some() {
             return;
         }
-        let mut group = c.benchmark_group("exchange");
-        group.throughput(Throughput::Bytes((REQUEST.len() + body.len()) as u64));
-        group.bench_function(name, |b| b.iter(|| exchange(&mut host, &mut worker, &chunks)));
-        group.finish();
+        time(name, (REQUEST.len() + body.len()) as u64, &mut || exchange(&mut host, &mut worker, &chunks));
     }
 
-    pub fn main() {
-        let mut c = Criterion::default().configure_from_args();
+    /// Every case, in the order they print.
+    pub fn all(time: &mut Timer) {
         let json = response_json();
         let sse = response_sse();
-        case(&mut c, "chat_json_metrics", CONFIG, "application/json", &json, 16384);
-        case(&mut c, "chat_json_metrics_records_off", RECORDS_OFF, "application/json", &json, 16384);
-        case(&mut c, "chat_json_metrics_2_limits", LIMITS, "application/json", &json, 16384);
-        case(&mut c, "chat_json_metrics_resilience", RESILIENCE, "application/json", &json, 16384);
+        case(time, "chat_json_metrics", CONFIG, "application/json", &json, 16384);
+        case(time, "chat_json_metrics_records_off", RECORDS_OFF, "application/json", &json, 16384);
+        case(time, "chat_json_metrics_2_limits", LIMITS, "application/json", &json, 16384);
+        case(time, "chat_json_metrics_resilience", RESILIENCE, "application/json", &json, 16384);
         // Envoy hands a 60 KB upstream body to filters in chunks of up to 16 KiB.
-        case(&mut c, "chat_sse_metrics", CONFIG, "text/event-stream", &sse, 16384);
-        c.final_summary();
+        case(time, "chat_sse_metrics", CONFIG, "text/event-stream", &sse, 16384);
     }
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 fn main() {
-    #[cfg(not(target_arch = "wasm32"))]
-    native::main();
+    use criterion::{Criterion, Throughput};
+    let mut c = Criterion::default().configure_from_args();
+    exchange::all(&mut |name, bytes, run| {
+        let mut group = c.benchmark_group("exchange");
+        group.throughput(Throughput::Bytes(bytes));
+        group.bench_function(name, |b| b.iter(&mut *run));
+        group.finish();
+    });
+    c.final_summary();
+}
+
+/// Inside V8: each case warms for 0.5 s (TurboFan compiles every function before its first
+/// call when Liftoff is off, as in Envoy), then runs for `EXCHANGE_SECONDS` (default 2) and
+/// prints the median of 10 slices in µs per exchange.
+#[cfg(target_arch = "wasm32")]
+fn main() {
+    use std::time::{Duration, Instant};
+    let seconds: f64 = std::env::var("EXCHANGE_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2.0);
+    let slice = Duration::from_secs_f64(seconds / 10.0);
+    // `-- NAME`: only the cases whose name contains NAME (as criterion's filter natively).
+    let only = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
+    exchange::all(&mut |name, _bytes, run| {
+        if only.as_ref().is_some_and(|only| !name.contains(only.as_str())) {
+            return;
+        }
+        let warm = Instant::now();
+        while warm.elapsed() < Duration::from_millis(500) {
+            run();
+        }
+        let mut per: Vec<f64> = (0..10)
+            .map(|_| {
+                let start = Instant::now();
+                let mut n = 0u64;
+                while start.elapsed() < slice {
+                    run();
+                    n += 1;
+                }
+                start.elapsed().as_secs_f64() * 1e6 / n as f64
+            })
+            .collect();
+        per.sort_by(f64::total_cmp);
+        println!("{name}: {:.2} µs per exchange in V8 (median of 10; {:.2}..{:.2})", per[5], per[0], per[9]);
+    });
 }
