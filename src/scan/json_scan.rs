@@ -822,6 +822,7 @@ mod tests {
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     use super::*;
+    use crate::scan::test_rng::Rng;
     use serde_json::Value;
 
     /// What a scan reported, owned: `(path, Some(raw))` or `(path, None)` for TooLarge.
@@ -1275,22 +1276,8 @@ mod tests {
         }
     }
 
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-    }
-
     /// Random documents built mostly from JSON tokens, garbage and invalid UTF-8 included.
-    fn random_doc(rng: &mut XorShift) -> Vec<u8> {
+    fn random_doc(rng: &mut Rng) -> Vec<u8> {
         const TOKENS: &[&[u8]] = &[
             b"{",
             b"}",
@@ -1330,7 +1317,7 @@ mod tests {
 
     #[test]
     fn random_input_never_panics_and_ignores_chunking() {
-        let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
         for _ in 0..3000 {
             let doc = random_doc(&mut rng);
             let max = 1 + rng.below(16);
@@ -1357,7 +1344,7 @@ mod tests {
     }
 
     /// Random JSON values shaped like API responses, for a differential check with serde_json.
-    fn random_value(rng: &mut XorShift, depth: usize) -> Value {
+    fn random_value(rng: &mut Rng, depth: usize) -> Value {
         const KEYS: &[&str] = &["usage", "model", "message", "content", "a", "us\"age", "é", "tab\t", "😀", "\\"];
         const STRS: &[&str] = &["", "x", "\"usage\":{", "\\", "}]", "\u{1}\n", "日本", "😀\"\\/"];
         match rng.below(if depth > 4 { 4 } else { 7 }) {
@@ -1377,7 +1364,7 @@ mod tests {
 
     #[test]
     fn random_documents_agree_with_serde() {
-        let mut rng = XorShift(0xDEAD_BEEF_CAFE_F00D);
+        let mut rng = Rng(0xDEAD_BEEF_CAFE_F00D);
         for k in 0..1500 {
             let mut top = serde_json::Map::new();
             for _ in 0..rng.below(6) {

@@ -19,4 +19,6 @@ pub mod json_scan;
 pub mod operation;
 pub mod sse;
 pub mod template;
+#[cfg(test)]
+mod test_rng;
 pub mod usage;

@@ -403,6 +403,7 @@ mod tests {
 
     use super::*;
     use crate::scan::json_scan::{Found, JsonScanner};
+    use crate::scan::test_rng::Rng;
 
     static PATHS: &[&[&str]] = &[&["usage"], &["message", "usage"]];
 
@@ -734,20 +735,6 @@ mod tests {
         assert_eq!(rec.events[1].ty.as_ref().map(Vec::len), Some(MAX_EVENT));
     }
 
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-    }
-
     #[test]
     fn random_garbage_never_panics_and_ignores_chunking() {
         const TOKENS: &[&[u8]] = &[
@@ -768,7 +755,7 @@ mod tests {
             b"data: ",
             b"\n\n",
         ];
-        let mut rng = XorShift(0x1234_5678_9ABC_DEF1);
+        let mut rng = Rng(0x1234_5678_9ABC_DEF1);
         for _ in 0..4000 {
             let mut stream = Vec::new();
             for _ in 0..rng.below(40) {

@@ -12,6 +12,7 @@ use crate::scan::body::tests::{
 };
 use crate::scan::body::{BodyFormat, ResponseScanner, Skips};
 use crate::scan::template::TEMPLATE_BYTES;
+use crate::scan::test_rng::Rng;
 use crate::scan::usage::{Usage, UsageFormat};
 
 const FORMATS: [UsageFormat; 4] =
@@ -148,26 +149,6 @@ fn templates_change_nothing_for_every_fixture_and_split() {
         }
     }
     assert!(matched > 10_000, "templates were used: {matched} events matched");
-}
-
-/// A small xorshift generator: reproducible random streams.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn pick<'a>(&mut self, from: &[&'a str]) -> &'a str {
-        from[self.below(from.len())]
-    }
 }
 
 /// String values, as raw JSON: plain, empty, with escapes (a trailing backslash pair, escaped
