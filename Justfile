@@ -189,7 +189,7 @@ fuzz seconds="10":
     command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
     rustup toolchain list | grep -q '^nightly' || { echo "just fuzz needs the nightly toolchain (rustup toolchain install nightly)" >&2; exit 1; }
     cargo +nightly fuzz build
-    for t in sse response_scan request_scan decode config inject rls; do
+    for t in sse response_scan request_scan decode config inject rls usage; do
         mkdir -p fuzz/corpus/$t
         echo "fuzz $t: {{seconds}} s"
         log=fuzz/corpus/$t.log

@@ -10,6 +10,7 @@
 //! rejected ([`UsageError::Implausible`], counted as `usage_invalid`) rather than added to
 //! counters, budgets and reports where one bad upstream body would spoil them for good.
 
+use crate::scan::flat_json::{self, Path, Slot};
 use serde_json::{Map, Value};
 
 /// The largest token count one request may report, per field and after normalisation (input
@@ -142,15 +143,111 @@ impl AnthropicUsage {
     }
 }
 
+/// The fields each format reads; a nested path is a count inside the object under its key.
+const CHAT: &[Path] = &[
+    ("prompt_tokens", None),
+    ("completion_tokens", None),
+    ("total_tokens", None),
+    ("prompt_tokens_details", Some("cached_tokens")),
+    ("completion_tokens_details", Some("reasoning_tokens")),
+];
+const RESPONSES: &[Path] = &[
+    ("input_tokens", None),
+    ("output_tokens", None),
+    ("input_tokens_details", Some("cached_tokens")),
+    ("output_tokens_details", Some("reasoning_tokens")),
+];
+const ANTHROPIC: &[Path] = &[
+    ("input_tokens", None),
+    ("output_tokens", None),
+    ("cache_creation_input_tokens", None),
+    ("cache_read_input_tokens", None),
+];
+const GEMINI: &[Path] = &[
+    ("promptTokenCount", None),
+    ("candidatesTokenCount", None),
+    ("thoughtsTokenCount", None),
+    ("totalTokenCount", None),
+    ("toolUsePromptTokenCount", None),
+    ("cachedContentTokenCount", None),
+];
+
+/// The most paths a format reads.
+const MAX_PATHS: usize = 6;
+
+/// What a usage object holds at the paths its format reads.
+struct Fields {
+    paths: &'static [Path],
+    slots: [Slot; MAX_PATHS],
+    /// Anthropic's `iterations[]` summed (see [`AnthropicUsage`]): read only when the object
+    /// has the key, and only then is an error in it reported (after the counts', as before).
+    iterations: Result<Option<AnthropicCounts>, UsageError>,
+}
+
+impl Fields {
+    /// Reads `raw`: `Ok(None)` for `null`. A plain object is read by [`flat_json::read`]
+    /// without building it; anything else (and an object with `iterations`) by `serde_json`.
+    /// `Reader::Serde` skips the flat reader (the reference it is tested against).
+    fn read(raw: &[u8], paths: &'static [Path], reader: Reader) -> Result<Option<Fields>, UsageError> {
+        let mut slots = [Slot::Absent; MAX_PATHS];
+        if reader == Reader::Flat {
+            match flat_json::read(raw, paths, &["iterations"], &mut slots) {
+                Some(false) => return Ok(None),
+                Some(true) => return Ok(Some(Fields { paths, slots, iterations: Ok(None) })),
+                None => {}
+            }
+        }
+        let obj = match serde_json::from_slice(raw).map_err(|_| UsageError::Syntax)? {
+            Value::Null => return Ok(None),
+            Value::Object(o) => o,
+            _ => return Err(UsageError::NotAnObject),
+        };
+        for (slot, &(outer, inner)) in slots.iter_mut().zip(paths) {
+            *slot = match (obj.get(outer), inner) {
+                (value, None) => slot_of(value),
+                (Some(Value::Object(o)), Some(inner)) => slot_of(o.get(inner)),
+                (_, Some(_)) => Slot::Absent,
+            };
+        }
+        Ok(Some(Fields { paths, slots, iterations: iterations(&obj) }))
+    }
+
+    fn slot(&self, path: Path) -> Slot {
+        let i = self.paths.iter().position(|&p| p == path);
+        debug_assert!(i.is_some(), "{path:?} is not in its format's paths");
+        i.and_then(|i| self.slots.get(i)).copied().unwrap_or_default()
+    }
+}
+
+fn slot_of(value: Option<&Value>) -> Slot {
+    match value {
+        None => Slot::Absent,
+        Some(Value::Null) => Slot::Null,
+        Some(Value::Number(n)) => n.as_u64().map_or(Slot::Other, Slot::Count),
+        Some(_) => Slot::Other,
+    }
+}
+
+/// How a usage object is read: [`flat_json`] first, or `serde_json` only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reader {
+    Flat,
+    Serde,
+}
+
 /// Parses an Anthropic usage object (`null` gives `Ok(None)`).
 pub fn parse_anthropic(raw: &[u8]) -> Result<Option<AnthropicUsage>, UsageError> {
-    let Some(obj) = object(raw)? else { return Ok(None) };
+    anthropic_with(raw, Reader::Flat)
+}
+
+fn anthropic_with(raw: &[u8], reader: Reader) -> Result<Option<AnthropicUsage>, UsageError> {
+    let Some(obj) = Fields::read(raw, ANTHROPIC, reader)? else { return Ok(None) };
     let u = AnthropicUsage {
         input: field(&obj, "input_tokens")?,
         output: field(&obj, "output_tokens")?,
         cache_creation: field(&obj, "cache_creation_input_tokens")?,
         cache_read: field(&obj, "cache_read_input_tokens")?,
-        iterations: iterations(&obj)?,
+        iterations: obj.iterations?,
     };
     if u == AnthropicUsage::default() {
         return Err(UsageError::NoTokenFields);
@@ -172,7 +269,7 @@ fn iterations(obj: &Map<String, Value>) -> Result<Option<AnthropicCounts>, Usage
         let add = |total: &mut u64, name: &'static str| -> Result<(), UsageError> {
             // Each part is at most MAX_TOKENS, so a sum of fewer than 2^30 parts cannot wrap;
             // saturating keeps it above the bound (and so rejected) whatever the count.
-            *total = total.saturating_add(field(e, name)?.unwrap_or(0));
+            *total = total.saturating_add(count(slot_of(e.get(name)), name)?.unwrap_or(0));
             Ok(())
         };
         add(&mut sum.input, "input_tokens")?;
@@ -183,25 +280,31 @@ fn iterations(obj: &Map<String, Value>) -> Result<Option<AnthropicCounts>, Usage
     Ok(Some(sum))
 }
 
-fn object(raw: &[u8]) -> Result<Option<Map<String, Value>>, UsageError> {
-    match serde_json::from_slice(raw).map_err(|_| UsageError::Syntax)? {
-        Value::Null => Ok(None),
-        Value::Object(o) => Ok(Some(o)),
-        _ => Err(UsageError::NotAnObject),
-    }
-}
-
 /// Parses the raw JSON of a usage object. `Ok(None)` for `null` (OpenAI streams send
 /// `"usage":null` in every chunk but the last).
 pub fn parse_usage(format: UsageFormat, raw: &[u8]) -> Result<Option<Usage>, UsageError> {
-    parse_unchecked(format, raw)?.map(Usage::checked).transpose()
+    parse_unchecked(format, raw, Reader::Flat)?.map(Usage::checked).transpose()
 }
 
-fn parse_unchecked(format: UsageFormat, raw: &[u8]) -> Result<Option<Usage>, UsageError> {
-    if format == UsageFormat::Anthropic {
-        return Ok(parse_anthropic(raw)?.map(AnthropicUsage::to_usage));
-    }
-    let Some(obj) = object(raw)? else { return Ok(None) };
+/// [`parse_usage`] decoded by `serde_json` alone: the reference the allocation-free reader is
+/// held to (the tests and the `usage` fuzz target).
+pub fn parse_usage_with_serde(format: UsageFormat, raw: &[u8]) -> Result<Option<Usage>, UsageError> {
+    parse_unchecked(format, raw, Reader::Serde)?.map(Usage::checked).transpose()
+}
+
+/// [`parse_anthropic`] decoded by `serde_json` alone (see [`parse_usage_with_serde`]).
+pub fn parse_anthropic_with_serde(raw: &[u8]) -> Result<Option<AnthropicUsage>, UsageError> {
+    anthropic_with(raw, Reader::Serde)
+}
+
+fn parse_unchecked(format: UsageFormat, raw: &[u8], reader: Reader) -> Result<Option<Usage>, UsageError> {
+    let paths = match format {
+        UsageFormat::Anthropic => return Ok(anthropic_with(raw, reader)?.map(AnthropicUsage::to_usage)),
+        UsageFormat::OpenAiChat => CHAT,
+        UsageFormat::OpenAiResponses => RESPONSES,
+        UsageFormat::Gemini => GEMINI,
+    };
+    let Some(obj) = Fields::read(raw, paths, reader)? else { return Ok(None) };
     match format {
         UsageFormat::Anthropic => Err(UsageError::NotAnObject),
         UsageFormat::OpenAiResponses => {
@@ -265,25 +368,25 @@ fn parse_unchecked(format: UsageFormat, raw: &[u8]) -> Result<Option<Usage>, Usa
     }
 }
 
-/// A token count field: absent or null is `None`; anything but a non-negative integer is an
-/// error, and so is a count above [`MAX_TOKENS`].
-fn field(obj: &Map<String, Value>, name: &'static str) -> Result<Option<u64>, UsageError> {
-    match obj.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => match n.as_u64() {
-            Some(n) if n <= MAX_TOKENS => Ok(Some(n)),
-            Some(_) => Err(UsageError::Implausible),
-            None => Err(UsageError::BadNumber(name)),
-        },
-        Some(_) => Err(UsageError::BadNumber(name)),
+/// A token count: absent or null is `None`; anything but a non-negative integer is an error,
+/// and so is a count above [`MAX_TOKENS`].
+fn count(slot: Slot, name: &'static str) -> Result<Option<u64>, UsageError> {
+    match slot {
+        Slot::Absent | Slot::Null => Ok(None),
+        Slot::Count(n) if n <= MAX_TOKENS => Ok(Some(n)),
+        Slot::Count(_) => Err(UsageError::Implausible),
+        Slot::Other => Err(UsageError::BadNumber(name)),
     }
 }
 
-fn nested(obj: &Map<String, Value>, outer: &'static str, inner: &'static str) -> Result<u64, UsageError> {
-    match obj.get(outer) {
-        Some(Value::Object(o)) => Ok(field(o, inner)?.unwrap_or(0)),
-        _ => Ok(0),
-    }
+/// A top-level token count field.
+fn field(obj: &Fields, name: &'static str) -> Result<Option<u64>, UsageError> {
+    count(obj.slot((name, None)), name)
+}
+
+/// A count inside the object under `outer`; 0 when `outer` is not an object.
+fn nested(obj: &Fields, outer: &'static str, inner: &'static str) -> Result<u64, UsageError> {
+    Ok(count(obj.slot((outer, Some(inner))), inner)?.unwrap_or(0))
 }
 
 #[cfg(test)]
@@ -400,5 +503,144 @@ mod tests {
         let u = parse_usage(UsageFormat::Gemini, br#"{"promptTokenCount":7,"totalTokenCount":7}"#);
         assert_eq!(u, Ok(Some(Usage { input: 7, ..Usage::default() })));
         assert_eq!(parse_usage(UsageFormat::Gemini, br#"{"promptTokensDetails":[]}"#), Err(UsageError::NoTokenFields));
+    }
+
+    /// The allocation-free reader and serde_json give the same result, error included, for
+    /// every format, on random usage objects: plain ones (the reader's), and ones with what it
+    /// leaves to serde_json (escapes, fractions, negatives, big numbers, `iterations`, repeated
+    /// keys, deep nesting, syntax errors).
+    #[test]
+    fn the_flat_reader_agrees_with_serde_json() {
+        use crate::scan::flat_json;
+        use crate::scan::test_rng::Rng;
+
+        const KEYS: &[&str] = &[
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+            "prompt_tokens_details",
+            "completion_tokens_details",
+            "cached_tokens",
+            "reasoning_tokens",
+            "input_tokens",
+            "output_tokens",
+            "input_tokens_details",
+            "output_tokens_details",
+            "cache_creation_input_tokens",
+            "cache_read_input_tokens",
+            "iterations",
+            "promptTokenCount",
+            "candidatesTokenCount",
+            "thoughtsTokenCount",
+            "totalTokenCount",
+            "toolUsePromptTokenCount",
+            "cachedContentTokenCount",
+            "service_tier",
+            "audio_tokens",
+            r"prompt\u005ftokens",
+        ];
+        const SCALARS: &[&str] = &[
+            "0",
+            "7",
+            "120",
+            "1000000000",
+            "1000000001",
+            "18446744073709551615",
+            "18446744073709551616",
+            "01",
+            "-0",
+            "-1",
+            "1.0",
+            "1e2",
+            "1E2",
+            "0.5",
+            "1e400",
+            "-1e400",
+            "123456789012345678901234",
+            "true",
+            "false",
+            "null",
+            r#""""#,
+            r#""standard""#,
+            r#""a\"b""#,
+            r#""\u0041""#,
+            "\"\u{e9}\"",
+        ];
+        fn value(rng: &mut Rng, depth: usize, out: &mut String) {
+            let space = [" ", "", "", "\n", "\t"];
+            match if depth > 3 { 0 } else { rng.below(6) } {
+                0..=2 => out.push_str(rng.pick(SCALARS)),
+                3 | 4 => {
+                    out.push('{');
+                    for i in 0..rng.below(6) {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        out.push_str(rng.pick(&space));
+                        out.push('"');
+                        out.push_str(rng.pick(KEYS));
+                        out.push_str("\":");
+                        out.push_str(rng.pick(&space));
+                        value(rng, depth + 1, out);
+                    }
+                    out.push('}');
+                }
+                _ => {
+                    out.push('[');
+                    for i in 0..rng.below(4) {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        value(rng, depth + 1, out);
+                    }
+                    out.push(']');
+                }
+            }
+        }
+        let formats =
+            [UsageFormat::OpenAiChat, UsageFormat::OpenAiResponses, UsageFormat::Anthropic, UsageFormat::Gemini];
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let (mut flat, mut ok) = (0, 0);
+        for n in 0..20_000 {
+            let mut raw = String::from("{");
+            for i in 0..rng.below(7) {
+                if i > 0 {
+                    raw.push(',');
+                }
+                raw.push('"');
+                raw.push_str(rng.pick(KEYS));
+                raw.push_str("\":");
+                // Mostly plain counts and details objects, as providers send them.
+                if rng.below(3) > 0 {
+                    raw.push_str(&(rng.next() % 2000).to_string());
+                } else {
+                    value(&mut rng, 1, &mut raw);
+                }
+            }
+            raw.push('}');
+            let mut raw = raw.into_bytes();
+            if n % 5 == 0 && !raw.is_empty() {
+                let at = rng.below(raw.len());
+                match rng.below(3) {
+                    0 => drop(raw.remove(at)),
+                    1 => raw.insert(at, b",}]:\"0 -.e"[rng.below(10)]),
+                    _ => raw[at] = rng.next() as u8,
+                }
+            }
+            if n % 97 == 0 {
+                raw = b"null".to_vec();
+            }
+            let mut slots = [flat_json::Slot::Absent; 6];
+            flat += usize::from(flat_json::read(&raw, CHAT, &["iterations"], &mut slots[..5]).is_some());
+            for format in formats {
+                let fast = parse_usage(format, &raw);
+                ok += usize::from(matches!(fast, Ok(Some(_))));
+                assert_eq!(fast, parse_usage_with_serde(format, &raw), "{format:?} {}", String::from_utf8_lossy(&raw));
+            }
+            assert_eq!(parse_anthropic(&raw), parse_anthropic_with_serde(&raw), "{}", String::from_utf8_lossy(&raw));
+        }
+        // Both readers were exercised.
+        assert!((5_000..15_000).contains(&flat), "the flat reader took {flat} of 20000");
+        assert!(ok > 10_000, "{ok} usages were read");
     }
 }
