@@ -111,6 +111,15 @@ impl Skips {
 
 /// Decodes a captured raw JSON string value; `None` for anything else.
 fn json_string(raw: &[u8]) -> Option<String> {
+    // A model name is nearly always a plain string (no escape, no control byte): its bytes are
+    // the text, and decoding it through serde_json (a `Value` built and dropped) is for the rest.
+    if let [b'"', inner @ .., b'"'] = raw {
+        if !inner.iter().any(|&b| b == b'\\' || b == b'"' || b < 0x20) {
+            if let Ok(text) = std::str::from_utf8(inner) {
+                return Some(text.to_string());
+            }
+        }
+    }
     match serde_json::from_slice::<serde_json::Value>(raw) {
         Ok(serde_json::Value::String(s)) => Some(s),
         _ => None,

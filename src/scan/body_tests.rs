@@ -551,3 +551,42 @@ fn content_types() {
     assert_eq!(BodyFormat::from_content_type(b"application/json"), BodyFormat::Json);
     assert_eq!(BodyFormat::from_content_type(b""), BodyFormat::Json);
 }
+
+/// The plain-string shortcut decodes what serde_json decodes, and leaves it the rest.
+#[test]
+fn model_strings_decode_as_serde_json_decodes_them() {
+    let serde = |raw: &[u8]| match serde_json::from_slice::<serde_json::Value>(raw) {
+        Ok(serde_json::Value::String(s)) => Some(s),
+        _ => None,
+    };
+    let mut cases: Vec<Vec<u8>> = [
+        &br#""gpt-4o-mini""#[..],
+        br#""""#,
+        br#"""#,
+        br#""a"b""#,
+        br#""a\"b""#,
+        br#""a\\""#,
+        br#""\u00e9""#,
+        "\"mod\u{e8}le-\u{1f600}\"".as_bytes(),
+        b"\"tab\there\"",
+        b"\"\xff\"",
+        b"\"\xe2\x82\"",
+        br#"7"#,
+        br#"null"#,
+        br#" "x" "#,
+    ]
+    .iter()
+    .map(|c| c.to_vec())
+    .collect();
+    let mut rng = crate::scan::test_rng::Rng(0xA5A5_5A5A_0F0F_F0F0);
+    for _ in 0..5_000 {
+        let len = rng.below(8);
+        let mut raw = vec![b'"'];
+        raw.extend((0..len).map(|_| *b"ab\"\\\x01\x7f\xc3\xa9\xff u/"[..].get(rng.below(13)).unwrap_or(&b'a')));
+        raw.push(b'"');
+        cases.push(raw);
+    }
+    for raw in cases {
+        assert_eq!(json_string(&raw), serde(&raw), "{}", String::from_utf8_lossy(&raw));
+    }
+}
