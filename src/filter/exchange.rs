@@ -53,8 +53,9 @@ fn header_value<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a 
 /// A [`Host`] seen as the [`LimitHost`] the rate limits need, with the request headers they
 /// read copied when the request headers arrived: Envoy lets a filter read request headers only
 /// until it forwards them, and without a hold the limits are checked after that, at the end of
-/// the body. The third field, when set, is the time to use (ms) instead of reading the clock.
-struct Limits<'a, H>(&'a H, &'a [(String, Vec<u8>)], Option<u64>);
+/// the body. The third field, when set, is the time to use (ms) instead of reading the clock;
+/// the fourth, the worker's key hashes (a key is hashed once, not per request).
+struct Limits<'a, H>(&'a H, &'a [(String, Vec<u8>)], Option<u64>, &'a crate::record::KeyHashes);
 
 impl<H: Host> SharedStore for Limits<'_, H> {
     fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
@@ -74,6 +75,9 @@ impl<H: Host> LimitHost for Limits<'_, H> {
     }
     fn now_ms(&self) -> u64 {
         self.2.unwrap_or_else(|| self.0.now_nanos() / 1_000_000)
+    }
+    fn bucket_id(&self, value: &[u8]) -> String {
+        self.3.bucket_id(value)
     }
 }
 
@@ -358,7 +362,7 @@ impl Exchange {
             output_average,
         };
         // The request is admitted as of its arrival (its headers): no clock read at its body.
-        let limits = Limits(&*host, &self.kept_headers, Some(self.started_nanos / 1_000_000));
+        let limits = Limits(&*host, &self.kept_headers, Some(self.started_nanos / 1_000_000), &worker.key_hashes);
         let (verdict, notes) = enforce::check(&limits, &worker.config, facts, &mut worker.admitted);
         for rule in &notes.overflowed {
             let name = worker.name(Metric::RatelimitKeyOverflowTotal, &[rule]);
@@ -392,7 +396,7 @@ impl Exchange {
             return None;
         }
         let (charges, unknown) = global::charges(
-            &Limits(&*host, &self.kept_headers, None),
+            &Limits(&*host, &self.kept_headers, None, &worker.key_hashes),
             &worker.config,
             self.request_model(),
             estimate,
@@ -504,7 +508,8 @@ impl Exchange {
         if let Some(reservation) = self.reservation.take() {
             // The local rules admitted it, then a rate limit service refused it: it never
             // reaches the upstream, so nothing of the local limits is spent on it.
-            for _ in 0..enforce::give_back(&Limits(&*host, &self.kept_headers, None), &reservation) {
+            for _ in 0..enforce::give_back(&Limits(&*host, &self.kept_headers, None, &worker.key_hashes), &reservation)
+            {
                 worker.count_error(host, InternalError::RateLimit);
             }
         }
@@ -734,7 +739,7 @@ impl Exchange {
         if let Some(reservation) = self.reservation.take() {
             let failed = error != ErrorType::None;
             let released = enforce::release(
-                &Limits(&*host, &self.kept_headers, None),
+                &Limits(&*host, &self.kept_headers, None, &worker.key_hashes),
                 &worker.config,
                 price.as_ref(),
                 &reservation,

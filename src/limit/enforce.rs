@@ -9,7 +9,6 @@ use crate::limit::limiter::{Acquire, AdmittedKeys, BucketKind, Charge, Held, Lim
 use crate::meter::labels::{sanitize, SharedStore};
 use crate::meter::pricing::Price;
 use crate::scan::usage::Usage;
-use sha2::{Digest, Sha256};
 
 /// What the filter knows about a request when it decides.
 #[derive(Debug, Clone, Copy)]
@@ -33,6 +32,11 @@ pub trait LimitHost: SharedStore {
     fn client_address(&self) -> Option<Vec<u8>>;
     /// Milliseconds since the Unix epoch.
     fn now_ms(&self) -> u64;
+    /// The bucket id of a key's value: the first 16 bytes of its SHA-256, hex. The glue
+    /// remembers them per worker ([`crate::record::KeyHashes`]).
+    fn bucket_id(&self, value: &[u8]) -> String {
+        hash_hex(value)
+    }
 }
 
 /// A local reply rejecting the request.
@@ -520,13 +524,13 @@ fn key_id<H: LimitHost>(host: &H, key: &KeySource) -> Option<String> {
     match key {
         KeySource::Global => Some("global".into()),
         KeySource::Header(name) => match host.request_header(name).filter(|v| !v.is_empty()) {
-            Some(value) => Some(hash_hex(&value)),
+            Some(value) => Some(host.bucket_id(&value)),
             None => Some("absent".into()),
         },
         KeySource::Ip => {
             let addr = host.client_address()?;
             let ip = client_ip(&addr)?;
-            Some(hash_hex(ip.to_string().as_bytes()))
+            Some(host.bucket_id(ip.to_string().as_bytes()))
         }
     }
 }
@@ -543,8 +547,7 @@ pub(crate) fn client_ip(addr: &[u8]) -> Option<std::net::IpAddr> {
 
 /// First 16 bytes of SHA-256, hex.
 fn hash_hex(value: &[u8]) -> String {
-    let digest = Sha256::digest(value);
-    digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
+    crate::record::sha256_hex(value, crate::record::BUCKET_ID_BYTES)
 }
 
 fn on_failure(config: &Config, rule: &str) -> Verdict {

@@ -20,6 +20,7 @@
 //! declaration's arguments.
 
 use sha2::{Digest, Sha256};
+use std::cell::RefCell;
 use std::collections::HashMap;
 
 /// Default filter state name (`wasm.llm_meter` in the access log format).
@@ -193,16 +194,39 @@ pub fn bounded_model(model: &str) -> String {
 /// report, far too little to recover or confirm a key. The limiter's bucket ids (and its
 /// warning logs) start with the same 12 digits for the same key.
 pub fn key_hash(value: &[u8]) -> String {
+    sha256_hex(value, 6)
+}
+
+/// The first `bytes` bytes of the SHA-256 of `value`, as lowercase hex (the limiter's bucket
+/// ids take 16, records' [`key_hash`] 6).
+pub(crate) fn sha256_hex(value: &[u8], bytes: usize) -> String {
     let digest = Sha256::digest(value);
-    digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
+    hex(digest.get(..bytes).unwrap_or(&digest))
+}
+
+/// Lowercase hex of `bytes`.
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(2 * bytes.len());
+    let digit = |n: u8| char::from(DIGITS.get(usize::from(n & 0xf)).copied().unwrap_or(b'0'));
+    for &b in bytes {
+        out.push(digit(b >> 4));
+        out.push(digit(b));
+    }
+    out
 }
 
 /// The hashes of the keys seen lately, per worker: an API key sends many requests, and SHA-256
-/// in a Wasm VM costs about a microsecond. Bounded: at most [`KeyHashes::MAX_KEYS`] values of
-/// at most [`KeyHashes::MAX_KEY_BYTES`] (longer ones are hashed every time), forgotten all at
-/// once when full.
+/// in a Wasm VM costs about a microsecond. Records ([`KeyHashes::get`]) and the limiter's
+/// bucket ids ([`KeyHashes::bucket_id`]) share it: one hash per key, not one per request and
+/// use. Bounded: at most [`KeyHashes::MAX_KEYS`] values of at most
+/// [`KeyHashes::MAX_KEY_BYTES`] (longer ones are hashed every time), forgotten all at once when
+/// full. Behind a `RefCell` so that the limiter reaches it through its `&self` host.
 #[derive(Debug, Default)]
-pub struct KeyHashes(HashMap<Vec<u8>, String>);
+pub struct KeyHashes(RefCell<HashMap<Vec<u8>, [u8; BUCKET_ID_BYTES]>>);
+
+/// Bytes of the SHA-256 in a limiter bucket id (32 hex digits).
+pub(crate) const BUCKET_ID_BYTES: usize = 16;
 
 impl KeyHashes {
     /// Keys remembered.
@@ -211,18 +235,37 @@ impl KeyHashes {
     pub const MAX_KEY_BYTES: usize = 256;
 
     /// [`key_hash`] of `value`.
-    pub fn get(&mut self, value: &[u8]) -> String {
-        if let Some(hash) = self.0.get(value) {
-            return hash.clone();
+    pub fn get(&self, value: &[u8]) -> String {
+        hex(&self.digest(value)[..6])
+    }
+
+    /// The limiter's id for `value`: `sha256_hex(value, 16)`.
+    pub fn bucket_id(&self, value: &[u8]) -> String {
+        hex(&self.digest(value))
+    }
+
+    fn digest(&self, value: &[u8]) -> [u8; BUCKET_ID_BYTES] {
+        if let Some(digest) = self.0.borrow().get(value) {
+            return *digest;
         }
-        let hash = key_hash(value);
+        let mut digest = [0; BUCKET_ID_BYTES];
+        for (d, s) in digest.iter_mut().zip(Sha256::digest(value)) {
+            *d = s;
+        }
         if value.len() <= Self::MAX_KEY_BYTES {
-            if self.0.len() >= Self::MAX_KEYS {
-                self.0.clear();
+            let mut map = self.0.borrow_mut();
+            if map.len() >= Self::MAX_KEYS {
+                map.clear();
             }
-            self.0.insert(value.to_vec(), hash.clone());
+            map.insert(value.to_vec(), digest);
         }
-        hash
+        digest
+    }
+
+    /// Keys remembered now.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.borrow().len()
     }
 }
 
@@ -420,19 +463,22 @@ mod tests {
     fn key_hash_is_a_prefix_of_sha256() {
         // sha256("abc") = ba7816bf8f01cfea…
         assert_eq!(key_hash(b"abc"), "ba7816bf8f01");
+        assert_eq!(sha256_hex(b"abc", 16), "ba7816bf8f01cfea414140de5dae2223");
+        assert_eq!(sha256_hex(b"abc", 0), "");
     }
 
     #[test]
     fn remembered_hashes_are_the_hashes_and_the_memory_stays_bounded() {
-        let mut hashes = KeyHashes::default();
+        let hashes = KeyHashes::default();
         for i in 0..3 * KeyHashes::MAX_KEYS {
             let key = format!("Bearer sk-{}", i % (KeyHashes::MAX_KEYS + 7));
             assert_eq!(hashes.get(key.as_bytes()), key_hash(key.as_bytes()));
-            assert!(hashes.0.len() <= KeyHashes::MAX_KEYS);
+            assert!(hashes.len() <= KeyHashes::MAX_KEYS);
+            assert_eq!(hashes.bucket_id(key.as_bytes()), sha256_hex(key.as_bytes(), 16));
         }
         let long = vec![b'k'; KeyHashes::MAX_KEY_BYTES + 1];
         assert_eq!(hashes.get(&long), key_hash(&long));
-        assert!(!hashes.0.contains_key(&long));
+        assert!(!hashes.0.borrow().contains_key(&long));
     }
 
     #[test]
