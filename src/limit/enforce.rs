@@ -102,27 +102,37 @@ impl Reservation {
 }
 
 /// One rule's `x-ratelimit-{limit,remaining,reset}-<family>`, with its remaining and limit (in
-/// the rule's unit) to find the rule of a family with the smallest share left.
+/// the rule's unit) to find the rule of a family with the smallest share left. The header text
+/// is written only for the rule that is shown ([`Shown::headers`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Shown {
     /// `requests`, `tokens` or `usd`.
     pub family: &'static str,
     pub remaining: u64,
     pub max: u64,
-    pub headers: Vec<(String, String)>,
+    reset_ms: u64,
 }
 
 impl Shown {
     /// `rule`'s family headers (`None` for `max_concurrent`); `max` and `remaining` in the rule's
     /// unit (pico-USD for USD rules, shown in USD).
     pub fn of(rule: &Rule, max: u64, remaining: u64, reset_ms: u64) -> Option<Shown> {
-        let f = family(&rule.limit)?;
-        let headers = vec![
-            (format!("x-ratelimit-limit-{f}"), amount(&rule.limit, max)),
-            (format!("x-ratelimit-remaining-{f}"), amount(&rule.limit, remaining)),
-            (format!("x-ratelimit-reset-{f}"), duration(reset_ms)),
-        ];
-        Some(Shown { family: f, remaining, max, headers })
+        Some(Shown { family: family(&rule.limit)?, remaining, max, reset_ms })
+    }
+
+    /// The three headers.
+    pub fn headers(&self) -> Vec<(String, String)> {
+        let amount = |v: u64| if self.family == "usd" { usd(v) } else { v.to_string() };
+        let [limit, remaining, reset] = match self.family {
+            "tokens" => ["x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"],
+            "usd" => ["x-ratelimit-limit-usd", "x-ratelimit-remaining-usd", "x-ratelimit-reset-usd"],
+            _ => ["x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"],
+        };
+        vec![
+            (limit.into(), amount(self.max)),
+            (remaining.into(), amount(self.remaining)),
+            (reset.into(), duration(self.reset_ms)),
+        ]
     }
 
     /// True when `self` has a smaller share of its limit left than `other` (remaining/max,
@@ -145,7 +155,7 @@ pub fn response_headers(shown: &[&Shown], warned: &[&str]) -> Vec<(String, Strin
             }
         }
         if let Some(s) = tightest {
-            out.extend(s.headers.iter().cloned());
+            out.extend(s.headers());
         }
     }
     if !warned.is_empty() {
@@ -652,7 +662,7 @@ pub(crate) fn too_many(
     what: &str,
 ) -> Rejection {
     let mut headers = vec![json_header(), ("retry-after".into(), retry_after.to_string())];
-    headers.extend(Shown::of(rule, max, remaining, reset_ms).map(|s| s.headers).unwrap_or_default());
+    headers.extend(Shown::of(rule, max, remaining, reset_ms).map(|s| s.headers()).unwrap_or_default());
     let message =
         format!("Rate limit '{}' reached ({}): {what}. Retry after {retry_after} s.", rule.name, describe(&rule.limit));
     Rejection {

@@ -550,7 +550,7 @@ mod tests {
         let later = super::seen(&c, 0, "global", 70, &status, 0, None).unwrap();
         assert!(!later.crossed && later.warned, "crossed once");
         let shown = later.shown.unwrap();
-        assert!(shown.headers.contains(&("x-ratelimit-remaining-usd".to_string(), "0.9".to_string())));
+        assert!(shown.headers().contains(&("x-ratelimit-remaining-usd".to_string(), "0.9".to_string())));
     }
 
     #[test]
