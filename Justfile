@@ -70,6 +70,7 @@ lint: targets
     cargo clippy --workspace --all-targets -- -D warnings
     cargo clippy -p llm-meter --all-targets --target wasm32-wasip1 -- -D warnings
     cargo clippy -p llm-meter --lib --features trap-on-demand --target wasm32-wasip1 -- -D warnings
+    cargo clippy -p floor-filter --all-targets --target wasm32-wasip1 -- -D warnings
 
 # Unit tests, native
 unit:

@@ -16,6 +16,12 @@ One machine, one run, the same load from wrk against every setup, in alternating
   litellm  LiteLLM proxy (venv .venv-litellm from bench/requirements-litellm.txt), when it installs
   n        Envoy + an empty proxy-wasm filter (generated here, ~400 bytes) in llm-meter's place:
            what any wasm filter costs in Envoy + V8, to tell it apart from llm-meter's own work
+  f, fc    only with --floor: Envoy + the hostcall floor filter (tools/floor-filter, built here with
+           `cargo build --release --target wasm32-wasip1 -p floor-filter`) in llm-meter's place. (f)
+           makes the hostcalls (b) makes per exchange, (fc) those of (c), in the same order with the
+           same sizes, and does nothing else: what any filter with llm-meter's features pays on this
+           Envoy, the most (b) and (c) could reach. They also run in stream-trickle, not in the
+           global-limit workloads
 
 The global-limit workloads (chat-global, chat-global-1conn) run four setups of their own, all
 calling one rate limit service (target/release/llm-rls, `just rls`, on a redis-server started here
@@ -52,13 +58,13 @@ upstream Envoy on CPU 1. The proxy is then the only thing on its core and the bo
 throughput ratio is its CPU cost ratio. `--no-pin` leaves placement to the scheduler.
 
 Usage: scripts/bench.py [--smoke] [--rounds N] [--duration S] [--warmup S] [--connections N]
-                        [--concurrency N] [--no-pin] [--no-litellm] [--no-python] [--no-noop]
+                        [--concurrency N] [--no-pin] [--no-litellm] [--no-python] [--no-noop] [--floor]
                         [--no-memory] [--workloads chat,chat-1conn,stream,stream-trickle,chat-global,
                         chat-global-1conn] [--quiet-wait S] [--retries N] [--perf] [--trickle-streams N]
                         [--trickle-concurrency N] [--no-hostcalls] [--mem-streams N] [--mem-rounds N]
                         [--mem-include-usage]
 Environment: BENCH_SMOKE=1, BENCH_ROUNDS, BENCH_DURATION, BENCH_WARMUP, BENCH_CONNECTIONS,
-BENCH_CONCURRENCY, BENCH_PIN=0, BENCH_LITELLM=0, BENCH_PYTHON=0, BENCH_NOOP=0, BENCH_MEMORY=0,
+BENCH_CONCURRENCY, BENCH_PIN=0, BENCH_LITELLM=0, BENCH_PYTHON=0, BENCH_NOOP=0, BENCH_FLOOR=1, BENCH_MEMORY=0,
 BENCH_WORKLOADS, BENCH_QUIET_WAIT, BENCH_RETRIES, BENCH_PERF=1, BENCH_HOSTCALLS=0,
 BENCH_TRICKLE_STREAMS, BENCH_TRICKLE_CONCURRENCY. The machine may be shared: before each
 measurement the script waits (up to --quiet-wait s) until other processes are idle, and repeats a
@@ -67,7 +73,8 @@ At the start (not in --smoke) `EXCHANGE_HOSTCALLS_ONLY=1 cargo bench -p llm-mete
 counts the filter's hostcalls per exchange; at the end issue 19's targets are printed, met or not.
 --smoke: 1 round x 2 s (20 trickled streams), no LiteLLM, a small memory check, no hostcall count:
 proves the harness works, asserts no timing. Ports: 19001-19012, 19100-19103, 19190, 19901-19912,
-and two free ones (redis-server, llm-rls). Work files and logs: .run/bench/.
+and two free ones (redis-server, llm-rls); with --floor also 19013-19014 and 19913-19914. Work files
+and logs: .run/bench/.
 """
 
 import argparse
@@ -101,13 +108,18 @@ SSE_CLIENT = ROOT / "bench" / "sse_client.py"
 MOCK = ROOT / "target" / "release" / "mock-llm"
 RLS = ROOT / "target" / "release" / "llm-rls"
 SHIPPED_GLOBAL = ROOT / "envoy" / "envoy-global.yaml"
+FLOOR_WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "floor_filter.wasm"
+# --floor: the hostcall floor filter's setups and the configuration selecting its mode: the
+# hostcalls of (b) (no limits) or of (c) (2 limit rules). See tools/floor-filter.
+FLOOR_SETUPS = {"f": {"limits": 0}, "fc": {"limits": 2}}
 
 PORT = {
     "a": 19001, "b": 19002, "c": 19003, "py": 19004, "litellm": 19005, "n": 19006, "r": 19007, "bo": 19008,
-    "g": 19009, "ng": 19010, "mem_a": 19011, "mem_b": 19012,
+    "g": 19009, "ng": 19010, "mem_a": 19011, "mem_b": 19012, "f": 19013, "fc": 19014,
     "up_json": 19100, "up_sse": 19101, "up_big": 19102, "up_trickle": 19103, "up_admin": 19190,
     "a_admin": 19901, "b_admin": 19902, "c_admin": 19903, "n_admin": 19906, "r_admin": 19907, "bo_admin": 19908,
     "g_admin": 19909, "ng_admin": 19910, "mem_a_admin": 19911, "mem_b_admin": 19912,
+    "f_admin": 19913, "fc_admin": 19914,
 }
 LIMIT_RULES = [
     {"name": "rpm", "key": "header:x-api-key", "requests_per_minute": 100000000},
@@ -139,6 +151,8 @@ SETUPS = {
     "n": "Envoy + empty wasm filter (V8)",
     "g": "Envoy + llm-meter (metrics + global)",
     "ng": "Envoy + native ratelimit filter (C++)",
+    "f": "Envoy + hostcall floor of (b)",
+    "fc": "Envoy + hostcall floor of (c)",
 }
 # name: (streaming, wrk connections (None: --connections), title, description)
 WORKLOADS = {
@@ -160,7 +174,7 @@ WORKLOADS = {
     "chat-global-1conn": (False, 1, "non-streaming chat, global limit, one connection (latency without queueing)",
                           "the same with a single wrk connection: the rate limit checks' own added latency"),
 }
-ENVOY_SETUPS = ("a", "n", "b", "bo", "c", "r", "g", "ng")
+ENVOY_SETUPS = ("a", "n", "b", "bo", "c", "r", "g", "ng", "f", "fc")
 # The llm-meter setups, whose metering is checked after each workload.
 METER_SETUPS = ("b", "bo", "c", "r", "g")
 TRICKLE = "stream-trickle"
@@ -545,11 +559,12 @@ def insert_before(cfg, marker, text):
 
 def front_yaml(setup, listen, admin, upstream, shipped, rls_port=None):
     """The shipped envoy.yaml with its ports swapped; (a) without the wasm filter, (b)/(c)/(r) with
-    the filter configuration replaced, (n) with the empty filter in llm-meter's place. With
+    the filter configuration replaced, (n) with the empty filter and (f)/(fc) with the hostcall
+    floor filter in llm-meter's place. With
     `rls_port` (the global-limit workloads): the set_metadata filter first in every setup, and for
     (g) a global rule and for (ng) the native rate limit filter, each with the service's cluster."""
     cfg = shipped
-    wasm = WORK / "noop.wasm" if setup == "n" else WASM
+    wasm = WORK / "noop.wasm" if setup == "n" else FLOOR_WASM if setup in FLOOR_SETUPS else WASM
     for old, new in [("port_value: 10000", f"port_value: {listen}"),
                      ("port_value: 9901", f"port_value: {admin}"),
                      ("port_value: 8000", f"port_value: {upstream}"),
@@ -584,7 +599,10 @@ def front_yaml(setup, listen, admin, upstream, shipped, rls_port=None):
                                 else "          - name: envoy.filters.http.router")
     if setup in ("a", "ng"):
         return cfg[:wasm_start] + cfg[router_start:]
-    filter_cfg = {} if setup == "n" else metrics_config(shipped)
+    if setup in FLOOR_SETUPS:
+        filter_cfg = dict(FLOOR_SETUPS[setup])
+    else:
+        filter_cfg = {} if setup == "n" else metrics_config(shipped)
     if setup == "bo":
         filter_cfg["records"] = {"enabled": False}
     if setup == "c":
@@ -593,7 +611,7 @@ def front_yaml(setup, listen, admin, upstream, shipped, rls_port=None):
         filter_cfg["resilience"] = json.loads(json.dumps(RESILIENCE))
     if setup == "g":
         filter_cfg["limits"] = [json.loads(json.dumps(GLOBAL_RULE))]
-    if setup != "n":
+    if setup != "n" and setup not in FLOOR_SETUPS:
         merge(filter_cfg, FILTER_EXTRA)
     begin = cfg.find("# llm-meter configuration begin")
     end = cfg.find("# llm-meter configuration end")
@@ -1077,6 +1095,7 @@ def run_workload(procs, workload, args, setups, shipped, files_sizes):
         log(f"   (r) resilience next to (b): throughput {fmt(r.get('ratio_b'), '.3f')} of (b), CPU per request "
             f"{fmt(r.get('dcpu_b'), '+.1f')} us, p50 {fmt(r.get('dp50_b'), '+.3f')} ms, "
             f"p99 {fmt(r.get('dp99_b'), '+.3f')} ms (medians over rounds of the per-round differences)")
+    floor_report(s, results, setups)
     if glob:
         global_comparison(s)
     if args.perf:
@@ -1103,6 +1122,7 @@ def run_workload(procs, workload, args, setups, shipped, files_sizes):
             raise RuntimeError(f"setup {k}: {m['service_errors']:.0f} calls to the rate limit service failed")
     if glob:
         check_global(setups, sent, procs)
+    check_floor(setups)
     if "py" in setups:
         _, text = http(f"http://127.0.0.1:{PORT['py']}/metrics")
         text = text.decode()
@@ -1203,6 +1223,7 @@ def run_trickle(procs, args, setups, shipped):
         s[k]["first_p50"] = med([r["first_p50"] for r in results[k]])
         s[k]["bytes"] = results[k][0]["bytes"] if results[k] else None
     print_trickle_table(title, s, setups, args, results)
+    floor_report(s, results, setups, per="stream", throughput=False)
     meters = [k for k in METER_SETUPS if k in setups]
     texts = stats_flushed({k: PORT[f"{k}_admin"] for k in meters})
     for k in meters:
@@ -1216,6 +1237,7 @@ def run_trickle(procs, args, setups, shipped):
         if m["rejected"] or m["fallbacks"] or m["circuit_open"]:
             raise RuntimeError(f"setup {k}: rejected {m['rejected']:.0f}, fallbacks {m['fallbacks']:.0f}, "
                                f"circuit_open {m['circuit_open']:.0f} on trickled streams")
+    check_floor(setups)
     for p in list(started.values()) + [mock]:
         procs.stop(p)
     return {"setups": setups, "summary": s, "rounds": results}
@@ -1547,6 +1569,55 @@ def run_memory(procs, args, shipped, sizes):
 
 # ---------------------------------------------------------------------------------------------
 
+def build_floor():
+    """--floor: builds the hostcall floor filter (tools/floor-filter) for setups (f) and (fc)."""
+    cargo = shutil.which("cargo") or str(Path.home() / ".cargo" / "bin" / "cargo")
+    argv = [cargo, "build", "--release", "--target", "wasm32-wasip1", "-p", "floor-filter"]
+    log("--floor: " + " ".join(argv[1:]))
+    try:
+        p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        sys.exit(f"--floor: cannot build the floor filter: {e}")
+    (WORK / "floor-build.log").write_text(p.stdout + p.stderr)
+    if p.returncode != 0 or not FLOOR_WASM.exists():
+        sys.exit(f"--floor: building the floor filter failed (exit {p.returncode}); its output: "
+                 f"{(WORK / 'floor-build.log').relative_to(ROOT)}")
+
+
+def floor_report(s, results, setups, per="request", throughput=True):
+    """--floor: each llm-meter setup next to the hostcall floor of its configuration: (b) next to (f),
+    (c) next to (fc). `s`: the summary, `results`: the per-round results (rounds aligned);
+    `throughput`: the load saturates the proxy, so requests/s ratios mean something."""
+    for meter, floor in (("b", "f"), ("c", "fc")):
+        if floor not in setups:
+            continue
+        f = s[floor]
+        line = f"   hostcall floor ({floor}): {fmt(f.get('dcpu_a'), '+.1f')} us CPU per {per} over (a)"
+        if throughput:
+            line += f", {fmt(f.get('ratio_a'), '.3f')} of (a)'s {per}s/s"
+        line += f": the least ({meter}) could cost"
+        if meter in setups:
+            dcpu = med([x["cpu_us_per_req"] - y["cpu_us_per_req"] for x, y in zip(results[meter], results[floor])])
+            line += f"; ({meter}) uses {fmt(dcpu, '+.1f')} us CPU per {per} over it (its own work)"
+            if throughput and s[meter]["rps"] and f["rps"]:
+                line += f" and does {s[meter]['rps'] / f['rps']:.3f} of its {per}s/s"
+        log(line)
+
+
+def check_floor(setups):
+    """--floor: the floor filters ran (their batched request counter moved)."""
+    floors = [k for k in FLOOR_SETUPS if k in setups]
+    if not floors:
+        return
+    time.sleep(FLUSH_WAIT)  # their counters are batched too (flushed every 250 ms)
+    for k in floors:
+        _, body = http(f"http://127.0.0.1:{PORT[f'{k}_admin']}/stats/prometheus", timeout=10)
+        n = prom_sum(body.decode(errors="replace"), "floor_requests_total")
+        log(f"   ({k}) floor filter counted {n:.0f} requests")
+        if n == 0:
+            raise RuntimeError(f"setup {k}: the floor filter counted nothing: is it running?")
+
+
 # Hostcalls per non-streaming exchange (the exchange bench's names): the setup it stands for, the most.
 HOSTCALL_TARGETS = {"chat_json_metrics": ("b", 8), "chat_json_metrics_2_limits": ("c", 14)}
 
@@ -1646,6 +1717,9 @@ def parse_args():
     ap.add_argument("--no-python", dest="python", action="store_false", default=env_flag("BENCH_PYTHON", True))
     ap.add_argument("--no-noop", dest="noop", action="store_false", default=env_flag("BENCH_NOOP", True),
                     help="skip setup n (Envoy + an empty wasm filter: the cost of any wasm filter)")
+    ap.add_argument("--floor", action="store_true", default=env_flag("BENCH_FLOOR", False),
+                    help="add setups f and fc: the hostcall floor filter (tools/floor-filter, built first) making "
+                         "the hostcalls of (b) and (c) and nothing else, the most (b) and (c) could reach")
     ap.add_argument("--no-memory", dest="memory", action="store_false", default=env_flag("BENCH_MEMORY", True))
     ap.add_argument("--workloads", default=os.environ.get(
         "BENCH_WORKLOADS", "chat,chat-1conn,stream,stream-trickle,chat-global,chat-global-1conn"),
@@ -1758,7 +1832,7 @@ def main():
     if busy:
         sys.exit(f"ports already in use: {busy} (a previous bench still running?)")
 
-    setups = ["a", "b", "bo", "r", "c"] + (["n"] if args.noop else [])
+    setups = ["a", "b", "bo", "r", "c"] + (["n"] if args.noop else []) + (list(FLOOR_SETUPS) if args.floor else [])
     setups = [k for k in setups if k not in args.skip.split(",")]
     if args.python:
         if ensure_venv(PY_VENV, PY_REQS, "the Python proxy (FastAPI, uvicorn, httpx, prometheus-client)", 600):
@@ -1771,7 +1845,12 @@ def main():
         else:
             log("LiteLLM skipped: its install failed or took more than 5 minutes")
 
+    if any(k in FLOOR_SETUPS for k in setups):
+        build_floor()
     log(f"just bench{' --smoke (timings meaningless)' if args.smoke else ''}: {machine()}")
+    if any(k in FLOOR_SETUPS for k in setups):
+        log(f"--floor: hostcall floor filter {FLOOR_WASM.relative_to(ROOT)} ({FLOOR_WASM.stat().st_size} bytes) "
+            "in (f) (the hostcalls of (b)) and (fc) (those of (c))")
     if FILTER_EXTRA:
         log(f"--filter-extra merged into the (b), (c), (r) and (g) configurations: {json.dumps(FILTER_EXTRA)}")
     log(f"front Envoys: --concurrency {args.concurrency}; "
