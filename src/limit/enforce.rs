@@ -263,8 +263,9 @@ pub fn check<H: LimitHost>(
         let key = if id == "global" {
             global_bucket(&base)
         } else {
-            let bucket = format!("{base}.{id}");
-            match Limiter::admit(host, admitted, &key_count(&base), &bucket, limits.max_keys as u64) {
+            let bucket = [base.as_str(), ".", id.as_str()].concat();
+            // The key count is read only for a key this worker has not seen admitted.
+            match Limiter::admit(host, admitted, || key_count(&base), &bucket, limits.max_keys as u64) {
                 Ok(true) => bucket,
                 Ok(false) => {
                     notes.overflowed.push(rule.name.clone());
@@ -386,22 +387,22 @@ pub fn global_use<S: SharedStore + ?Sized>(store: &S, config: &Config, rule: usi
 /// The shared-data key prefix of a rule's buckets.
 fn rule_base(config: &Config, rule: &Rule) -> String {
     let window = rule.period().map_or_else(|| "0".to_string(), |p| p.tag());
-    format!("llm_meter.{}.rl.{}.{window}", config.metrics.prefix, rule.name)
+    ["llm_meter.", &config.metrics.prefix, ".rl.", &rule.name, ".", &window].concat()
 }
 
 /// The bucket of a rule keyed `global` (without `per_model`).
 fn global_bucket(base: &str) -> String {
-    format!("{base}.global")
+    [base, ".global"].concat()
 }
 
 /// The count of keys a keyed rule admitted.
 fn key_count(base: &str) -> String {
-    format!("{base}#keys")
+    [base, "#keys"].concat()
 }
 
 /// The bucket keys beyond `max_limit_keys` share.
 fn overflow_bucket(base: &str) -> String {
-    format!("{base}#overflow")
+    [base, "#overflow"].concat()
 }
 
 /// Creates the shared-data keys every worker updates from the first request on: a global rule's

@@ -212,7 +212,7 @@ impl Limiter {
     pub fn admit<S: SharedStore + ?Sized>(
         store: &S,
         known: &mut AdmittedKeys,
-        count_key: &str,
+        count_key: impl FnOnce() -> String,
         bucket: &str,
         max_keys: u64,
     ) -> Result<bool, StoreFailed> {
@@ -223,7 +223,7 @@ impl Limiter {
             known.insert(bucket);
             return Ok(true);
         }
-        let (_, written) = update(store, count_key, |c| {
+        let (_, written) = update(store, &count_key(), |c| {
             let n = c.map_or(0, |s| s.used);
             (n < max_keys).then_some(State { window: 0, used: n + 1 })
         })?;
@@ -500,7 +500,7 @@ mod tests {
     fn keys_are_bounded_per_rule() {
         let s = FakeStore::default();
         // A fresh worker memory each time: the bound holds through shared data alone.
-        let admit = |key: &str, max: u64| Limiter::admit(&s, &mut AdmittedKeys::default(), "n", key, max);
+        let admit = |key: &str, max: u64| Limiter::admit(&s, &mut AdmittedKeys::default(), || "n".into(), key, max);
         assert_eq!(admit("k1", 2), Ok(true));
         assert_eq!(admit("k1", 2), Ok(true), "known keys do not count again");
         assert_eq!(admit("k2", 2), Ok(true));
