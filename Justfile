@@ -162,7 +162,7 @@ wasm-bindgen-cli:
     fi
     rm -f "$log"
 
-# The filter's own code per exchange inside V8 (node, Liftoff off as in Envoy): benches/exchange.rs built for wasm32, µs per exchange and hostcalls; `just bench-v8 2_limits` runs the cases whose name has that; EXCHANGE_SECONDS sets each case's time (default 2)
+# The filter's own code per exchange inside V8 (node, Liftoff off as in Envoy): benches/exchange.rs built for wasm32, µs per exchange and hostcalls; `just bench-v8 2_limits` runs the cases whose name has that (`=NAME`: that case only); EXCHANGE_SECONDS sets each case's time (default 2)
 bench-v8 *args: targets
     #!/usr/bin/env bash
     set -euo pipefail

@@ -345,10 +345,16 @@ fn main() {
     use std::time::{Duration, Instant};
     let seconds: f64 = std::env::var("EXCHANGE_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2.0);
     let slice = Duration::from_secs_f64(seconds / 10.0);
-    // `-- NAME`: only the cases whose name contains NAME (as criterion's filter natively).
+    // `-- NAME`: only the cases whose name contains NAME (as criterion's filter natively);
+    // `-- =NAME`: only the case named NAME.
     let only = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
     exchange::all(&mut |name, _bytes, run| {
-        if only.as_ref().is_some_and(|only| !name.contains(only.as_str())) {
+        let skip = match only.as_deref() {
+            Some(exact) if exact.starts_with('=') => exact.get(1..) != Some(name),
+            Some(part) => !name.contains(part),
+            None => false,
+        };
+        if skip {
             return;
         }
         let warm = Instant::now();
