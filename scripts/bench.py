@@ -20,8 +20,8 @@ One machine, one run, the same load from wrk against every setup, in alternating
            `cargo build --release --target wasm32-wasip1 -p floor-filter`) in llm-meter's place. (f)
            makes the hostcalls (b) makes per exchange, (fc) those of (c), in the same order with the
            same sizes, and does nothing else: what any filter with llm-meter's features pays on this
-           Envoy, the most (b) and (c) could reach. They also run in stream-trickle, not in the
-           global-limit workloads
+           Envoy, the most (b) and (c) could reach. They also run in stream-trickle; (f), not (fc),
+           also in the global-limit workloads, next to (fg) below
 
 The global-limit workloads (chat-global, chat-global-1conn) run four setups of their own, all
 calling one rate limit service (target/release/llm-rls, `just rls`, on a redis-server started here
@@ -34,9 +34,21 @@ on a free port, no persistence), pinned off the proxy's CPU:
            the equivalent descriptor (domain llm, rule=rpm, key=<x-api-key>, the same limit as a
            `limit` override, which llm-rls counts by)
 
+With --floor they also run (f) and
+
+  fg       Envoy + the hostcall floor filter making (b)'s hostcalls plus those (g) makes for its
+           global rule: per request one gRPC ShouldRateLimit call (the same cluster, service,
+           method and timeout, a RateLimitRequest of the size and shape (g) sends, over 8 keys as
+           (g)'s 8 x-api-key values), the request paused until the answer arrives, the answer
+           copied into the VM and the request resumed, and (g)'s other hostcalls for the rule (3
+           clock reads, the x-ratelimit-* headers written); nothing decoded or checked, and a 100 ms
+           timer as (g)'s. (fg) - (f) is the least a proxy-wasm filter's global check costs on this
+           Envoy, printed next to (g) - (b) and (ng) - (a), with whether even it is within 1.2x of
+           the native filter
+
 Every front of those workloads also carries an `envoy.filters.http.set_metadata` filter (the
-dynamic metadata (ng)'s override is read from), so that (g) - (b) and (ng) - (a) both isolate the
-rate limit check.
+dynamic metadata (ng)'s override is read from), so that (g) - (b) and (ng) - (a) (and (fg) - (f))
+all isolate the rate limit check.
 
 The shipped JSON access log is left out of every setup (it would measure Envoy's logger, the same
 in each); `--access-log` keeps it in all of them, printing every record.
@@ -73,7 +85,7 @@ At the start (not in --smoke) `EXCHANGE_HOSTCALLS_ONLY=1 cargo bench -p llm-mete
 counts the filter's hostcalls per exchange; at the end issue 19's targets are printed, met or not.
 --smoke: 1 round x 2 s (20 trickled streams), no LiteLLM, a small memory check, no hostcall count:
 proves the harness works, asserts no timing. Ports: 19001-19012, 19100-19103, 19190, 19901-19912,
-and two free ones (redis-server, llm-rls); with --floor also 19013-19014 and 19913-19914. Work files
+and two free ones (redis-server, llm-rls); with --floor also 19013-19015 and 19913-19915. Work files
 and logs: .run/bench/.
 """
 
@@ -110,16 +122,19 @@ RLS = ROOT / "target" / "release" / "llm-rls"
 SHIPPED_GLOBAL = ROOT / "envoy" / "envoy-global.yaml"
 FLOOR_WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "floor_filter.wasm"
 # --floor: the hostcall floor filter's setups and the configuration selecting its mode: the
-# hostcalls of (b) (no limits) or of (c) (2 limit rules). See tools/floor-filter.
-FLOOR_SETUPS = {"f": {"limits": 0}, "fc": {"limits": 2}}
+# hostcalls of (b) (no limits) or of (c) (2 limit rules), or (fg, the global-limit workloads only)
+# those of (b) plus (g)'s global rule: one ShouldRateLimit call per request to the rate limit service,
+# the request paused until the answer. See tools/floor-filter. (fg)'s `global` is filled in below,
+# from GLOBAL_RULE.
+FLOOR_SETUPS = {"f": {"limits": 0}, "fc": {"limits": 2}, "fg": {"limits": 0}}
 
 PORT = {
     "a": 19001, "b": 19002, "c": 19003, "py": 19004, "litellm": 19005, "n": 19006, "r": 19007, "bo": 19008,
-    "g": 19009, "ng": 19010, "mem_a": 19011, "mem_b": 19012, "f": 19013, "fc": 19014,
+    "g": 19009, "ng": 19010, "mem_a": 19011, "mem_b": 19012, "f": 19013, "fc": 19014, "fg": 19015,
     "up_json": 19100, "up_sse": 19101, "up_big": 19102, "up_trickle": 19103, "up_admin": 19190,
     "a_admin": 19901, "b_admin": 19902, "c_admin": 19903, "n_admin": 19906, "r_admin": 19907, "bo_admin": 19908,
     "g_admin": 19909, "ng_admin": 19910, "mem_a_admin": 19911, "mem_b_admin": 19912,
-    "f_admin": 19913, "fc_admin": 19914,
+    "f_admin": 19913, "fc_admin": 19914, "fg_admin": 19915,
 }
 LIMIT_RULES = [
     {"name": "rpm", "key": "header:x-api-key", "requests_per_minute": 100000000},
@@ -133,6 +148,12 @@ GLOBAL_LIMIT = 1000000000  # per minute: fits the protocol's uint32
 GLOBAL_RULE = {"name": "rpm", "key": "header:x-api-key", "requests_per_minute": GLOBAL_LIMIT, "scope": "global",
                "service": {"cluster": "rate_limit_service", "domain": "llm", "timeout_ms": 1000,
                            "failure_mode": "allow"}}
+# (fg): the floor's call is (g)'s: the same cluster, domain, rule name, limit and timeout; the
+# descriptor's key is one of `keys` fixed 32-character stand-ins for llm-meter's hashes of the
+# x-api-key values (bench/chat.lua rotates 8), taken in turn, so the service counts as many keys.
+FLOOR_SETUPS["fg"]["global"] = {"cluster": GLOBAL_RULE["service"]["cluster"], "domain": GLOBAL_RULE["service"]["domain"],
+                                "rule": GLOBAL_RULE["name"], "requests_per_minute": GLOBAL_RULE["requests_per_minute"],
+                                "timeout_ms": GLOBAL_RULE["service"]["timeout_ms"], "keys": 8}
 # Setup (r): the configuration of issue 16. The benchmark's model (gpt-4o) has its own label, so it
 # has a circuit (one shared-data read per request) and the `*` chain; it never fails.
 RESILIENCE = {
@@ -153,6 +174,7 @@ SETUPS = {
     "ng": "Envoy + native ratelimit filter (C++)",
     "f": "Envoy + hostcall floor of (b)",
     "fc": "Envoy + hostcall floor of (c)",
+    "fg": "Envoy + hostcall floor of (g)",
 }
 # name: (streaming, wrk connections (None: --connections), title, description)
 WORKLOADS = {
@@ -174,12 +196,16 @@ WORKLOADS = {
     "chat-global-1conn": (False, 1, "non-streaming chat, global limit, one connection (latency without queueing)",
                           "the same with a single wrk connection: the rate limit checks' own added latency"),
 }
-ENVOY_SETUPS = ("a", "n", "b", "bo", "c", "r", "g", "ng", "f", "fc")
+ENVOY_SETUPS = ("a", "n", "b", "bo", "c", "r", "g", "ng", "f", "fc", "fg")
 # The llm-meter setups, whose metering is checked after each workload.
 METER_SETUPS = ("b", "bo", "c", "r", "g")
 TRICKLE = "stream-trickle"
 GLOBAL_WORKLOADS = ("chat-global", "chat-global-1conn")
 GLOBAL_SETUPS = ("a", "b", "g", "ng")
+# --floor adds these to the global-limit workloads: (fg) - (f) is the floor of (g) - (b).
+GLOBAL_FLOOR_SETUPS = ("f", "fg")
+# The setups that call the rate limit service (their fronts get its cluster).
+SERVICE_SETUPS = ("g", "ng", "fg")
 # The trickled stream (tools/mock-llm's x-mock-* knobs): 198 content events between the role and
 # the finish chunks (200 chat.completion.chunk events, as in `stream`), the usage chunk, [DONE].
 TRICKLE_EVENTS = 201  # SSE events per stream, [DONE] not counted
@@ -559,10 +585,11 @@ def insert_before(cfg, marker, text):
 
 def front_yaml(setup, listen, admin, upstream, shipped, rls_port=None):
     """The shipped envoy.yaml with its ports swapped; (a) without the wasm filter, (b)/(c)/(r) with
-    the filter configuration replaced, (n) with the empty filter and (f)/(fc) with the hostcall
+    the filter configuration replaced, (n) with the empty filter and (f)/(fc)/(fg) with the hostcall
     floor filter in llm-meter's place. With
     `rls_port` (the global-limit workloads): the set_metadata filter first in every setup, and for
-    (g) a global rule and for (ng) the native rate limit filter, each with the service's cluster."""
+    (g) a global rule, for (ng) the native rate limit filter and for (fg) the floor's global call,
+    each with the service's cluster."""
     cfg = shipped
     wasm = WORK / "noop.wasm" if setup == "n" else FLOOR_WASM if setup in FLOOR_SETUPS else WASM
     for old, new in [("port_value: 10000", f"port_value: {listen}"),
@@ -585,7 +612,7 @@ def front_yaml(setup, listen, admin, upstream, shipped, rls_port=None):
         wasm_start = cfg.find("          - name: envoy.filters.http.wasm")
         router_start = cfg.find("          - name: envoy.filters.http.router")
     if rls_port is not None:
-        if setup in ("g", "ng"):
+        if setup in SERVICE_SETUPS:
             # The clusters end the shipped file: the service's goes last.
             if not cfg.rstrip().endswith(f"port_value: {upstream} }}"):
                 raise RuntimeError("envoy/envoy.yaml no longer ends with its clusters")
@@ -1026,7 +1053,8 @@ def run_workload(procs, workload, args, setups, shipped, files_sizes):
     log(f"-- workload {workload}: " + desc.format(**files_sizes))
     svc_pids, rls_port = [], None
     if glob:
-        setups = [k for k in GLOBAL_SETUPS if k not in args.skip.split(",")]
+        setups = [k for k in GLOBAL_SETUPS + (GLOBAL_FLOOR_SETUPS if args.floor else ())
+                  if k not in args.skip.split(",")]
         rls_port, svc_pids = rate_limit_service(procs)
         log(f"   rate limit service: llm-rls on 127.0.0.1:{rls_port}, redis-server on 127.0.0.1:{procs.redis_port}"
             + (f", both on CPU {CPU_LOAD}" if args.pin else "") + "; every front carries the set_metadata filter")
@@ -1097,7 +1125,7 @@ def run_workload(procs, workload, args, setups, shipped, files_sizes):
             f"p99 {fmt(r.get('dp99_b'), '+.3f')} ms (medians over rounds of the per-round differences)")
     floor_report(s, results, setups)
     if glob:
-        global_comparison(s)
+        global_comparison(s, results)
     if args.perf:
         perf_pass(procs, started, setups, url, args, stream, connections, workload, s)
     sent = {k: sum(r["requests"] for r in results[k]) for k in setups}
@@ -1349,27 +1377,70 @@ def envoy_counters(admin, prefix):
     return out
 
 
-def global_comparison(s):
-    """(g) - (b) against (ng) - (a): what each rate limit check adds (issue 19's target: 1.2x)."""
+# (what, the result's key, unit, format) of the global comparison.
+GLOBAL_MEASURES = (("p50", "p50", "ms", "+.3f"), ("p99", "p99", "ms", "+.3f"), ("CPU per request", "cpu_us_per_req", "us", "+.1f"))
+
+
+def floor_global(results):
+    """--floor: (fg) - (f) per measure of GLOBAL_MEASURES (median over rounds of the per-round
+    differences), the least a proxy-wasm filter's global check adds; None without them."""
+    if not all(k in results for k in ("f", "fg")):
+        return None
+    return {what: med([x[key] - y[key] for x, y in zip(results["fg"], results["f"])
+                       if x[key] is not None and y[key] is not None])
+            for what, key, _, _ in GLOBAL_MEASURES}
+
+
+def global_comparison(s, results):
+    """(g) - (b) against (ng) - (a): what each rate limit check adds (issue 19's target: 1.2x); with
+    --floor also (fg) - (f), the least any proxy-wasm filter making (g)'s call adds."""
     if not all(k in s for k in ("g", "ng")):
         return
     g, ng = s["g"], s["ng"]
-    parts = []
-    for what, gk, nk, unit, spec in (("p50", "dp50_b", "dp50_a", "ms", "+.3f"), ("p99", "dp99_b", "dp99_a", "ms", "+.3f"),
-                                     ("CPU per request", "dcpu_b", "dcpu_a", "us", "+.1f")):
-        gv, nv = g.get(gk), ng.get(nk)
-        ratio = f" ({gv / nv:.2f}x)" if gv is not None and nv and nv > 0 else ""
-        parts.append(f"{what} {fmt(gv, spec)} vs {fmt(nv, spec)} {unit}{ratio}")
-    log("   global check, llm-meter (g)-(b) vs native (ng)-(a): " + "; ".join(parts)
+    native = dict(zip([m[0] for m in GLOBAL_MEASURES], (ng.get("dp50_a"), ng.get("dp99_a"), ng.get("dcpu_a"))))
+    meter = dict(zip([m[0] for m in GLOBAL_MEASURES], (g.get("dp50_b"), g.get("dp99_b"), g.get("dcpu_b"))))
+    floor = floor_global(results)
+
+    def against_native(added):
+        parts = []
+        for what, _, unit, spec in GLOBAL_MEASURES:
+            v, nv = added.get(what), native.get(what)
+            ratio = f" ({v / nv:.2f}x)" if v is not None and nv and nv > 0 else ""
+            parts.append(f"{what} {fmt(v, spec)} vs {fmt(nv, spec)} {unit}{ratio}")
+        return "; ".join(parts)
+
+    log("   global check, llm-meter (g)-(b) vs native (ng)-(a): " + against_native(meter)
         + " (medians over rounds of the per-round differences)")
+    if floor is not None:
+        log("   global check, hostcall floor (fg)-(f) vs native (ng)-(a): " + against_native(floor)
+            + " (the same; (fg) makes (g)'s hostcalls and nothing else)")
+        log("   llm-meter's global check over the floor's, (g)-(b) - ((fg)-(f)): " + "; ".join(
+            f"{what} {fmt(None if meter.get(what) is None or floor.get(what) is None else meter[what] - floor[what], spec)}"
+            f" {unit}" for what, _, unit, spec in GLOBAL_MEASURES) + " (its own work around the call)")
+        verdicts = []
+        for what, _, _, _ in GLOBAL_MEASURES:
+            v, nv = floor.get(what), native.get(what)
+            if v is None or nv is None:
+                verdicts.append(f"{what} not measured")
+            elif nv <= 0:
+                verdicts.append(f"{what} {'yes' if v <= 0 else 'no'} (the native filter added nothing measurable)")
+            else:
+                verdicts.append(f"{what} {'yes' if v <= 1.2 * nv else 'NO'} ({v / nv:.2f}x)")
+        reach = all(floor.get(w) is not None and native.get(w) is not None and floor[w] <= 1.2 * max(native[w], 0)
+                    for w, _, _, _ in GLOBAL_MEASURES)
+        log("   is even the floor within 1.2x of the native filter? " + ", ".join(verdicts) + ": "
+            + ("the target is within reach of a proxy-wasm filter making this call" if reach else
+               "where it is not, no proxy-wasm filter making this call meets the target on this Envoy"))
     svc = lambda k: fmt(s[k].get("svc_us"), ".1f")
-    log(f"   rate limit service (llm-rls + redis-server) CPU per request: (g) {svc('g')} us, (ng) {svc('ng')} us")
+    log(f"   rate limit service (llm-rls + redis-server) CPU per request: (g) {svc('g')} us, (ng) {svc('ng')} us"
+        + (f", (fg) {svc('fg')} us" if "fg" in s else ""))
 
 
 def check_global(setups, sent, procs):
-    """After a global-limit workload: (g) and (ng) each called the service once per request, nothing
-    was rejected and no call failed (the filter's counters are checked with the other meters')."""
-    for k in [k for k in ("g", "ng") if k in setups]:
+    """After a global-limit workload: (g), (ng) and (fg) each called the service once per request,
+    nothing was rejected and no call failed (the filter's counters are checked with the other
+    meters'; (fg)'s failures with its own counter)."""
+    for k in [k for k in SERVICE_SETUPS if k in setups]:
         admin = PORT[f"{k}_admin"]
         calls = envoy_counters(admin, "cluster.rate_limit_service.upstream_rq_total").get(
             "cluster.rate_limit_service.upstream_rq_total", 0)
@@ -1391,6 +1462,12 @@ def check_global(setups, sent, procs):
             if rl.get("ok", 0) < sent[k]:
                 raise RuntimeError(f"setup ng: the service said ok {rl.get('ok', 0)} times for {sent[k]} requests "
                                    "completed: the native filter did not check every request")
+        elif k == "fg":
+            _, body = http(f"http://127.0.0.1:{admin}/stats/prometheus", timeout=10)
+            failed = prom_sum(body.decode(errors="replace"), "floor_global_failures_total")
+            log(line + f"; floor filter: {failed:.0f} calls failed")
+            if failed:
+                raise RuntimeError(f"setup fg: {failed:.0f} calls to the rate limit service failed")
         else:
             log(line)
         if calls < sent[k]:
@@ -1398,7 +1475,9 @@ def check_global(setups, sent, procs):
     # The service counted both setups' descriptors: (ng)'s keys are the header's values, (g)'s hashes.
     _, keys = redis_command(procs.redis_port, "KEYS", "*")
     native = sum(1 for key in keys if "sk-bench-" in key)
-    log(f"   redis-server holds {len(keys)} keys, {native} of them (ng)'s counters (one per x-api-key)")
+    floor = sum(1 for key in keys if re.search(r'"key":"f0{24}[0-9a-f]{7}"', key))
+    log(f"   redis-server holds {len(keys)} keys, {native} of them (ng)'s counters (one per x-api-key)"
+        + (f", {floor} (fg)'s (one per stand-in key)" if "fg" in setups else ""))
     if "ng" in setups and not native:
         raise RuntimeError("setup ng: no counter of its descriptors in Redis: the limit override did not reach llm-rls")
 
@@ -1695,6 +1774,16 @@ def print_targets(workloads, hostcalls, smoke):
             good = gv <= 1.2 * nv if nv > 0 else gv <= 0
             ratio = f" ({gv / nv:.2f}x)" if nv > 0 else " (the native filter added nothing measurable)"
             row(w, text, f"{format(gv, spec)} vs {format(nv, spec)} {unit}{ratio} {ok(good)}")
+        # --floor: whether the target is within reach of any proxy-wasm filter making (g)'s call.
+        floor = floor_global(workloads.get(w, {}).get("rounds", {}))
+        for (what, _, unit, spec), nk in zip(GLOBAL_MEASURES, ("dp50_a", "dp99_a", "dcpu_a")):
+            fv, nv = (floor or {}).get(what), (ng or {}).get(nk)
+            if floor is None or fv is None or nv is None:
+                continue
+            ratio = f" ({fv / nv:.2f}x)" if nv > 0 else " (the native filter added nothing measurable)"
+            good = fv <= 1.2 * nv if nv > 0 else fv <= 0
+            row(w, f"{what} added, the floor (fg)-(f) <= 1.2 x (ng)-(a)",
+                f"{format(fv, spec)} vs {format(nv, spec)} {unit}{ratio} {'within' if good else 'NOT within'}")
 
 
 def env_flag(name, default):
@@ -1832,7 +1921,8 @@ def main():
     if busy:
         sys.exit(f"ports already in use: {busy} (a previous bench still running?)")
 
-    setups = ["a", "b", "bo", "r", "c"] + (["n"] if args.noop else []) + (list(FLOOR_SETUPS) if args.floor else [])
+    setups = (["a", "b", "bo", "r", "c"] + (["n"] if args.noop else [])
+              + ([k for k in FLOOR_SETUPS if k != "fg"] if args.floor else []))
     setups = [k for k in setups if k not in args.skip.split(",")]
     if args.python:
         if ensure_venv(PY_VENV, PY_REQS, "the Python proxy (FastAPI, uvicorn, httpx, prometheus-client)", 600):
@@ -1845,12 +1935,13 @@ def main():
         else:
             log("LiteLLM skipped: its install failed or took more than 5 minutes")
 
-    if any(k in FLOOR_SETUPS for k in setups):
+    if args.floor:
         build_floor()
     log(f"just bench{' --smoke (timings meaningless)' if args.smoke else ''}: {machine()}")
-    if any(k in FLOOR_SETUPS for k in setups):
+    if args.floor:
         log(f"--floor: hostcall floor filter {FLOOR_WASM.relative_to(ROOT)} ({FLOOR_WASM.stat().st_size} bytes) "
-            "in (f) (the hostcalls of (b)) and (fc) (those of (c))")
+            "in (f) (the hostcalls of (b)) and (fc) (those of (c)); in the global-limit workloads (f) and (fg) "
+            "(those of (g))")
     if FILTER_EXTRA:
         log(f"--filter-extra merged into the (b), (c), (r) and (g) configurations: {json.dumps(FILTER_EXTRA)}")
     log(f"front Envoys: --concurrency {args.concurrency}; "

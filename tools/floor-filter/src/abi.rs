@@ -1,7 +1,9 @@
 //! The hostcalls, declared as llm-meter declares them (`src/host/wasm_abi.rs`): buffers the host
 //! returns are allocated through the SDK's `proxy_on_memory_allocate` and taken over as a `Vec`,
 //! as there. Statuses are ignored: a failed call costs what a call costs, and the SDK's wrappers
-//! would panic instead.
+//! would panic instead. The one call not here is the gRPC callout of the global rule: as in
+//! llm-meter, only the SDK's `dispatch_grpc_call` registers the call's token, which routes the
+//! answer to the context that asked (`filter::Global::dispatch`).
 
 use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType};
 
@@ -33,6 +35,7 @@ extern "C" {
     fn proxy_define_metric(kind: u32, name: *const u8, name_size: usize, id: *mut u32) -> u32;
     fn proxy_increment_metric(id: u32, delta: i64) -> u32;
     fn proxy_record_metric(id: u32, value: u64) -> u32;
+    fn proxy_continue_stream(stream: u32) -> u32;
 }
 
 /// Runs a hostcall that returns a buffer, and takes the buffer (`None` when the call failed).
@@ -124,4 +127,10 @@ pub fn increment_metric(id: u32, delta: i64) {
 pub fn record_metric(id: u32, value: u64) {
     // SAFETY: no pointers.
     unsafe { proxy_record_metric(id, value) };
+}
+
+/// Resumes the paused request (`proxy_continue_stream`, as llm-meter's `resume_http_request`).
+pub fn resume_request() {
+    // SAFETY: no pointers.
+    unsafe { proxy_continue_stream(0) };
 }

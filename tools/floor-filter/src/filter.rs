@@ -3,8 +3,10 @@
 use crate::abi;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
+use serde_json::Value as Json;
 use std::cell::RefCell;
 use std::rc::Rc;
+use std::time::Duration;
 
 proxy_wasm::main! {{
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
@@ -12,8 +14,12 @@ proxy_wasm::main! {{
 
 /// The filter state llm-meter publishes its record in (`wasm.llm_meter`), declared as it does.
 const RECORD_NAME: &str = "llm_meter";
-/// llm-meter's default `metrics.flush_interval_ms`, also its timer period in the bench setups.
+/// llm-meter's default `metrics.flush_interval_ms`, also its timer period in the bench setups
+/// without a global rule.
 const FLUSH_MS: u64 = 250;
+/// llm-meter's timer period with a global rule (`REPORT_EVERY_MS` of its glue, for the usage
+/// reports): held counters are then sent every `FLUSH_MS / REPORT_EVERY_MS` = 2 ticks.
+const REPORT_EVERY_MS: u64 = 100;
 /// llm-meter's default `request.model_lookahead_bytes`: how much request body it holds.
 const LOOKAHEAD_BYTES: usize = 64 * 1024;
 
@@ -24,6 +30,12 @@ const TPM_KEY: &str = "floor_filter.rl.tpm.minute.bucket-of-an-api-key-00000001"
 const ESTIMATE_KEY: &str = "floor_filter.estim.gpt-4o";
 const _: () = assert!(RPM_KEY.len() == 56 && TPM_KEY.len() == 56 && ESTIMATE_KEY.len() == 25);
 
+/// The rate limit service's gRPC service and method (llm-meter's `limit::rls`).
+const RLS_SERVICE: &str = "envoy.service.ratelimit.v3.RateLimitService";
+const RLS_METHOD: &str = "ShouldRateLimit";
+/// `envoy.type.v3.RateLimitUnit.MINUTE`: the unit of a `requests_per_minute` rule.
+const UNIT_MINUTE: u64 = 2;
+
 /// The headers llm-meter adds to an admitted response with (c)'s two rules, with values of the
 /// lengths it writes (`x-ratelimit-reset-*` is 2 to 3 characters, by the second in the minute).
 const RATELIMIT_HEADERS: [(&str, &str); 6] = [
@@ -33,6 +45,16 @@ const RATELIMIT_HEADERS: [(&str, &str); 6] = [
     ("x-ratelimit-limit-tokens", "100000000000"),
     ("x-ratelimit-remaining-tokens", "99999999999"),
     ("x-ratelimit-reset-tokens", "30s"),
+];
+
+/// The headers llm-meter adds to an admitted response for a global request rule, from the
+/// service's answer: the limit (the bench's 10^9), what is left (9 digits from the first request
+/// on) and the reset, as long as it is at a minute window's start (`1m0s`; llm-meter's follows the
+/// window down: `59s`, `9s`, and `420ms` in its last second).
+const GLOBAL_RATELIMIT_HEADERS: [(&str, &str); 3] = [
+    ("x-ratelimit-limit-requests", "1000000000"),
+    ("x-ratelimit-remaining-requests", "999999999"),
+    ("x-ratelimit-reset-requests", "1m0s"),
 ];
 
 /// Histograms, recorded per request as llm-meter does (Envoy has no batched histogram call).
@@ -152,19 +174,168 @@ fn declare_arguments() -> Vec<u8> {
     out
 }
 
-/// `{"limits": 0}` or `{}`: setup (b)'s hostcalls; `{"limits": 2}`: setup (c)'s.
-fn limits_mode(config: &[u8]) -> Option<bool> {
-    let text: String = std::str::from_utf8(config).ok()?.chars().filter(|c| !c.is_whitespace()).collect();
-    match text.as_str() {
-        "" | "{}" | r#"{"limits":0}"# => Some(false),
-        r#"{"limits":2}"# => Some(true),
-        _ => None,
+fn varint_field(out: &mut Vec<u8>, number: u8, n: u64) {
+    out.push(number << 3);
+    let mut n = n;
+    while n >= 0x80 {
+        out.push((n as u8 & 0x7f) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+/// What the configuration asks for.
+struct Mode {
+    /// (c)'s two local rules.
+    limits: bool,
+    /// (g)'s global rule.
+    global: Option<GlobalRule>,
+}
+
+/// The global rule of (g), as far as its call shows it.
+struct GlobalRule {
+    cluster: String,
+    domain: String,
+    rule: String,
+    requests_per_minute: u32,
+    timeout_ms: u64,
+    /// How many keys the requests spread over (llm-meter: the distinct x-api-key values).
+    keys: usize,
+}
+
+/// `{"limits": 0}` or `{}`: setup (b)'s hostcalls; `{"limits": 2}`: setup (c)'s; `{"limits": 0,
+/// "global": {"cluster": C, "domain": D, "rule": R, "requests_per_minute": N, "timeout_ms": T,
+/// "keys": K}}`: setup (g)'s, whose one global rule (named R, counted by the rate limit service of
+/// cluster C in domain D, N requests per minute, calls timing out after T ms, default 1000)
+/// sends a descriptor keyed by one of K (default 1) fixed keys, taken in turn.
+fn mode(config: &[u8]) -> Result<Mode, String> {
+    if config.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Mode { limits: false, global: None });
+    }
+    let json: Json = serde_json::from_slice(config).map_err(|e| e.to_string())?;
+    let top = json.as_object().ok_or("not an object")?;
+    if let Some(k) = top.keys().find(|k| !matches!(k.as_str(), "limits" | "global")) {
+        return Err(format!("unknown field {k}"));
+    }
+    let limits = match top.get("limits").map(Json::as_u64) {
+        None | Some(Some(0)) => false,
+        Some(Some(2)) => true,
+        _ => return Err("limits must be 0 or 2".into()),
+    };
+    let Some(g) = top.get("global") else { return Ok(Mode { limits, global: None }) };
+    if limits {
+        return Err("global goes with limits 0 (setup g has no local rules)".into());
+    }
+    let g = g.as_object().ok_or("global must be an object")?;
+    let known = ["cluster", "domain", "rule", "requests_per_minute", "timeout_ms", "keys"];
+    if let Some(k) = g.keys().find(|k| !known.contains(&k.as_str())) {
+        return Err(format!("unknown field global.{k}"));
+    }
+    let text = |name: &str| -> Result<String, String> {
+        let value = g.get(name).and_then(Json::as_str).unwrap_or_default();
+        // Short ASCII: the serialized GrpcService then passes as a `&str` (see `Global::new`).
+        if value.is_empty() || value.len() > 100 || !value.is_ascii() {
+            return Err(format!("global.{name} must be 1 to 100 ASCII characters"));
+        }
+        Ok(value.to_string())
+    };
+    let number = |name: &str, default: Option<u64>, max: u64| -> Result<u64, String> {
+        match g.get(name).map(Json::as_u64).unwrap_or(default) {
+            Some(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(format!("global.{name} must be a number from 1 to {max}")),
+        }
+    };
+    Ok(Mode {
+        limits,
+        global: Some(GlobalRule {
+            cluster: text("cluster")?,
+            domain: text("domain")?,
+            rule: text("rule")?,
+            requests_per_minute: u32::try_from(number("requests_per_minute", None, u64::from(u32::MAX))?)
+                .map_err(|e| e.to_string())?,
+            timeout_ms: number("timeout_ms", Some(1000), 60_000)?,
+            keys: usize::try_from(number("keys", Some(1), 1000)?).map_err(|e| e.to_string())?,
+        }),
+    })
+}
+
+/// The global rule's call, built once: the serialized `GrpcService` naming the cluster and one
+/// `RateLimitRequest` per key, encoded as llm-meter's `rls::encode_grpc_service` and
+/// `rls::encode_request` encode them for the rule: the same bytes but the key's value (73 bytes
+/// for the bench's rule).
+struct Global {
+    grpc_service: String,
+    messages: Vec<Vec<u8>>,
+    next: usize,
+    timeout: Duration,
+    /// `floor_global_failures_total`: calls that failed (never, in a run that measures anything).
+    failures: u32,
+}
+
+impl Global {
+    fn new(rule: &GlobalRule) -> Option<Self> {
+        let mut envoy_grpc = Vec::new();
+        bytes_field(&mut envoy_grpc, 1, rule.cluster.as_bytes());
+        let mut service = Vec::new();
+        bytes_field(&mut service, 1, &envoy_grpc);
+        let messages = (0..rule.keys)
+            .map(|i| {
+                // llm-meter's key entry: the hex of 16 bytes of SHA-256 of the key; here a fixed
+                // stand-in of the same length per key.
+                let key = format!("f{i:031x}");
+                let mut desc = Vec::new();
+                for (k, v) in [("rule", rule.rule.as_str()), ("key", key.as_str())] {
+                    let mut entry = Vec::new();
+                    bytes_field(&mut entry, 1, k.as_bytes());
+                    bytes_field(&mut entry, 2, v.as_bytes());
+                    bytes_field(&mut desc, 1, &entry);
+                }
+                let mut limit = Vec::new();
+                varint_field(&mut limit, 1, u64::from(rule.requests_per_minute));
+                varint_field(&mut limit, 2, UNIT_MINUTE);
+                bytes_field(&mut desc, 2, &limit);
+                let mut out = Vec::new();
+                bytes_field(&mut out, 1, rule.domain.as_bytes());
+                bytes_field(&mut out, 2, &desc);
+                varint_field(&mut out, 3, 1); // hits_addend: the request
+                out
+            })
+            .collect();
+        Some(Self {
+            grpc_service: String::from_utf8(service).ok()?,
+            messages,
+            next: 0,
+            timeout: Duration::from_millis(rule.timeout_ms),
+            failures: abi::define_metric(MetricType::Counter, "floor_global_failures_total"),
+        })
+    }
+
+    /// Starts the call of the next key: its token, `None` if Envoy refused it.
+    fn dispatch(&mut self) -> Option<u32> {
+        let message = self.messages.get(self.next)?;
+        self.next = (self.next + 1) % self.messages.len();
+        // As llm-meter's `WasmHost::grpc_call`: the SDK's call, which registers the token so that
+        // the answer reaches this context (`Http::on_grpc_call_response`).
+        proxy_wasm::hostcalls::dispatch_grpc_call(
+            &self.grpc_service,
+            RLS_SERVICE,
+            RLS_METHOD,
+            Vec::new(),
+            Some(message),
+            self.timeout,
+        )
+        .ok()
+    }
+
+    fn failed(&self) {
+        abi::increment_metric(self.failures, 1);
     }
 }
 
 /// Per-VM state.
 struct Vm {
     limits: bool,
+    global: Option<Global>,
     histograms: [u32; 5],
     held_ids: [u32; 5],
     /// Deltas of the held stats not sent yet.
@@ -172,17 +343,28 @@ struct Vm {
     last_flush: u64,
     /// The latest clock reading on this worker.
     latest_now: u64,
+    /// The timer's period, ms; ticks per flush of the held stats, and the ticks since the last.
+    tick_ms: u64,
+    ticks_per_flush: u32,
+    ticks: u32,
     /// The record of a non-streaming and of a streaming exchange.
     records: [Vec<u8>; 2],
-    /// [`RATELIMIT_HEADERS`] as header map entries: the size pairs and the NUL-terminated data.
-    ratelimit: (Vec<u8>, Vec<u8>),
+    /// The `x-ratelimit-*` headers of an admitted response ([`RATELIMIT_HEADERS`] for (c),
+    /// [`GLOBAL_RATELIMIT_HEADERS`] for (g), none for (b)) as header map entries: their count,
+    /// the size pairs and the NUL-terminated data.
+    ratelimit: Option<(u32, Vec<u8>, Vec<u8>)>,
 }
 
 impl Vm {
-    fn new(limits: bool) -> Self {
+    fn new(limits: bool, global: Option<Global>) -> Self {
+        let headers: &[(&str, &str)] = match (limits, &global) {
+            (true, _) => &RATELIMIT_HEADERS,
+            (false, Some(_)) => &GLOBAL_RATELIMIT_HEADERS,
+            (false, None) => &[],
+        };
         let mut sizes = Vec::new();
         let mut data = Vec::new();
-        for (name, value) in RATELIMIT_HEADERS {
+        for (name, value) in headers {
             sizes.extend_from_slice(&(name.len() as u32).to_le_bytes());
             sizes.extend_from_slice(&(value.len() as u32).to_le_bytes());
             data.extend_from_slice(name.as_bytes());
@@ -190,15 +372,20 @@ impl Vm {
             data.extend_from_slice(value.as_bytes());
             data.push(0);
         }
+        let tick_ms = if global.is_some() { REPORT_EVERY_MS } else { FLUSH_MS };
         Self {
             limits,
+            global,
             histograms: HISTOGRAMS.map(|name| abi::define_metric(MetricType::Histogram, name)),
             held_ids: HELD.map(|(kind, name)| abi::define_metric(kind, name)),
             held: [0; 5],
             last_flush: 0,
             latest_now: 0,
+            tick_ms,
+            ticks_per_flush: (FLUSH_MS / tick_ms).max(1) as u32,
+            ticks: 0,
             records: [encode_record(false), encode_record(true)],
-            ratelimit: (sizes, data),
+            ratelimit: (!headers.is_empty()).then_some((headers.len() as u32, sizes, data)),
         }
     }
 
@@ -213,16 +400,17 @@ impl Vm {
     }
 
     /// `map` (serialized: header count, a (name size, value size) pair per header, then the
-    /// NUL-terminated names and values) with [`RATELIMIT_HEADERS`] appended.
+    /// NUL-terminated names and values) with the `x-ratelimit-*` headers appended.
     fn with_ratelimit_headers(&self, map: &[u8]) -> Option<Vec<u8>> {
+        let (added, added_sizes, added_data) = self.ratelimit.as_ref()?;
         let count = u32::from_le_bytes(map.get(..4)?.try_into().ok()?);
         let (sizes, data) = map.split_at_checked(4 + 8 * count as usize)?;
-        let mut out = Vec::with_capacity(map.len() + self.ratelimit.0.len() + self.ratelimit.1.len());
-        out.extend_from_slice(&(count + RATELIMIT_HEADERS.len() as u32).to_le_bytes());
+        let mut out = Vec::with_capacity(map.len() + added_sizes.len() + added_data.len());
+        out.extend_from_slice(&(count + added).to_le_bytes());
         out.extend_from_slice(sizes.get(4..)?);
-        out.extend_from_slice(&self.ratelimit.0);
+        out.extend_from_slice(added_sizes);
         out.extend_from_slice(data);
-        out.extend_from_slice(&self.ratelimit.1);
+        out.extend_from_slice(added_data);
         Some(out)
     }
 }
@@ -256,21 +444,41 @@ impl Context for Root {}
 impl RootContext for Root {
     fn on_configure(&mut self, _configuration_size: usize) -> bool {
         let config = abi::buffer(BufferType::PluginConfiguration, 0, usize::MAX).unwrap_or_default();
-        let Some(limits) = limits_mode(&config) else {
-            abi::log(LogLevel::Critical, r#"floor-filter: the configuration must be {"limits": 0} or {"limits": 2}"#);
-            return false;
+        let mode = match mode(&config) {
+            Ok(mode) => mode,
+            Err(e) => {
+                let message = format!(
+                    r#"floor-filter: the configuration must be {{"limits": 0}}, {{"limits": 2}} or {{"limits": 0, "global": {{...}}}} (see filter.rs): {e}"#
+                );
+                abi::log(LogLevel::Critical, &message);
+                return false;
+            }
         };
         abi::call_foreign_function("declare_property", &declare_arguments());
-        self.vm = Some(Rc::new(RefCell::new(Vm::new(limits))));
-        abi::set_tick_period_ms(FLUSH_MS as u32);
+        let global = match mode.global.as_ref().map(Global::new) {
+            None => None,
+            Some(Some(global)) => Some(global),
+            Some(None) => {
+                abi::log(LogLevel::Critical, "floor-filter: global.cluster cannot be passed as a GrpcService");
+                return false;
+            }
+        };
+        let vm = Vm::new(mode.limits, global);
+        abi::set_tick_period_ms(vm.tick_ms as u32);
+        self.vm = Some(Rc::new(RefCell::new(vm)));
         true
     }
 
-    /// Sends the held updates, then reads the clock (llm-meter's `refresh_use` does, every tick).
+    /// Sends the held updates every `ticks_per_flush` ticks (llm-meter's `Batch::tick`), then
+    /// reads the clock (llm-meter's `refresh_use` does, every tick).
     fn on_tick(&mut self) {
         let Some(mut vm) = self.vm.as_ref().and_then(|vm| vm.try_borrow_mut().ok()) else { return };
-        if vm.held.iter().any(|&d| d != 0) {
-            vm.flush();
+        vm.ticks += 1;
+        if vm.ticks >= vm.ticks_per_flush {
+            vm.ticks = 0;
+            if vm.held.iter().any(|&d| d != 0) {
+                vm.flush();
+            }
         }
         Clock::default().now(&mut vm);
     }
@@ -281,6 +489,7 @@ impl RootContext for Root {
             vm,
             request_read: 0,
             admitted: false,
+            waiting: None,
             started: 0,
             streamed: false,
             first_data: None,
@@ -301,6 +510,8 @@ struct Http {
     request_read: usize,
     /// The request went on (llm-meter: the exchange became an active request).
     admitted: bool,
+    /// The global rule's call, awaited: its token.
+    waiting: Option<u32>,
     started: u64,
     /// The response is a stream (`text/event-stream`).
     streamed: bool,
@@ -308,26 +519,79 @@ struct Http {
     ended: Option<u64>,
 }
 
-/// The request is whole: (c)'s two rules charge their buckets; the request becomes active.
-fn admit(vm: &mut Vm) {
+/// The request is whole: (c)'s two rules charge their buckets, or (g)'s global rule asks the
+/// service (the clock read, then the call: llm-meter's `global::charges` reads the time for the
+/// descriptor's window, `Exchange::check_global` calls) and the request waits for the answer:
+/// the call's token. Else (`None`) it becomes active and goes on.
+fn admit(vm: &mut Vm, clock: &mut Clock) -> Option<u32> {
     if vm.limits {
         touch(RPM_KEY);
         touch(TPM_KEY);
     }
+    if vm.global.is_some() {
+        clock.now(vm);
+        if let Some(g) = vm.global.as_mut() {
+            match g.dispatch() {
+                Some(token) => return Some(token),
+                // Refused: fail open, as llm-meter's `failure_mode: allow`.
+                None => g.failed(),
+            }
+        }
+    }
     vm.held[ACTIVE] += 1;
+    None
 }
 
-impl Context for Http {}
+impl Http {
+    /// After [`admit`]: waits for the answer, or goes on as an active request.
+    fn after_admit(&mut self, waiting: Option<u32>) -> Action {
+        self.waiting = waiting;
+        self.admitted = waiting.is_none();
+        if self.admitted {
+            Action::Continue
+        } else {
+            Action::Pause
+        }
+    }
+}
+
+impl Context for Http {
+    /// The global rule's answer (llm-meter's `Http::on_grpc_call_response`): the message copied
+    /// into the VM (`grpc_response`; not decoded: whatever it says, the request goes on), the
+    /// clock read (`Exchange::on_global_answer`, for the window's reset), and the request
+    /// resumed. Reaching it took one VM entry (`proxy_on_grpc_receive`, into the root context)
+    /// and the SDK's `set_effective_context`.
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+        if self.waiting != Some(token_id) {
+            return;
+        }
+        self.waiting = None;
+        let Ok(mut vm) = self.vm.try_borrow_mut() else { return };
+        if status_code != 0 {
+            if let Some(g) = vm.global.as_ref() {
+                g.failed();
+            }
+        } else if response_size > 0 {
+            abi::buffer(BufferType::GrpcReceiveBuffer, 0, response_size);
+        }
+        Clock::default().now(&mut vm);
+        vm.held[ACTIVE] += 1;
+        drop(vm);
+        self.admitted = true;
+        abi::resume_request();
+    }
+}
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
         let Ok(mut vm) = self.vm.try_borrow_mut() else { return Action::Continue };
         abi::header_map(MapType::HttpRequestHeaders);
-        self.started = Clock::default().now(&mut vm);
+        let mut clock = Clock::default();
+        self.started = clock.now(&mut vm);
         if end_of_stream {
-            admit(&mut vm);
-            self.admitted = true;
-            return Action::Continue;
+            let waiting = admit(&mut vm, &mut clock);
+            drop(vm);
+            return self.after_admit(waiting);
         }
         // Held until the body is read (llm-meter holds for the model and the limits).
         Action::Pause
@@ -337,6 +601,9 @@ impl HttpContext for Http {
         if self.admitted {
             return Action::Continue;
         }
+        if self.waiting.is_some() {
+            return Action::Pause;
+        }
         let Ok(mut vm) = self.vm.try_borrow_mut() else { return Action::Continue };
         if body_size > self.request_read {
             abi::buffer(BufferType::HttpRequestBody, self.request_read, body_size - self.request_read);
@@ -345,19 +612,17 @@ impl HttpContext for Http {
             self.request_read = body_size;
             return Action::Pause;
         }
-        admit(&mut vm);
-        self.admitted = true;
-        Action::Continue
+        let waiting = admit(&mut vm, &mut Clock::default());
+        drop(vm);
+        self.after_admit(waiting)
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         let Ok(vm) = self.vm.try_borrow() else { return Action::Continue };
         let map = abi::header_map(MapType::HttpResponseHeaders).unwrap_or_default();
         self.streamed = map.windows(17).any(|w| w == b"text/event-stream");
-        if vm.limits {
-            if let Some(map) = vm.with_ratelimit_headers(&map) {
-                abi::set_header_map(MapType::HttpResponseHeaders, &map);
-            }
+        if let Some(map) = vm.with_ratelimit_headers(&map) {
+            abi::set_header_map(MapType::HttpResponseHeaders, &map);
         }
         Action::Continue
     }
@@ -391,9 +656,13 @@ impl HttpContext for Http {
         let [input, output, ..] = PER_EXCHANGE;
         abi::record_metric(vm.histograms[TOKENS_IN], input as u64);
         abi::record_metric(vm.histograms[TOKENS_OUT], output as u64);
-        if vm.limits {
-            // The tpm rule's reconciliation with the real usage, and the output estimate's update.
+        if vm.limits || vm.global.is_some() {
+            // (c): the tpm rule's reconciliation with the real usage, and the output estimate's
+            // update; (g): the reservation's release reads the clock too, with nothing to
+            // release (llm-meter's `enforce::release`).
             clock.now(vm);
+        }
+        if vm.limits {
             touch(TPM_KEY);
             touch(ESTIMATE_KEY);
         }

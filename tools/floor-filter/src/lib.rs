@@ -12,8 +12,11 @@
 //! beyond them is its own code.
 //!
 //! The configuration selects the mode: `{"limits": 0}` (or `{}`) makes the hostcalls of bench
-//! setup `b` (metrics), `{"limits": 2}` those of setup `c` (metrics and two limit rules). The
-//! sequence per exchange, as Envoy 1.40 calls the filter for the bench's requests (each body in
+//! setup `b` (metrics), `{"limits": 2}` those of setup `c` (metrics and two limit rules), and
+//! `{"limits": 0, "global": {"cluster": "rate_limit_service", "domain": "llm", "rule": "rpm",
+//! "requests_per_minute": 1000000000, "timeout_ms": 1000, "keys": 8}}` those of setup `g`
+//! (metrics and one `scope: global` request rule: bench setup `fg`, in the global-limit
+//! workloads). The sequence per exchange, as Envoy 1.40 calls the filter for the bench's requests (each body in
 //! one callback, then an empty one that ends it; `tools/floor-filter/trace.py` prints both
 //! filters' hostcalls from Envoy's trace log and compares them), and where llm-meter makes each
 //! call:
@@ -25,7 +28,26 @@
 //! | request body, the end | `get_buffer_bytes` if new bytes came; (c): per rule `get_shared_data` + `set_shared_data` (compare-and-swap), rpm then tpm. `Continue` | `check_limits` → `enforce::check` → `Limiter::acquire` |
 //! | response headers | `get_header_map_pairs` (response); (c): `set_header_map_pairs` with the six `x-ratelimit-*` headers added | `on_response_headers`: `host.response_headers()`, `set_response_headers` |
 //! | response body | `get_buffer_bytes` (the chunk); the clock in the first chunk of a stream (time to first token) and at the end | `on_response_body`, the clock read once per callback |
-//! | log | `record_metric` ×2 (tokens per request, input and output); (c): the clock, `get_shared_data` + `set_shared_data` of the tpm bucket (reconciliation) and of the model's output estimate; `record_metric` (duration), for streams ×2 more (time to first token, per output token); `set_property` (the record: 470 bytes, streams 514) | `on_log`, `record`, `enforce::release`, `estimate::update`, `publish_record` |
+//! | log | `record_metric` ×2 (tokens per request, input and output); (c): the clock, `get_shared_data` + `set_shared_data` of the tpm bucket (reconciliation) and of the model's output estimate; (g): the clock; `record_metric` (duration), for streams ×2 more (time to first token, per output token); `set_property` (the record: 470 bytes, streams 514) | `on_log`, `record`, `enforce::release` (it reads the clock with no local rule to release too), `estimate::update`, `publish_record` |
+//!
+//! With the global rule (g), the request body's end instead makes, after the body read, a clock
+//! read and `proxy_grpc_call` (a serialized `GrpcService` naming the cluster, 22 bytes for
+//! `rate_limit_service`; `envoy.service.ratelimit.v3.RateLimitService`, `ShouldRateLimit`; no
+//! metadata; a `RateLimitRequest` of 73 bytes: domain, one descriptor `rule`=`rpm`, `key`=32 hex
+//! characters, the limit override, `hits_addend` 1; timeout 1000 ms), through the SDK's
+//! `dispatch_grpc_call` (`global::charges`, which reads the time for the descriptor's window;
+//! `Exchange::check_global`, `Worker::call_service`, `WasmHost::grpc_call`), and returns `Pause`.
+//! The answer arrives in one VM entry, `proxy_on_grpc_receive` into the root context, where the SDK
+//! makes the context that asked effective (`set_effective_context`) and calls it: `get_buffer_bytes`
+//! of the gRPC receive buffer (the answer, ~32 bytes, copied into the VM: the glue's
+//! `grpc_response`), the clock (`Exchange::on_global_answer`), `continue_stream` (the glue's
+//! `resume_http_request`). The answer is not decoded. The response headers then get the rule's
+//! three `x-ratelimit-*-requests` headers in the one `set_header_map_pairs` (`global::seen`,
+//! `limit_response_headers`), and the log callback reads the clock (above). The timer runs every
+//! 100 ms, as llm-meter's with a global rule (its `REPORT_EVERY_MS`), flushing every 2 ticks. The
+//! descriptor's key is one of `keys` fixed stand-ins, taken in turn, for llm-meter's hashes of
+//! the x-api-key values; a failed call is counted in `floor_global_failures_total` (never, in a
+//! bench run: the bench checks) and the request goes on.
 //!
 //! Counters and the active-requests gauge are held in the VM and sent with `increment_metric`, one
 //! call per changed stat, when a request ends at least 250 ms after the last flush and on the
