@@ -395,8 +395,9 @@ impl Exchange {
         if !worker.has_global_limits() {
             return None;
         }
+        // Charged as of the request's arrival, as the local rules are: no clock read here.
         let (charges, unknown) = global::charges(
-            &Limits(&*host, &self.kept_headers, None, &worker.key_hashes),
+            &Limits(&*host, &self.kept_headers, Some(self.started_nanos / 1_000_000), &worker.key_hashes),
             &worker.config,
             self.request_model(),
             estimate,

@@ -454,6 +454,10 @@ pub fn release<H: LimitHost>(
     usage: Option<&Usage>,
     failed: bool,
 ) -> Released {
+    if r.held.is_empty() {
+        // Nothing to settle (global rules only): no clock read.
+        return Released::default();
+    }
     let now = host.now_ms();
     let mut out = Released::default();
     for (held, meter) in r.held.iter().zip(&r.meters) {
@@ -493,6 +497,9 @@ pub fn release<H: LimitHost>(
 /// as if the local rules had not admitted it: a rate limit service rejected it after them, so
 /// it never reached the upstream. Returns the number of store failures.
 pub fn give_back<H: LimitHost>(host: &H, r: &Reservation) -> u32 {
+    if r.held.is_empty() {
+        return 0;
+    }
     let now = host.now_ms();
     let failures = r.held.iter().filter(|held| Limiter::undo(host, now, held).is_err()).count();
     u32::try_from(failures).unwrap_or(u32::MAX)
@@ -715,6 +722,38 @@ mod tests {
         for key in [&b"Bearer sk-1"[..], b"10.0.0.1", b""] {
             assert!(hash_hex(key).starts_with(&crate::record::key_hash(key)));
         }
+    }
+
+    /// An exchange that holds nothing (a global rule only) settles without the clock: Envoy's
+    /// clock is a hostcall.
+    #[test]
+    fn nothing_held_reads_no_clock() {
+        struct NoClock(FakeStore);
+        impl SharedStore for NoClock {
+            fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+                self.0.get(key)
+            }
+            fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+                self.0.set(key, value, cas)
+            }
+        }
+        impl LimitHost for NoClock {
+            fn request_header(&self, _: &str) -> Option<Vec<u8>> {
+                None
+            }
+            fn client_address(&self) -> Option<Vec<u8>> {
+                None
+            }
+            fn now_ms(&self) -> u64 {
+                panic!("the clock was read")
+            }
+        }
+        let host = NoClock(FakeStore::default());
+        let c = config("{}");
+        let none = Reservation::default();
+        let usage = Usage { input: 1, output: 2, ..Usage::default() };
+        assert_eq!(release(&host, &c, None, &none, Some(&usage), false), Released::default());
+        assert_eq!(give_back(&host, &none), 0);
     }
 
     #[derive(Default)]

@@ -520,16 +520,15 @@ struct Http {
 }
 
 /// The request is whole: (c)'s two rules charge their buckets, or (g)'s global rule asks the
-/// service (the clock read, then the call: llm-meter's `global::charges` reads the time for the
-/// descriptor's window, `Exchange::check_global` calls) and the request waits for the answer:
-/// the call's token. Else (`None`) it becomes active and goes on.
-fn admit(vm: &mut Vm, clock: &mut Clock) -> Option<u32> {
+/// service (`Exchange::check_global` calls; the descriptor's window is taken at the request's
+/// arrival, no clock read) and the request waits for the answer: the call's token. Else
+/// (`None`) it becomes active and goes on.
+fn admit(vm: &mut Vm) -> Option<u32> {
     if vm.limits {
         touch(RPM_KEY);
         touch(TPM_KEY);
     }
     if vm.global.is_some() {
-        clock.now(vm);
         if let Some(g) = vm.global.as_mut() {
             match g.dispatch() {
                 Some(token) => return Some(token),
@@ -589,7 +588,7 @@ impl HttpContext for Http {
         let mut clock = Clock::default();
         self.started = clock.now(&mut vm);
         if end_of_stream {
-            let waiting = admit(&mut vm, &mut clock);
+            let waiting = admit(&mut vm);
             drop(vm);
             return self.after_admit(waiting);
         }
@@ -612,7 +611,7 @@ impl HttpContext for Http {
             self.request_read = body_size;
             return Action::Pause;
         }
-        let waiting = admit(&mut vm, &mut Clock::default());
+        let waiting = admit(&mut vm);
         drop(vm);
         self.after_admit(waiting)
     }
@@ -656,10 +655,9 @@ impl HttpContext for Http {
         let [input, output, ..] = PER_EXCHANGE;
         abi::record_metric(vm.histograms[TOKENS_IN], input as u64);
         abi::record_metric(vm.histograms[TOKENS_OUT], output as u64);
-        if vm.limits || vm.global.is_some() {
+        if vm.limits {
             // (c): the tpm rule's reconciliation with the real usage, and the output estimate's
-            // update; (g): the reservation's release reads the clock too, with nothing to
-            // release (llm-meter's `enforce::release`).
+            // update (llm-meter's `enforce::release`; with nothing held, (g), no clock read).
             clock.now(vm);
         }
         if vm.limits {

@@ -28,22 +28,22 @@
 //! | request body, the end | `get_buffer_bytes` if new bytes came; (c): per rule `get_shared_data` + `set_shared_data` (compare-and-swap), rpm then tpm. `Continue` | `check_limits` → `enforce::check` → `Limiter::acquire` |
 //! | response headers | `get_header_map_pairs` (response); (c): `set_header_map_pairs` with the six `x-ratelimit-*` headers added | `on_response_headers`: `host.response_headers()`, `set_response_headers` |
 //! | response body | `get_buffer_bytes` (the chunk); the clock in the first chunk of a stream (time to first token) and at the end | `on_response_body`, the clock read once per callback |
-//! | log | `record_metric` ×2 (tokens per request, input and output); (c): the clock, `get_shared_data` + `set_shared_data` of the tpm bucket (reconciliation) and of the model's output estimate; (g): the clock; `record_metric` (duration), for streams ×2 more (time to first token, per output token); `set_property` (the record: 470 bytes, streams 514) | `on_log`, `record`, `enforce::release` (it reads the clock with no local rule to release too), `estimate::update`, `publish_record` |
+//! | log | `record_metric` ×2 (tokens per request, input and output); (c): the clock, `get_shared_data` + `set_shared_data` of the tpm bucket (reconciliation) and of the model's output estimate; `record_metric` (duration), for streams ×2 more (time to first token, per output token); `set_property` (the record: 470 bytes, streams 514) | `on_log`, `record`, `enforce::release` (no clock read when nothing is held, as with (g)'s global rule only), `estimate::update`, `publish_record` |
 //!
-//! With the global rule (g), the request body's end instead makes, after the body read, a clock
-//! read and `proxy_grpc_call` (a serialized `GrpcService` naming the cluster, 22 bytes for
+//! With the global rule (g), the request body's end instead makes, after the body read,
+//! `proxy_grpc_call` (a serialized `GrpcService` naming the cluster, 22 bytes for
 //! `rate_limit_service`; `envoy.service.ratelimit.v3.RateLimitService`, `ShouldRateLimit`; no
 //! metadata; a `RateLimitRequest` of 73 bytes: domain, one descriptor `rule`=`rpm`, `key`=32 hex
 //! characters, the limit override, `hits_addend` 1; timeout 1000 ms), through the SDK's
-//! `dispatch_grpc_call` (`global::charges`, which reads the time for the descriptor's window;
-//! `Exchange::check_global`, `Worker::call_service`, `WasmHost::grpc_call`), and returns `Pause`.
+//! `dispatch_grpc_call` (`global::charges`, whose window is taken at the request's arrival, no
+//! clock read; `Exchange::check_global`, `Worker::call_service`, `WasmHost::grpc_call`), and returns `Pause`.
 //! The answer arrives in one VM entry, `proxy_on_grpc_receive` into the root context, where the SDK
 //! makes the context that asked effective (`set_effective_context`) and calls it: `get_buffer_bytes`
 //! of the gRPC receive buffer (the answer, ~32 bytes, copied into the VM: the glue's
 //! `grpc_response`), the clock (`Exchange::on_global_answer`), `continue_stream` (the glue's
 //! `resume_http_request`). The answer is not decoded. The response headers then get the rule's
 //! three `x-ratelimit-*-requests` headers in the one `set_header_map_pairs` (`global::seen`,
-//! `limit_response_headers`), and the log callback reads the clock (above). The timer runs every
+//! `limit_response_headers`); the log callback makes (b)'s calls. The timer runs every
 //! 100 ms, as llm-meter's with a global rule (its `REPORT_EVERY_MS`), flushing every 2 ticks. The
 //! descriptor's key is one of `keys` fixed stand-ins, taken in turn, for llm-meter's hashes of
 //! the x-api-key values; a failed call is counted in `floor_global_failures_total` (never, in a
