@@ -182,53 +182,41 @@ impl<'a> Walk<'a> {
 
     /// An object (at its `{`), handing each member to `member(key, value, bytes)`.
     fn object<F: FnMut(&[u8], Value, &'a [u8]) -> Option<()>>(&mut self, depth: usize, mut member: F) -> Option<()> {
-        if depth >= MAX_DEPTH {
-            return None;
-        }
-        self.i += 1;
-        self.space();
-        if self.peek()? == b'}' {
-            self.i += 1;
-            return Some(());
-        }
-        loop {
-            self.space();
-            if self.peek()? != b'"' {
+        self.items(depth, b'}', |w| {
+            w.space();
+            if w.peek()? != b'"' {
                 return None;
             }
-            let key = self.string()?;
-            self.expect(b':')?;
-            let value = self.value(depth)?;
-            member(key, value, self.b)?;
-            self.space();
-            match self.peek()? {
-                b',' => self.i += 1,
-                b'}' => {
-                    self.i += 1;
-                    return Some(());
-                }
-                _ => return None,
-            }
-        }
+            let key = w.string()?;
+            w.expect(b':')?;
+            let value = w.value(depth)?;
+            member(key, value, w.b)
+        })
     }
 
     /// An array (at its `[`).
     fn array(&mut self, depth: usize) -> Option<()> {
+        self.items(depth, b']', |w| w.value(depth).map(drop))
+    }
+
+    /// A container's items (at its opening bracket) up to `close`, each read by `item`, comma
+    /// separated, none after the last comma.
+    fn items(&mut self, depth: usize, close: u8, mut item: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
         if depth >= MAX_DEPTH {
             return None;
         }
         self.i += 1;
         self.space();
-        if self.peek()? == b']' {
+        if self.peek()? == close {
             self.i += 1;
             return Some(());
         }
         loop {
-            self.value(depth)?;
+            item(self)?;
             self.space();
             match self.peek()? {
                 b',' => self.i += 1,
-                b']' => {
+                c if c == close => {
                     self.i += 1;
                     return Some(());
                 }
