@@ -174,6 +174,13 @@ const GEMINI: &[Path] = &[
 
 /// The most paths a format reads.
 const MAX_PATHS: usize = 6;
+// A path beyond `MAX_PATHS` would read as absent: the build fails instead.
+const _: () = assert!(
+    CHAT.len() <= MAX_PATHS
+        && RESPONSES.len() <= MAX_PATHS
+        && ANTHROPIC.len() <= MAX_PATHS
+        && GEMINI.len() <= MAX_PATHS
+);
 
 /// What a usage object holds at the paths its format reads.
 struct Fields {
