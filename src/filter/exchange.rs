@@ -739,8 +739,9 @@ impl Exchange {
 
         if let Some(reservation) = self.reservation.take() {
             let failed = error != ErrorType::None;
+            // Settled as of the response's end, read when it passed (no second clock read).
             let released = enforce::release(
-                &Limits(&*host, &self.kept_headers, None, &worker.key_hashes),
+                &Limits(&*host, &self.kept_headers, Some(end / 1_000_000), &worker.key_hashes),
                 &worker.config,
                 price.as_ref(),
                 &reservation,
