@@ -17,7 +17,7 @@
 
 mod exchange {
     use llm_meter::config::Config;
-    use llm_meter::filter::{Exchange, Host, MetricKind, Worker};
+    use llm_meter::filter::{Exchange, Flow, Host, MetricKind, Worker};
     use llm_meter::meter::deltas::Deltas;
     use llm_meter::meter::labels::{SharedStore, StoreError};
     use std::cell::{Cell, RefCell};
@@ -44,6 +44,8 @@ mod exchange {
         /// Hostcalls by kind, while `tracing`.
         trace: RefCell<std::collections::BTreeMap<&'static str, u64>>,
         tracing: Cell<bool>,
+        /// The token of the latest gRPC call.
+        grpc_token: Cell<u32>,
     }
 
     impl BenchHost {
@@ -86,10 +88,12 @@ mod exchange {
     }
 
     impl Host for BenchHost {
-        /// The benchmarked configurations have no global rules.
+        /// A call to the rate limit service: answered by [`exchange`] in the next callback.
         fn grpc_call(&mut self, _: &[u8], _: &str, _: &str, _: &[u8], _: u64) -> Option<u32> {
             self.call("grpc_call");
-            None
+            let token = self.grpc_token.get() + 1;
+            self.grpc_token.set(token);
+            Some(token)
         }
         fn request_header(&self, name: &str) -> Option<Vec<u8>> {
             self.call("get_header_map_value");
@@ -225,6 +229,14 @@ mod exchange {
         "limits": [{"name": "rpm", "key": "header:x-api-key", "requests_per_minute": 100000000},
                    {"name": "tpm", "key": "header:x-api-key", "tokens_per_minute": 100000000000}]}"#;
 
+    /// The metrics configuration plus one global request rule, counted by a rate limit service
+    /// (`just bench`'s setup (g)).
+    const GLOBAL: &str = r#"{"metrics": {"app_header": "x-app-id"},
+        "pricing": {"gpt-4o-mini": {"input": 0.15, "output": 0.6, "cached_input": 0.075}},
+        "limits": [{"name": "rpm", "key": "header:x-api-key", "requests_per_minute": 1000000000,
+                    "scope": "global", "service": {"cluster": "rate_limit_service", "domain": "llm",
+                    "timeout_ms": 1000, "failure_mode": "allow"}}]}"#;
+
     /// The metrics configuration without per-request records.
     const RECORDS_OFF: &str = r#"{"metrics": {"app_header": "x-app-id"},
         "pricing": {"gpt-4o-mini": {"input": 0.15, "output": 0.6, "cached_input": 0.075}},
@@ -263,6 +275,34 @@ mod exchange {
         host
     }
 
+    /// llm-rls's answer to a global rule's call: OK, with the rule's status (limit, remaining,
+    /// time to reset), as `RateLimitResponse` protobuf.
+    fn rls_answer() -> Vec<u8> {
+        fn varint(out: &mut Vec<u8>, mut n: u64) {
+            while n >= 0x80 {
+                out.push((n as u8) | 0x80);
+                n >>= 7;
+            }
+            out.push(n as u8);
+        }
+        fn message(out: &mut Vec<u8>, tag: u8, inner: &[u8]) {
+            out.push(tag);
+            varint(out, inner.len() as u64);
+            out.extend_from_slice(inner);
+        }
+        let mut limit = vec![0x08];
+        varint(&mut limit, 1_000_000_000);
+        limit.extend_from_slice(&[0x10, 2]);
+        let mut status = vec![0x08, 1];
+        message(&mut status, 0x12, &limit);
+        status.push(0x18);
+        varint(&mut status, 999_999_000);
+        message(&mut status, 0x22, &[0x08, 42, 0x10, 0x80, 0xe1, 0xeb, 0x17]);
+        let mut out = vec![0x08, 1];
+        message(&mut out, 0x12, &status);
+        out
+    }
+
     /// One exchange as Envoy delivers it; the response arrives in `chunks`.
     fn exchange(host: &mut BenchHost, worker: &mut Worker, chunks: &[&[u8]]) {
         host.response_headers.clone_from(&host.upstream_headers);
@@ -270,7 +310,15 @@ mod exchange {
         host.callback(false);
         x.on_request_headers(host, worker, false);
         host.callback(true);
-        x.on_request_body(host, worker, REQUEST.as_bytes(), true);
+        if x.on_request_body(host, worker, REQUEST.as_bytes(), true) == Flow::Hold {
+            // A global rule asked the rate limit service: the answer's callback (the glue reads
+            // its message, then resumes the request).
+            host.callback(true);
+            let answer = x.on_global_answer(host, worker, host.grpc_token.get(), Ok(&rls_answer()));
+            if answer == Some(Flow::Continue) {
+                host.call("resume_http_request");
+            }
+        }
         host.callback(false);
         x.on_response_headers(host, worker);
         for (i, chunk) in chunks.iter().enumerate() {
@@ -319,6 +367,7 @@ mod exchange {
         case(time, "chat_json_metrics_records_off", RECORDS_OFF, "application/json", &json, 16384);
         case(time, "chat_json_metrics_2_limits", LIMITS, "application/json", &json, 16384);
         case(time, "chat_json_metrics_resilience", RESILIENCE, "application/json", &json, 16384);
+        case(time, "chat_json_metrics_global", GLOBAL, "application/json", &json, 16384);
         // Envoy hands a 60 KB upstream body to filters in chunks of up to 16 KiB.
         case(time, "chat_sse_metrics", CONFIG, "text/event-stream", &sse, 16384);
     }

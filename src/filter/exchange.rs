@@ -776,12 +776,7 @@ impl Exchange {
         // Every completed response teaches its model's output size (for requests that do not
         // say theirs).
         if let Some(u) = usage.as_ref().filter(|_| error == ErrorType::None && worker.config.limits.reserves_output()) {
-            let key = estimate::key(&worker.config.metrics.prefix, &label);
-            match estimate::update(&*host, &key, u.output) {
-                Some((before, after)) if before != Some(after) => worker.show_estimate(host, &label, after),
-                Some(_) => {}
-                None => worker.count_error(host, InternalError::SharedData),
-            }
+            worker.learn_output(host, &label, u.output, end);
         }
 
         let cost_pico = usage.as_ref().zip(price).and_then(|(u, p)| p.cost_pico(u));

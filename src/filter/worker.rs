@@ -73,6 +73,8 @@ pub struct Worker {
     pub(crate) ledger: global::Ledger,
     /// `output_tokens_estimate` gauge ids by model label.
     pub(crate) estimate_gauges: HashMap<String, u32>,
+    /// Response sizes not added to their model's output average yet (see [`Worker::learn_output`]).
+    pub(crate) pending_outputs: crate::limit::estimate::Pending,
     /// Per rule whose use is exported: the `ratelimit_used` gauge, the value shown and when
     /// its window ends (see [`Worker::refresh_use`]).
     pub(crate) use_shown: Vec<Option<UseShown>>,
@@ -241,6 +243,7 @@ impl Worker {
             next_circuit_refresh_ms: 0,
             ledger: global::Ledger::default(),
             estimate_gauges: HashMap::new(),
+            pending_outputs: Default::default(),
             use_shown: Vec::new(),
             config,
         }
@@ -365,6 +368,34 @@ impl Worker {
     }
 
     /// Shows `output_tokens_estimate` of a model label.
+    /// A completed response of `output` tokens for `model_label`, ended at `end_nanos`, teaches
+    /// its model's output average: at once on a quiet worker, else with the next flush of the
+    /// counters ([`Worker::flush_estimates`]): two hostcalls per model and interval, not per
+    /// response.
+    pub(crate) fn learn_output<H: Host>(&mut self, host: &mut H, model_label: &str, output: u64, end_nanos: u64) {
+        let interval = self.config.metrics.flush_interval_ms.saturating_mul(1_000_000);
+        if let Some(sizes) = self.pending_outputs.add(model_label, output, end_nanos, interval) {
+            self.add_outputs(host, model_label, &sizes);
+        }
+    }
+
+    /// Adds every held response size to its model's output average (on the root context's
+    /// tick, and when the VM stops).
+    pub fn flush_estimates<H: Host>(&mut self, host: &mut H) {
+        for (label, sizes) in self.pending_outputs.take() {
+            self.add_outputs(host, &label, &sizes);
+        }
+    }
+
+    fn add_outputs<H: Host>(&mut self, host: &mut H, model_label: &str, sizes: &[u64]) {
+        let key = crate::limit::estimate::key(&self.config.metrics.prefix, model_label);
+        match crate::limit::estimate::update(&*host, &key, sizes) {
+            Some((before, after)) if before != Some(after) => self.show_estimate(host, model_label, after),
+            Some(_) => {}
+            None => self.count_error(host, InternalError::SharedData),
+        }
+    }
+
     pub(crate) fn show_estimate<H: Host>(&mut self, host: &mut H, model_label: &str, value: u64) {
         let id = match self.estimate_gauges.get(model_label) {
             Some(&id) => Some(id),

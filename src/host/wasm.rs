@@ -158,7 +158,9 @@ impl Context for Root {
     /// the counter updates still held.
     fn on_done(&mut self) -> bool {
         if let Some(mut state) = self.state.as_ref().and_then(|s| s.try_borrow_mut().ok()) {
-            state.metrics.flush();
+            let State { worker, metrics, .. } = &mut *state;
+            worker.flush_estimates(&mut WasmHost::new(metrics, 0));
+            metrics.flush();
         }
         true
     }
@@ -232,6 +234,7 @@ impl RootContext for Root {
         let mut host = WasmHost::new(metrics, 0);
         worker.refresh_circuits(&mut host);
         worker.refresh_use(&mut host);
+        worker.flush_estimates(&mut host);
         for mut call in worker.take_reports() {
             match worker.call_service(&mut host, &call) {
                 Some(token) => {

@@ -21,5 +21,5 @@ pub mod operation;
 pub mod sse;
 pub mod template;
 #[cfg(test)]
-mod test_rng;
+pub(crate) mod test_rng;
 pub mod usage;

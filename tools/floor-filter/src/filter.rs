@@ -353,6 +353,10 @@ struct Vm {
     /// [`GLOBAL_RATELIMIT_HEADERS`] for (g), none for (b)) as header map entries: their count,
     /// the size pairs and the NUL-terminated data.
     ratelimit: Option<(u32, Vec<u8>, Vec<u8>)>,
+    /// (c): a response ending at or after this (ns) updates the output estimate at once; the
+    /// estimate has responses held for the next tick.
+    estimate_at_once: u64,
+    estimate_held: bool,
 }
 
 impl Vm {
@@ -386,6 +390,8 @@ impl Vm {
             ticks: 0,
             records: [encode_record(false), encode_record(true)],
             ratelimit: (!headers.is_empty()).then_some((headers.len() as u32, sizes, data)),
+            estimate_at_once: 0,
+            estimate_held: false,
         }
     }
 
@@ -469,8 +475,9 @@ impl RootContext for Root {
         true
     }
 
-    /// Sends the held updates every `ticks_per_flush` ticks (llm-meter's `Batch::tick`), then
-    /// reads the clock (llm-meter's `refresh_use` does, every tick).
+    /// Sends the held updates every `ticks_per_flush` ticks (llm-meter's `Batch::tick`), reads
+    /// the clock (llm-meter's `refresh_use` does, every tick), and (c) updates the output
+    /// estimate if responses were held for it (`Worker::flush_estimates`).
     fn on_tick(&mut self) {
         let Some(mut vm) = self.vm.as_ref().and_then(|vm| vm.try_borrow_mut().ok()) else { return };
         vm.ticks += 1;
@@ -481,6 +488,9 @@ impl RootContext for Root {
             }
         }
         Clock::default().now(&mut vm);
+        if std::mem::take(&mut vm.estimate_held) {
+            touch(ESTIMATE_KEY);
+        }
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -656,13 +666,18 @@ impl HttpContext for Http {
         abi::record_metric(vm.histograms[TOKENS_IN], input as u64);
         abi::record_metric(vm.histograms[TOKENS_OUT], output as u64);
         if vm.limits {
-            // (c): the tpm rule's reconciliation with the real usage, and the output estimate's
-            // update (llm-meter's `enforce::release`; with nothing held, (g), no clock read).
-            clock.now(vm);
-        }
-        if vm.limits {
+            // (c): the tpm rule's reconciliation with the real usage, as of the response's end
+            // (llm-meter's `enforce::release`, no clock read of its own). The model's output
+            // estimate learns on the timer, as llm-meter's busy worker does.
             touch(TPM_KEY);
-            touch(ESTIMATE_KEY);
+            // The model's output estimate: at once for the first response of an interval, else
+            // held for the timer, as llm-meter's `estimate::Pending`.
+            if end >= vm.estimate_at_once {
+                vm.estimate_at_once = end.saturating_add(FLUSH_MS * 1_000_000);
+                touch(ESTIMATE_KEY);
+            } else {
+                vm.estimate_held = true;
+            }
         }
         let ms = |nanos: u64| nanos.saturating_sub(self.started) / 1_000_000;
         abi::record_metric(vm.histograms[DURATION], ms(end));
