@@ -46,6 +46,8 @@ mod exchange {
         tracing: Cell<bool>,
         /// The token of the latest gRPC call.
         grpc_token: Cell<u32>,
+        /// The serialized record (the glue reuses one buffer).
+        record_buffer: Vec<u8>,
     }
 
     impl BenchHost {
@@ -155,7 +157,11 @@ mod exchange {
         }
         fn publish_record(&mut self, _name: &str, record: &llm_meter::record::Record) {
             self.call("set_property");
-            std::hint::black_box(record.to_struct());
+            // One buffer reused, as the glue does.
+            let mut buffer = std::mem::take(&mut self.record_buffer);
+            buffer.clear();
+            record.write_struct(&mut buffer);
+            self.record_buffer = std::hint::black_box(buffer);
         }
         fn client_address(&self) -> Option<Vec<u8>> {
             self.call("get_property");

@@ -834,11 +834,11 @@ impl Exchange {
                     .as_deref()
                     .or(self.request.model())
                     .or(self.path_model.as_deref())
-                    .map(record::bounded_model),
-                model: request_model.as_deref().map(record::bounded_model),
-                response_model: response_model.as_deref().map(record::bounded_model),
-                model_label: label.clone(),
-                app: self.app.clone(),
+                    .map(|m| record::bounded_model(m).into()),
+                model: request_model.as_deref().map(|m| record::bounded_model(m).into()),
+                response_model: response_model.as_deref().map(|m| record::bounded_model(m).into()),
+                model_label: label.as_str().into(),
+                app: self.app.as_str().into(),
                 operation: self.operation.map_or(UNKNOWN, Operation::as_str),
                 provider: self.operation.map_or(UNKNOWN, Operation::provider),
                 stream: streamed,
@@ -855,15 +855,15 @@ impl Exchange {
                 ttft_ms,
                 tpot_ms,
                 duration_ms,
-                rejected_by: self.rejected_by.clone(),
+                rejected_by: self.rejected_by.as_deref().map(Into::into),
                 key_hash: match &worker.config.records.key {
                     KeySource::Header(name) => header_value(&self.kept_headers, name)
                         .filter(|v| !v.is_empty())
-                        .map(|v| worker.key_hashes.get(v)),
+                        .map(|v| worker.key_hashes.get(v).into()),
                     KeySource::Ip => host
                         .client_address()
                         .and_then(|a| enforce::client_ip(&a))
-                        .map(|ip| worker.key_hashes.get(ip.to_string().as_bytes())),
+                        .map(|ip| worker.key_hashes.get(ip.to_string().as_bytes()).into()),
                     KeySource::Global => None,
                 },
             };

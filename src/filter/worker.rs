@@ -12,7 +12,7 @@ use crate::limit::global;
 use crate::limit::limiter::AdmittedKeys;
 use crate::memory::Pool;
 use crate::meter::classify::ErrorType;
-use crate::meter::labels::{sanitize, LabelSet, OTHER, UNKNOWN};
+use crate::meter::labels::{sanitize, sanitized, LabelSet, OTHER, UNKNOWN};
 use crate::meter::metrics::{stat_name, Metric};
 use crate::meter::pricing::CostCarry;
 use crate::meter::upstream::QuotaKind;
@@ -669,7 +669,7 @@ impl Worker {
             ModelLabeler::Allowlist(set) => {
                 return if set.contains(model) { sanitize(model) } else { OTHER.to_string() }
             }
-            ModelLabeler::FirstSeen(set) => set.resolve(&*host, &sanitize(model)),
+            ModelLabeler::FirstSeen(set) => set.resolve(&*host, &sanitized(model.as_bytes())),
         };
         if resolved.store_failed {
             self.count_error(host, InternalError::SharedData);
@@ -681,7 +681,7 @@ impl Worker {
     pub(crate) fn app_label<H: Host>(&mut self, host: &mut H, value: Option<&[u8]>) -> String {
         let Some(apps) = self.apps.as_mut() else { return UNKNOWN.to_string() };
         let Some(value) = value.filter(|v| !v.is_empty()) else { return UNKNOWN.to_string() };
-        let resolved = apps.resolve(&*host, &sanitize(value));
+        let resolved = apps.resolve(&*host, &sanitized(value));
         if resolved.store_failed {
             self.count_error(host, InternalError::SharedData);
         }

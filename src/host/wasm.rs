@@ -28,6 +28,10 @@ use std::time::Duration;
 const REPORT_EVERY_MS: u64 = 100;
 use std::rc::Rc;
 
+/// The largest record buffer a worker keeps between requests (a record is at most about 2 KB:
+/// its texts are bounded).
+const RECORD_BUFFER_KEPT: usize = 4096;
+
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
@@ -58,6 +62,8 @@ struct MetricIds {
     /// The latest clock reading on this worker (any callback).
     latest_now: std::cell::Cell<u64>,
     hostcall_errors: Option<u32>,
+    /// The serialized record, reused from request to request (see [`RECORD_BUFFER_KEPT`]).
+    record_buffer: Vec<u8>,
     failures_logged: std::cell::Cell<u64>,
     /// The record's filter state was declared a `google.protobuf.Struct` (see
     /// [`crate::record`]); otherwise records are published as JSON text.
@@ -625,8 +631,19 @@ impl Host for WasmHost<'_> {
     }
 
     fn publish_record(&mut self, name: &str, record: &crate::record::Record) {
-        let value = if self.metrics.records_typed { record.to_struct() } else { record.to_json().into_bytes() };
+        if !self.metrics.records_typed {
+            let value = record.to_json();
+            self.check("set_property", abi::set_property(name, value.as_bytes()));
+            return;
+        }
+        // One buffer per worker (Envoy copies the value): no allocation per record.
+        let mut value = std::mem::take(&mut self.metrics.record_buffer);
+        value.clear();
+        record.write_struct(&mut value);
         self.check("set_property", abi::set_property(name, &value));
+        if value.capacity() <= RECORD_BUFFER_KEPT {
+            self.metrics.record_buffer = value;
+        }
     }
 
     fn set_response_headers(&mut self, current: &[(String, Vec<u8>)], set: &[(&str, &str)]) {

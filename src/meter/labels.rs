@@ -34,7 +34,21 @@ pub fn is_label_byte(b: u8) -> bool {
 /// `ft:gpt-4o:org::id`, `claude-3-5-sonnet@20241022`) and excludes everything that could break
 /// the Prometheus text format (`"`, `\`, newlines) or the tag regexes (`=`, `;`).
 pub fn sanitize(raw: impl AsRef<[u8]>) -> String {
-    let raw = raw.as_ref();
+    sanitized(raw.as_ref()).into_owned()
+}
+
+/// [`sanitize`], borrowing `raw` when it is a label value already (the usual case: a model or
+/// app name seen before), so a request's labels cost no allocation to check.
+pub fn sanitized(raw: &[u8]) -> std::borrow::Cow<'_, str> {
+    if !raw.is_empty() && raw.len() <= MAX_LABEL_LEN && raw.iter().all(|&b| is_label_byte(b)) {
+        if let Ok(clean) = std::str::from_utf8(raw) {
+            return std::borrow::Cow::Borrowed(clean);
+        }
+    }
+    std::borrow::Cow::Owned(sanitize_bytes(raw))
+}
+
+fn sanitize_bytes(raw: &[u8]) -> String {
     let mut out = String::with_capacity(raw.len().min(MAX_LABEL_LEN));
     for &b in raw.iter().take(MAX_LABEL_LEN) {
         out.push(if is_label_byte(b) { b as char } else { '_' });
@@ -270,6 +284,14 @@ pub(crate) mod tests {
         assert_eq!(sanitize("modèle"), "mod__le");
         assert_eq!(sanitize("x".repeat(10_000)).len(), MAX_LABEL_LEN);
         assert_eq!(sanitize(b"\xff\xfeok\x00"), "__ok_");
+        // Borrowed only when nothing changes.
+        assert!(matches!(sanitized(b"gpt-4.1"), std::borrow::Cow::Borrowed("gpt-4.1")));
+        let exact = "x".repeat(MAX_LABEL_LEN);
+        assert!(matches!(sanitized(exact.as_bytes()), std::borrow::Cow::Borrowed(_)));
+        for raw in [&b""[..], b"a b", b"mod\xc3\xa8le", "x".repeat(MAX_LABEL_LEN + 1).as_bytes()] {
+            assert!(matches!(sanitized(raw), std::borrow::Cow::Owned(_)), "{raw:?}");
+            assert_eq!(sanitized(raw), sanitize(raw));
+        }
     }
 
     #[test]

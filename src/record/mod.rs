@@ -20,6 +20,7 @@
 //! declaration's arguments.
 
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::HashMap;
 
@@ -31,17 +32,17 @@ pub const MAX_MODEL_BYTES: usize = 256;
 
 /// The facts of one exchange. `None` fields are left out of the published record.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Record {
+pub struct Record<'a> {
     /// The model the client asked for (request body `model`, or the Gemini path).
-    pub request_model: Option<String>,
+    pub request_model: Option<Cow<'a, str>>,
     /// The model the request was sent to: the requested one, or a fallback's.
-    pub model: Option<String>,
+    pub model: Option<Cow<'a, str>>,
     /// The model the response names (e.g. a dated snapshot), if it names one.
-    pub response_model: Option<String>,
+    pub response_model: Option<Cow<'a, str>>,
     /// The `model` label the request's metrics were counted under (`other` beyond the bound).
-    pub model_label: String,
+    pub model_label: Cow<'a, str>,
     /// The `app` label.
-    pub app: String,
+    pub app: Cow<'a, str>,
     /// The operation (`chat`, `embeddings`, `messages`, …).
     pub operation: &'static str,
     /// The API family, OpenTelemetry's `gen_ai.provider.name`: `openai`, `anthropic`,
@@ -65,9 +66,9 @@ pub struct Record {
     pub duration_ms: u64,
     /// The rule that rejected the request, when this filter answered it itself: a limit rule,
     /// `max_input_tokens`, `failure_mode`, or `circuit_open`.
-    pub rejected_by: Option<String>,
+    pub rejected_by: Option<Cow<'a, str>>,
     /// The first 12 hex digits of the SHA-256 of the record's key (see [`key_hash`]).
-    pub key_hash: Option<String>,
+    pub key_hash: Option<Cow<'a, str>>,
 }
 
 /// Token counts of a record.
@@ -88,13 +89,28 @@ enum Value<'a> {
     Bool(bool),
 }
 
-impl Record {
+impl Record<'_> {
+    /// The record with every text owned (to keep it past the exchange, as the tests do).
+    pub fn into_owned(self) -> Record<'static> {
+        let own = |v: Option<Cow<'_, str>>| v.map(|v| Cow::Owned(v.into_owned()));
+        Record {
+            request_model: own(self.request_model),
+            model: own(self.model),
+            response_model: own(self.response_model),
+            model_label: Cow::Owned(self.model_label.into_owned()),
+            app: Cow::Owned(self.app.into_owned()),
+            rejected_by: own(self.rejected_by),
+            key_hash: own(self.key_hash),
+            ..self
+        }
+    }
+
     /// Calls `f` with each published field, in a fixed order (the access log's JSON printer
     /// sorts them).
     fn for_each_field(&self, mut f: impl FnMut(&'static str, Value<'_>)) {
         let n = |v: u64| Value::Num(v as f64);
         /// An optional string field, left out when absent.
-        fn s<F: FnMut(&'static str, Value<'_>)>(f: &mut F, key: &'static str, v: &Option<String>) {
+        fn s<F: FnMut(&'static str, Value<'_>)>(f: &mut F, key: &'static str, v: &Option<Cow<'_, str>>) {
             if let Some(v) = v.as_deref() {
                 f(key, Value::Str(v));
             }
@@ -134,6 +150,12 @@ impl Record {
     /// written in one pass into one buffer.
     pub fn to_struct(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(768);
+        self.write_struct(&mut out);
+        out
+    }
+
+    /// [`Record::to_struct`], appended to `out` (the glue reuses one buffer per worker).
+    pub fn write_struct(&self, out: &mut Vec<u8>) {
         self.for_each_field(|key, v| {
             // Value: string_value = 3 (length-delimited), number_value = 2 (double), bool_value
             // = 4 (varint).
@@ -146,12 +168,12 @@ impl Record {
             let entry_len = 1 + varint_len(key.len()) + key.len() + 1 + varint_len(value_len) + value_len;
             // Struct.fields = 1
             out.push(1 << 3 | 2);
-            varint(&mut out, entry_len);
-            bytes_field(&mut out, 1, key.as_bytes());
+            varint(out, entry_len);
+            bytes_field(out, 1, key.as_bytes());
             out.push(2 << 3 | 2);
-            varint(&mut out, value_len);
+            varint(out, value_len);
             match v {
-                Value::Str(s) => bytes_field(&mut out, 3, s.as_bytes()),
+                Value::Str(s) => bytes_field(out, 3, s.as_bytes()),
                 Value::Num(x) => {
                     out.push(2 << 3 | 1);
                     out.extend_from_slice(&x.to_le_bytes());
@@ -159,7 +181,6 @@ impl Record {
                 Value::Bool(b) => out.extend_from_slice(&[4 << 3, u8::from(b)]),
             }
         });
-        out
     }
 
     /// The record as one line of JSON (the fallback when the property cannot be declared, and
@@ -179,15 +200,15 @@ impl Record {
 }
 
 /// A client-supplied model name cut to [`MAX_MODEL_BYTES`] at a character boundary.
-pub fn bounded_model(model: &str) -> String {
+pub fn bounded_model(model: &str) -> &str {
     if model.len() <= MAX_MODEL_BYTES {
-        return model.to_string();
+        return model;
     }
     let mut end = MAX_MODEL_BYTES;
     while !model.is_char_boundary(end) {
         end -= 1;
     }
-    model.get(..end).unwrap_or_default().to_string()
+    model.get(..end).unwrap_or_default()
 }
 
 /// The first 12 hex digits of the SHA-256 of `value`: enough to tell keys apart in a billing
@@ -374,7 +395,7 @@ mod tests {
         serde_json::Value::Object(map)
     }
 
-    fn full() -> Record {
+    fn full() -> Record<'static> {
         Record {
             request_model: Some("gpt-4.1".into()),
             model: Some("gpt-4o-mini".into()),
@@ -398,7 +419,7 @@ mod tests {
             tpot_ms: Some(12.25),
             duration_ms: 4321,
             rejected_by: None,
-            key_hash: Some(key_hash(b"Bearer sk-test")),
+            key_hash: Some(key_hash(b"Bearer sk-test").into()),
         }
     }
 
@@ -450,7 +471,7 @@ mod tests {
     fn long_and_hostile_strings_survive_both_encodings() {
         let mut r = full();
         let long = "m\u{e9}".repeat(200); // 600 bytes, 2-byte characters
-        r.request_model = Some(bounded_model(&long));
+        r.request_model = Some(bounded_model(&long).into());
         r.model = Some("quote\" backslash\\ newline\n".into());
         let m = r.request_model.as_deref().unwrap();
         assert!(m.len() <= MAX_MODEL_BYTES && m.len() > MAX_MODEL_BYTES - 3);

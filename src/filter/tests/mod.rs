@@ -44,7 +44,7 @@ struct FakeHost {
     /// Every gRPC dispatch fails.
     grpc_down: bool,
     /// Records published: (filter state name, the record).
-    records: Vec<(String, crate::record::Record)>,
+    records: Vec<(String, crate::record::Record<'static>)>,
 }
 
 impl SharedStore for FakeHost {
@@ -137,7 +137,7 @@ impl Host for FakeHost {
         self.response_headers.remove(name);
     }
     fn publish_record(&mut self, name: &str, record: &crate::record::Record) {
-        self.records.push((name.to_string(), record.clone()));
+        self.records.push((name.to_string(), record.clone().into_owned()));
     }
     fn set_request_header(&mut self, name: &str, value: &str) {
         self.request_headers.insert(name.to_string(), value.as_bytes().to_vec());

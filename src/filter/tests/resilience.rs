@@ -69,7 +69,7 @@ fn an_open_circuit_sends_requests_down_the_fallback_chain_then_answers_503() {
     // The record names the model asked for and the one that served it.
     let r = &host.records.last().expect("a record").1;
     assert_eq!(
-        (r.request_model.as_deref(), r.model.as_deref(), r.response_model.as_deref(), r.model_label.as_str()),
+        (r.request_model.as_deref(), r.model.as_deref(), r.response_model.as_deref(), &*r.model_label),
         (Some("gpt-4.1"), Some("claude-sonnet-4"), Some("claude-sonnet-4"), "claude-sonnet-4")
     );
     assert_eq!(counter(&host, "model=.=claude-sonnet-4;.;app=.=unknown;.;token_type=.=output;.;llm_tokens_total"), 2);
