@@ -123,6 +123,9 @@ pub struct Rule {
     pub warn_at_ppm: Option<u32>,
     /// `mode: shadow`: would-be rejections are counted, and the request goes on.
     pub shadow: bool,
+    /// `rl.<name>.<window tag>`: the rule's part of its shared-data keys, written once here
+    /// rather than per request (see `crate::limit::enforce`).
+    pub bucket_tag: String,
 }
 
 impl Rule {
@@ -532,7 +535,21 @@ fn validate_rule(i: usize, r: RawRule, failure_mode: FailureMode) -> Result<Rule
             Some(validate_service(i, service, &limit, window_name, r.cost_unit_usd, failure_mode)?)
         }
     };
-    Ok(Rule { name: r.name, key, models, per_model: r.per_model, limit, global, offset_hours, warn_at_ppm, shadow })
+    let mut rule = Rule {
+        name: r.name,
+        key,
+        models,
+        per_model: r.per_model,
+        limit,
+        global,
+        offset_hours,
+        warn_at_ppm,
+        shadow,
+        bucket_tag: String::new(),
+    };
+    let window = rule.period().map_or_else(|| "0".to_string(), |p| p.tag());
+    rule.bucket_tag = ["rl.", &rule.name, ".", &window].concat();
+    Ok(rule)
 }
 
 /// A global rule's service, and the limits the protocol can carry: up to 2^32 - 1 hits per

@@ -582,7 +582,7 @@ impl Exchange {
                     let family = name.rsplit('-').next().unwrap_or_default();
                     !((family == "requests" && keep[0]) || (family == "tokens" && keep[1]))
                 })
-                .map(|(name, value)| (name.as_str(), value.as_str()))
+                .map(|(name, value)| (*name, value.as_str()))
                 .collect();
             host.set_response_headers(&headers, &set);
         }
@@ -637,7 +637,7 @@ impl Exchange {
 
     /// The `x-ratelimit-*` headers of an admitted request, local and global rules together (see
     /// [`enforce::response_headers`]).
-    fn limit_response_headers(&self) -> Vec<(String, String)> {
+    fn limit_response_headers(&self) -> Vec<(&'static str, String)> {
         let (mut shown, mut warned): (Vec<&enforce::Shown>, Vec<&str>) = match &self.reservation {
             Some(r) => (r.shown.iter().collect(), r.warned.iter().map(String::as_str).collect()),
             None => (Vec::new(), Vec::new()),

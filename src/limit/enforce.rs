@@ -6,9 +6,10 @@
 
 use crate::config::{Config, FailureMode, KeySource, Limit, Rule, TokenType};
 use crate::limit::limiter::{Acquire, AdmittedKeys, BucketKind, Charge, Held, Limiter};
-use crate::meter::labels::{sanitize, SharedStore};
+use crate::meter::labels::{sanitized, SharedStore};
 use crate::meter::pricing::Price;
 use crate::scan::usage::Usage;
+use std::borrow::Cow;
 
 /// What the filter knows about a request when it decides.
 #[derive(Debug, Clone, Copy)]
@@ -95,7 +96,7 @@ pub struct Reservation {
 
 impl Reservation {
     /// The response headers of the local rules alone (see [`response_headers`]).
-    pub fn headers(&self) -> Vec<(String, String)> {
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
         let warned: Vec<&str> = self.warned.iter().map(String::as_str).collect();
         response_headers(&self.shown.iter().collect::<Vec<_>>(), &warned)
     }
@@ -121,18 +122,14 @@ impl Shown {
     }
 
     /// The three headers.
-    pub fn headers(&self) -> Vec<(String, String)> {
+    pub fn headers(&self) -> [(&'static str, String); 3] {
         let amount = |v: u64| if self.family == "usd" { usd(v) } else { v.to_string() };
         let [limit, remaining, reset] = match self.family {
             "tokens" => ["x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"],
             "usd" => ["x-ratelimit-limit-usd", "x-ratelimit-remaining-usd", "x-ratelimit-reset-usd"],
             _ => ["x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"],
         };
-        vec![
-            (limit.into(), amount(self.max)),
-            (remaining.into(), amount(self.remaining)),
-            (reset.into(), duration(self.reset_ms)),
-        ]
+        [(limit, amount(self.max)), (remaining, amount(self.remaining)), (reset, duration(self.reset_ms))]
     }
 
     /// True when `self` has a smaller share of its limit left than `other` (remaining/max,
@@ -145,8 +142,8 @@ impl Shown {
 /// The `x-ratelimit-*` headers of an admitted request: per family, the rule (local or global)
 /// with the smallest share left; and `x-ratelimit-warning` naming every rule at or above its
 /// `warn_at`.
-pub fn response_headers(shown: &[&Shown], warned: &[&str]) -> Vec<(String, String)> {
-    let mut out = Vec::new();
+pub fn response_headers(shown: &[&Shown], warned: &[&str]) -> Vec<(&'static str, String)> {
+    let mut out = Vec::with_capacity(3 * shown.len().min(3) + 1);
     for f in ["requests", "tokens", "usd"] {
         let mut tightest: Option<&Shown> = None;
         for s in shown.iter().copied().filter(|s| s.family == f) {
@@ -159,7 +156,7 @@ pub fn response_headers(shown: &[&Shown], warned: &[&str]) -> Vec<(String, Strin
         }
     }
     if !warned.is_empty() {
-        out.push(("x-ratelimit-warning".into(), warned.join(", ")));
+        out.push(("x-ratelimit-warning", warned.join(", ")));
     }
     out
 }
@@ -251,25 +248,30 @@ pub fn check<H: LimitHost>(
             }
             Limit::Concurrent { max } => (BucketKind::Concurrent, max, 1, Meter::None),
         };
-        let base = rule_base(config, rule);
-        let Some(mut id) = key_ids.get(host, &rule.key) else {
+        let Some(id) = key_ids.get(host, &rule.key) else {
             notes.failures += 1;
             return (on_failure(config, &rule.name), notes);
         };
-        if rule.per_model {
-            id.push('.');
-            id.push_str(&facts.model.map_or_else(|| "unknown".to_string(), sanitize));
-        }
-        let key = if id == "global" {
-            global_bucket(&base)
+        let key = if id == "global" && !rule.per_model {
+            global_bucket(&rule_base(config, rule))
         } else {
-            let bucket = [base.as_str(), ".", id.as_str()].concat();
+            let model =
+                rule.per_model.then(|| facts.model.map_or(Cow::Borrowed("unknown"), |m| sanitized(m.as_bytes())));
+            let mut bucket = String::with_capacity(64 + config.metrics.prefix.len() + rule.bucket_tag.len());
+            for part in ["llm_meter.", &config.metrics.prefix, ".", &rule.bucket_tag, ".", id] {
+                bucket.push_str(part);
+            }
+            if let Some(model) = model {
+                bucket.push('.');
+                bucket.push_str(&model);
+            }
             // The key count is read only for a key this worker has not seen admitted.
-            match Limiter::admit(host, admitted, || key_count(&base), &bucket, limits.max_keys as u64) {
+            let count_key = || key_count(&rule_base(config, rule));
+            match Limiter::admit(host, admitted, count_key, &bucket, limits.max_keys as u64) {
                 Ok(true) => bucket,
                 Ok(false) => {
                     notes.overflowed.push(rule.name.clone());
-                    overflow_bucket(&base)
+                    overflow_bucket(&rule_base(config, rule))
                 }
                 Err(_) => {
                     notes.failures += 1;
@@ -386,8 +388,7 @@ pub fn global_use<S: SharedStore + ?Sized>(store: &S, config: &Config, rule: usi
 
 /// The shared-data key prefix of a rule's buckets.
 fn rule_base(config: &Config, rule: &Rule) -> String {
-    let window = rule.period().map_or_else(|| "0".to_string(), |p| p.tag());
-    ["llm_meter.", &config.metrics.prefix, ".rl.", &rule.name, ".", &window].concat()
+    ["llm_meter.", &config.metrics.prefix, ".", &rule.bucket_tag].concat()
 }
 
 /// The bucket of a rule keyed `global` (without `per_model`).
@@ -525,13 +526,15 @@ pub(crate) struct KeyIds<'a>(Vec<(&'a KeySource, Option<String>)>);
 
 impl<'a> KeyIds<'a> {
     /// The id of `key` for this request (see [`key_id`]).
-    pub(crate) fn get<H: LimitHost>(&mut self, host: &H, key: &'a KeySource) -> Option<String> {
-        if let Some((_, id)) = self.0.iter().find(|(k, _)| *k == key) {
-            return id.clone();
-        }
-        let id = key_id(host, key);
-        self.0.push((key, id.clone()));
-        id
+    pub(crate) fn get<H: LimitHost>(&mut self, host: &H, key: &'a KeySource) -> Option<&str> {
+        let i = match self.0.iter().position(|(k, _)| *k == key) {
+            Some(i) => i,
+            None => {
+                self.0.push((key, key_id(host, key)));
+                self.0.len() - 1
+            }
+        };
+        self.0.get(i).and_then(|(_, id)| id.as_deref())
     }
 }
 
@@ -670,7 +673,9 @@ pub(crate) fn too_many(
     what: &str,
 ) -> Rejection {
     let mut headers = vec![json_header(), ("retry-after".into(), retry_after.to_string())];
-    headers.extend(Shown::of(rule, max, remaining, reset_ms).map(|s| s.headers()).unwrap_or_default());
+    if let Some(shown) = Shown::of(rule, max, remaining, reset_ms) {
+        headers.extend(shown.headers().map(|(name, value)| (name.to_string(), value)));
+    }
     let message =
         format!("Rate limit '{}' reached ({}): {what}. Retry after {retry_after} s.", rule.name, describe(&rule.limit));
     Rejection {
@@ -812,8 +817,8 @@ mod tests {
         }
     }
 
-    fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-        headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    fn header<'a, N: AsRef<str>>(headers: &'a [(N, String)], name: &str) -> Option<&'a str> {
+        headers.iter().find(|(k, _)| k.as_ref() == name).map(|(_, v)| v.as_str())
     }
 
     #[test]

@@ -71,7 +71,7 @@ pub fn charges<H: LimitHost>(
             unknown.push(i);
             continue;
         };
-        let mut entries = vec![("rule".to_string(), rule.name.clone()), ("key".to_string(), key)];
+        let mut entries = vec![("rule".to_string(), rule.name.clone()), ("key".to_string(), key.to_string())];
         if rule.per_model {
             entries.push(("model".into(), model.map_or_else(|| "unknown".to_string(), sanitize)));
         }
@@ -550,7 +550,7 @@ mod tests {
         let later = super::seen(&c, 0, "global", 70, &status, 0, None).unwrap();
         assert!(!later.crossed && later.warned, "crossed once");
         let shown = later.shown.unwrap();
-        assert!(shown.headers().contains(&("x-ratelimit-remaining-usd".to_string(), "0.9".to_string())));
+        assert!(shown.headers().contains(&("x-ratelimit-remaining-usd", "0.9".to_string())));
     }
 
     #[test]
