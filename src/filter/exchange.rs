@@ -461,10 +461,11 @@ impl Exchange {
         if self.rejected_by.is_some() || self.finished {
             return None;
         }
-        let charge = self.global_charges.get(i)?.clone();
-        let rule = charge.rule;
         let now_ms = host.now_nanos() / 1_000_000;
-        let answer = global::answer(&worker.config, &charge, result, now_ms);
+        // Borrowed, not cloned: the fields below are disjoint from `global_charges`.
+        let charge = self.global_charges.get(i)?;
+        let rule = charge.rule;
+        let answer = global::answer(&worker.config, charge, result, now_ms);
         if let Answer::Admit(status) | Answer::Shadow(status) = &answer {
             charge.learn(&worker.config, &mut worker.ledger, status.as_ref());
             let seen = status.as_ref().and_then(|s| {

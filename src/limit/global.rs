@@ -71,14 +71,15 @@ pub fn charges<H: LimitHost>(
             unknown.push(i);
             continue;
         };
-        let mut entries = vec![("rule".to_string(), rule.name.clone()), ("key".to_string(), key.to_string())];
+        let mut entries = Vec::with_capacity(4);
+        entries.extend([("rule", rule.name.clone()), ("key", key.to_string())]);
         if rule.per_model {
-            entries.push(("model".into(), model.map_or_else(|| "unknown".to_string(), sanitize)));
+            entries.push(("model", model.map_or_else(|| "unknown".to_string(), sanitize)));
         }
         let span = period.at(now_ms);
         if period.is_calendar() {
             // Each day, week or month is a counter of its own.
-            entries.push(("period".into(), period.start_date(&span)));
+            entries.push(("period", period.start_date(&span)));
         }
         let descriptor = Descriptor { entries, limit: Some((service.max_hits, Unit::of(period.window))) };
         let hits = match rule.limit {
@@ -398,14 +399,14 @@ mod tests {
         assert_eq!(unknown, vec![3], "no client address: the ip rule cannot be keyed");
         assert_eq!(found.iter().map(|c| c.rule).collect::<Vec<_>>(), vec![1, 2], "local and other-model rules skipped");
         let rpm = &found[0].descriptor;
-        assert_eq!(rpm.entries[0], ("rule".to_string(), "rpm".to_string()));
+        assert_eq!(rpm.entries[0], ("rule", "rpm".to_string()));
         assert_eq!(rpm.entries[1].0, "key");
         assert_eq!(rpm.entries[1].1.len(), 32);
         assert!(!rpm.entries[1].1.contains("secret"));
         assert_eq!(rpm.limit, Some((300, Unit::Minute)));
         let tpm = &found[1].descriptor;
-        assert_eq!(tpm.entries[1], ("key".to_string(), "global".to_string()));
-        assert_eq!(tpm.entries[2], ("model".to_string(), "gpt-4o".to_string()));
+        assert_eq!(tpm.entries[1], ("key", "global".to_string()));
+        assert_eq!(tpm.entries[2], ("model", "gpt-4o".to_string()));
         assert_eq!(tpm.limit, Some((100_000, Unit::Hour)));
         // An absent key header is its own key.
         let (found, _) = charges(&Host(vec![]), &c, Some("gpt-4o-mini"), &Usage::default(), &Ledger::default());
@@ -461,7 +462,7 @@ mod tests {
         let team = &found[0];
         assert_eq!(team.hits, 70);
         // The month travels as a `period` entry; the unit asked is a year (longer than any month).
-        assert_eq!(team.descriptor.entries[2], ("period".to_string(), "1970-01-01".to_string()));
+        assert_eq!(team.descriptor.entries[2], ("period", "1970-01-01".to_string()));
         assert_eq!(team.descriptor.limit, Some((50_000, Unit::Year)));
         assert_eq!(found[1].descriptor.limit, Some((10_000, Unit::Week)));
         assert_eq!(
@@ -516,7 +517,7 @@ mod tests {
 
     #[test]
     fn the_ledger_forgets_a_window_that_ended() {
-        let d = Descriptor { entries: vec![("rule".into(), "r".into())], limit: None };
+        let d = Descriptor { entries: vec![("rule", "r".into())], limit: None };
         let mut ledger = Ledger::default();
         assert_eq!(ledger.settle(&d, 7, 100, 10, 1), 0);
         assert_eq!(ledger.settle(&d, 7, 0, 50, 1), 0, "90 of credit");

@@ -44,34 +44,55 @@ impl Unit {
 /// `limit` override, so the filter's configuration is the one source of the numbers).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Descriptor {
-    pub entries: Vec<(String, String)>,
+    pub entries: Vec<(&'static str, String)>,
     pub limit: Option<(u32, Unit)>,
 }
 
-/// Encodes a `RateLimitRequest`.
+/// Encodes a `RateLimitRequest`, in one pass into one buffer: each nested message's length is
+/// computed before it is written (it goes first), so nothing is built twice.
 pub fn encode_request(domain: &str, descriptors: &[Descriptor], hits_addend: u32) -> Vec<u8> {
-    let mut out = Vec::new();
+    let entry_len = |k: &str, v: &str| field_len(k.len()) + field_len(v.len());
+    let limit_len = |n: u32, unit: Unit| 2 + varint_len(u64::from(n)) + varint_len(unit as u64);
+    let desc_len = |d: &Descriptor| {
+        d.entries.iter().map(|(k, v)| field_len(entry_len(k, v))).sum::<usize>()
+            + d.limit.map_or(0, |(n, unit)| field_len(limit_len(n, unit)))
+    };
+    let total = field_len(domain.len())
+        + descriptors.iter().map(|d| field_len(desc_len(d))).sum::<usize>()
+        + if hits_addend != 0 { 1 + varint_len(u64::from(hits_addend)) } else { 0 };
+    let mut out = Vec::with_capacity(total);
     put_bytes(&mut out, 1, domain.as_bytes());
     for d in descriptors {
-        let mut desc = Vec::new();
+        put_header(&mut out, 2, desc_len(d));
         for (k, v) in &d.entries {
-            let mut entry = Vec::new();
-            put_bytes(&mut entry, 1, k.as_bytes());
-            put_bytes(&mut entry, 2, v.as_bytes());
-            put_bytes(&mut desc, 1, &entry);
+            put_header(&mut out, 1, entry_len(k, v));
+            put_bytes(&mut out, 1, k.as_bytes());
+            put_bytes(&mut out, 2, v.as_bytes());
         }
         if let Some((n, unit)) = d.limit {
-            let mut limit = Vec::new();
-            put_varint_field(&mut limit, 1, u64::from(n));
-            put_varint_field(&mut limit, 2, unit as u64);
-            put_bytes(&mut desc, 2, &limit);
+            put_header(&mut out, 2, limit_len(n, unit));
+            put_varint_field(&mut out, 1, u64::from(n));
+            put_varint_field(&mut out, 2, unit as u64);
         }
-        put_bytes(&mut out, 2, &desc);
     }
     if hits_addend != 0 {
         put_varint_field(&mut out, 3, u64::from(hits_addend));
     }
     out
+}
+
+/// Bytes of a length-delimited field (field number < 16) holding `len` bytes.
+fn field_len(len: usize) -> usize {
+    1 + varint_len(len as u64) + len
+}
+
+fn varint_len(mut n: u64) -> usize {
+    let mut len = 1;
+    while n >= 0x80 {
+        len += 1;
+        n >>= 7;
+    }
+    len
 }
 
 /// Encodes the `envoy.config.core.v3.GrpcService` naming `cluster` (`envoy_grpc.cluster_name`).
@@ -191,9 +212,14 @@ fn put_varint_field(out: &mut Vec<u8>, field: u32, n: u64) {
 }
 
 fn put_bytes(out: &mut Vec<u8>, field: u32, bytes: &[u8]) {
-    put_varint(out, (u64::from(field) << 3) | 2);
-    put_varint(out, bytes.len() as u64);
+    put_header(out, field, bytes.len());
     out.extend_from_slice(bytes);
+}
+
+/// The tag and length of a length-delimited field whose `len` bytes follow.
+fn put_header(out: &mut Vec<u8>, field: u32, len: usize) {
+    put_varint(out, (u64::from(field) << 3) | 2);
+    put_varint(out, len as u64);
 }
 
 enum Value<'a> {
@@ -270,7 +296,7 @@ mod tests {
 
     #[test]
     fn request_bytes_are_protobuf() {
-        let d = Descriptor { entries: vec![("rule".into(), "rpm".into())], limit: Some((300, Unit::Minute)) };
+        let d = Descriptor { entries: vec![("rule", "rpm".into())], limit: Some((300, Unit::Minute)) };
         let got = encode_request("llm", &[d], 1);
         #[rustfmt::skip]
         let want = [
@@ -286,6 +312,55 @@ mod tests {
         // hits_addend 0 is the protocol's default (read as 1): not written.
         assert_eq!(encode_request("d", &[], 0), [0x0a, 1, b'd']);
         assert_eq!(encode_grpc_service("rls"), [0x0a, 5, 0x0a, 3, b'r', b'l', b's']);
+    }
+
+    /// The request as nested messages built one inside the other (the plain way, for the test
+    /// below).
+    fn encode_nested(domain: &str, descriptors: &[Descriptor], hits_addend: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        put_bytes(&mut out, 1, domain.as_bytes());
+        for d in descriptors {
+            let mut desc = Vec::new();
+            for (k, v) in &d.entries {
+                let mut entry = Vec::new();
+                put_bytes(&mut entry, 1, k.as_bytes());
+                put_bytes(&mut entry, 2, v.as_bytes());
+                put_bytes(&mut desc, 1, &entry);
+            }
+            if let Some((n, unit)) = d.limit {
+                let mut limit = Vec::new();
+                put_varint_field(&mut limit, 1, u64::from(n));
+                put_varint_field(&mut limit, 2, unit as u64);
+                put_bytes(&mut desc, 2, &limit);
+            }
+            put_bytes(&mut out, 2, &desc);
+        }
+        if hits_addend != 0 {
+            put_varint_field(&mut out, 3, u64::from(hits_addend));
+        }
+        out
+    }
+
+    #[test]
+    fn one_pass_encoding_equals_the_nested_one() {
+        let mut rng = crate::scan::test_rng::Rng(0x5eed);
+        let units = [Unit::Second, Unit::Minute, Unit::Hour, Unit::Day, Unit::Month, Unit::Year, Unit::Week];
+        // Lengths around the varint steps (127/128, 16383/16384).
+        let lens = [0, 1, 5, 32, 127, 128, 129, 200, 16_383, 16_384];
+        let text = |rng: &mut crate::scan::test_rng::Rng| "k".repeat(lens[rng.below(lens.len())]);
+        for _ in 0..300 {
+            let descriptors: Vec<Descriptor> = (0..rng.below(3))
+                .map(|_| Descriptor {
+                    entries: (0..rng.below(4)).map(|_| (&*text(&mut rng).leak(), text(&mut rng))).collect(),
+                    limit: (rng.below(2) == 0).then(|| (rng.next() as u32 >> rng.below(32), units[rng.below(7)])),
+                })
+                .collect();
+            let domain = text(&mut rng);
+            let hits = [0, 1, 127, 128, u32::MAX][rng.below(5)];
+            let got = encode_request(&domain, &descriptors, hits);
+            assert_eq!(got, encode_nested(&domain, &descriptors, hits));
+            assert_eq!(got.len(), got.capacity(), "sized exactly");
+        }
     }
 
     #[test]

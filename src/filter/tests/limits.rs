@@ -111,7 +111,7 @@ fn global_rules_wait_for_the_service_then_forward_reject_or_follow_the_failure_m
     let (service, message, timeout) = host.grpc_calls[0].clone();
     assert_eq!((service, timeout), (crate::limit::rls::encode_grpc_service("rls"), 50));
     let d = |key: &str| crate::limit::rls::Descriptor {
-        entries: vec![("rule".into(), "g-rpm".into()), ("key".into(), key.into())],
+        entries: vec![("rule", "g-rpm".into()), ("key", key.into())],
         limit: Some((100, crate::limit::rls::Unit::Minute)),
     };
     assert_eq!(message, crate::limit::rls::encode_request("llm", &[d(&key_entry(&message))], 1));
@@ -127,7 +127,7 @@ fn global_rules_wait_for_the_service_then_forward_reject_or_follow_the_failure_m
     assert_eq!(reports.len(), 1, "only the token rule reports");
     assert_eq!(reports[0].rule, 2);
     let tpm = crate::limit::rls::Descriptor {
-        entries: vec![("rule".into(), "g-tpm".into()), ("key".into(), "global".into())],
+        entries: vec![("rule", "g-tpm".into()), ("key", "global".into())],
         limit: Some((5000, crate::limit::rls::Unit::Hour)),
     };
     assert_eq!(reports[0].message, crate::limit::rls::encode_request("llm-t", &[tpm], 9), "10 output tokens - 1");

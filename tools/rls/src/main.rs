@@ -308,11 +308,7 @@ mod tests {
     #[test]
     fn the_filters_requests_decode_as_protobuf() {
         let d = filter::Descriptor {
-            entries: vec![
-                ("rule".into(), "key-tpm".into()),
-                ("key".into(), "0f".repeat(16)),
-                ("model".into(), "gpt-4o".into()),
-            ],
+            entries: vec![("rule", "key-tpm".into()), ("key", "0f".repeat(16)), ("model", "gpt-4o".into())],
             limit: Some((2_000_000, filter::Unit::Minute)),
         };
         let bytes = filter::encode_request("llm", &[d], 1499);
