@@ -9,7 +9,8 @@
 //! slower and every hostcall also costs a VM exit.
 //!
 //! `cargo bench -p llm-meter --bench exchange`. With `EXCHANGE_HOSTCALLS_ONLY=1` it prints the
-//! hostcall counts and skips the timing (`just bench` reads them that way).
+//! hostcall counts (and, natively, the heap allocations per exchange) and skips the timing
+//! (`just bench` reads them that way).
 //!
 //! Built for wasm32 (`just bench-v8`), the same exchanges run inside V8 under node with the flags
 //! Envoy gives V8 (no Liftoff: every function compiled by TurboFan), timed by a plain loop: the
@@ -359,6 +360,19 @@ mod exchange {
             trace.join(", "),
             host.deltas.len()
         );
+        // Allocations in the steady state (natively: the bench's counting allocator), averaged
+        // over 64 exchanges: batched work (the output estimate's sizes) comes and goes.
+        if let Some(count) = crate::allocations::count(&mut || {
+            for _ in 0..64 {
+                exchange(&mut host, &mut worker, &chunks);
+            }
+        }) {
+            println!(
+                "{name}: {:.1} allocations per exchange (the in-memory host's own included: its header map copies, \
+                 as the glue makes them)",
+                count as f64 / 64.0
+            );
+        }
         if std::env::var_os("EXCHANGE_HOSTCALLS_ONLY").is_some() {
             return;
         }
@@ -376,6 +390,59 @@ mod exchange {
         case(time, "chat_json_metrics_global", GLOBAL, "application/json", &json, 16384);
         // Envoy hands a 60 KB upstream body to filters in chunks of up to 16 KiB.
         case(time, "chat_sse_metrics", CONFIG, "text/event-stream", &sse, 16384);
+    }
+}
+
+/// Counts the heap allocations a piece of code makes (natively: this binary's global allocator
+/// counts while asked to; in V8: not counted).
+mod allocations {
+    #[cfg(not(target_arch = "wasm32"))]
+    mod counting {
+        use std::alloc::{GlobalAlloc, Layout, System};
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+        pub static ON: AtomicBool = AtomicBool::new(false);
+        pub static COUNT: AtomicU64 = AtomicU64::new(0);
+
+        /// The system allocator, counting `alloc` and `realloc` calls while [`ON`].
+        struct Counting;
+
+        unsafe impl GlobalAlloc for Counting {
+            unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+                if ON.load(Ordering::Relaxed) {
+                    COUNT.fetch_add(1, Ordering::Relaxed);
+                }
+                System.alloc(layout)
+            }
+            unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+                System.dealloc(ptr, layout)
+            }
+            unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, size: usize) -> *mut u8 {
+                if ON.load(Ordering::Relaxed) {
+                    COUNT.fetch_add(1, Ordering::Relaxed);
+                }
+                System.realloc(ptr, layout, size)
+            }
+        }
+
+        #[global_allocator]
+        static GLOBAL: Counting = Counting;
+    }
+
+    /// Allocations (and reallocations) `run` made, natively; `None` inside V8.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn count(run: &mut dyn FnMut()) -> Option<u64> {
+        use std::sync::atomic::Ordering;
+        counting::COUNT.store(0, Ordering::SeqCst);
+        counting::ON.store(true, Ordering::SeqCst);
+        run();
+        counting::ON.store(false, Ordering::SeqCst);
+        Some(counting::COUNT.load(Ordering::SeqCst))
+    }
+
+    #[cfg(target_arch = "wasm32")]
+    pub fn count(_run: &mut dyn FnMut()) -> Option<u64> {
+        None
     }
 }
 

@@ -1719,7 +1719,7 @@ def count_hostcalls():
         log(f"   failed (exit {p.returncode}); its output: {(WORK / 'hostcalls.log').relative_to(ROOT)}")
         return f"cargo bench failed (exit {p.returncode})"
     for line in p.stdout.splitlines():
-        if " hostcalls per exchange " in line:
+        if " hostcalls per exchange " in line or " allocations per exchange " in line:
             log("   " + line)
     return counts
 
