@@ -367,7 +367,6 @@ impl Worker {
         ));
     }
 
-    /// Shows `output_tokens_estimate` of a model label.
     /// A completed response of `output` tokens for `model_label`, ended at `end_nanos`, teaches
     /// its model's output average: at once on a quiet worker, else with the next flush of the
     /// counters ([`Worker::flush_estimates`]): two hostcalls per model and interval, not per
@@ -396,6 +395,7 @@ impl Worker {
         }
     }
 
+    /// Shows `output_tokens_estimate` of a model label.
     pub(crate) fn show_estimate<H: Host>(&mut self, host: &mut H, model_label: &str, value: u64) {
         let id = match self.estimate_gauges.get(model_label) {
             Some(&id) => Some(id),
