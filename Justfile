@@ -17,7 +17,7 @@ build: targets
 build-trap: targets
     cargo build --release --target wasm32-wasip1 --lib --features trap-on-demand --target-dir target/trap
 
-# Check the tools a recipe needs and install what is missing: Debian packages with apt-get when root (else print the exact command and stop; the Rust targets, Envoy, LiteLLM and wasm-bindgen-cli have recipes of their own); `just deps test` for everything `just test` needs (the default), `just deps run`, `just deps bench`
+# Check the tools a recipe needs and install what is missing: Debian packages with apt-get when root (else print the exact command and stop; the Rust target, Envoy and LiteLLM have recipes of their own); `just deps test` for everything `just test` needs (the default), `just deps run`, `just deps bench`
 deps what="test":
     #!/usr/bin/env bash
     set -euo pipefail
@@ -37,7 +37,7 @@ deps what="test":
         need redis-server redis-server
         need pkg-config pkg-config
         pkg-config --exists openssl 2>/dev/null || missing+=(libssl-dev)
-        # node runs the wasm32 unit tests (wasm-bindgen-test) and the manifest schemas (npm).
+        # node runs the wasm32 unit tests (bench/wasi_run.mjs) and the manifest schemas (npm).
         need node nodejs
         need npm npm
         # wrk drives `just bench` (and its smoke run in CI).
@@ -76,9 +76,9 @@ lint: targets
 unit:
     cargo test --workspace --lib --bins
 
-# Unit tests of the host-independent core compiled to wasm32, run under node by wasm-bindgen-test
-unit-wasm: (deps "test") targets wasm-bindgen-cli
-    CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner cargo test -p llm-meter --lib --target wasm32-unknown-unknown
+# The library's unit tests (the core, the exchange with a fake host) built for wasm32-wasip1 as the filter is (release, simd128) and run inside node's V8 with Liftoff off, as Envoy runs the filter (bench/wasi_run.mjs)
+unit-wasm: (deps "test") targets
+    CARGO_TARGET_WASM32_WASIP1_RUNNER="node --no-liftoff --no-warnings bench/wasi_run.mjs" cargo test --release -p llm-meter --lib --target wasm32-wasip1
 
 # Integration tests: the mock gateway behind the real Envoy running the release filter, also through a real LiteLLM proxy (tests/litellm.rs), and the test-only build that traps on demand (tests/vm_failure.rs)
 integration: (deps "test") build build-trap mock rls envoy litellm
@@ -154,31 +154,14 @@ litellm:
     .venv-litellm/bin/pip install --quiet --disable-pip-version-check -r bench/requirements-litellm.txt
     cp bench/requirements-litellm.txt "$marker"
 
-# Add the Rust targets (wasm32-wasip1 for the filter, wasm32-unknown-unknown for wasm-bindgen-test)
+# Add the Rust target the filter, its wasm32 unit tests and the V8 bench build for (wasm32-wasip1)
 targets:
     #!/usr/bin/env bash
     set -euo pipefail
     installed=$(rustup target list --installed)
-    for t in wasm32-wasip1 wasm32-unknown-unknown; do
+    for t in wasm32-wasip1; do
       grep -qx "$t" <<<"$installed" || rustup target add "$t"
     done
-
-# Install wasm-bindgen-test-runner at the wasm-bindgen version in Cargo.lock (idempotent)
-wasm-bindgen-cli:
-    #!/usr/bin/env bash
-    set -euo pipefail
-    want=$(awk '$0 == "name = \"wasm-bindgen\"" { getline; gsub(/version = |"/, ""); print }' Cargo.lock)
-    if wasm-bindgen-test-runner --version 2>/dev/null | grep -q " $want\b"; then exit 0; fi
-    # --locked pins wasm-bindgen-cli's own lock file; fall back to a fresh resolution when a crate
-    # it pins is not available from the registry this machine reaches. The first attempt's
-    # output is kept out of sight unless both fail (its "error: failed to select a version" is
-    # expected here, not a failure).
-    log=$(mktemp)
-    if ! cargo install wasm-bindgen-cli --version "$want" --locked >"$log" 2>&1; then
-      echo "wasm-bindgen-cli $want: its locked dependencies are not all available here; resolving them afresh"
-      cargo install wasm-bindgen-cli --version "$want" || { cat "$log" >&2; exit 1; }
-    fi
-    rm -f "$log"
 
 # The filter's own code per exchange inside V8 (node, Liftoff off as in Envoy): benches/exchange.rs built for wasm32, µs per exchange and hostcalls; `just bench-v8 2_limits` runs the cases whose name has that (`=NAME`: that case only); EXCHANGE_SECONDS sets each case's time (default 2)
 bench-v8 *args: targets

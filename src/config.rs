@@ -589,9 +589,6 @@ fn validate_pricing(raw: BTreeMap<String, RawPrice>) -> Result<Pricing, ConfigEr
 
 #[cfg(test)]
 mod tests {
-    #[cfg(target_arch = "wasm32")]
-    use wasm_bindgen_test::wasm_bindgen_test as test;
-
     use super::*;
 
     fn parse_err(json: &str) -> String {

@@ -18,8 +18,8 @@
 //! - [`record`] is the per-request record published for Envoy's access log: "which request
 //!   cost what?"
 //!
-//! Everything below [`host`] is plain Rust, tested natively and on wasm32 through
-//! wasm-bindgen-test; the exchange is tested with a fake host.
+//! Everything below [`host`] is plain Rust, tested natively and built for wasm32-wasip1 inside
+//! node's V8 (`just unit-wasm`); the exchange is tested with a fake host.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
 

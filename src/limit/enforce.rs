@@ -713,9 +713,6 @@ pub fn duration(ms: u64) -> String {
 
 #[cfg(test)]
 mod tests {
-    #[cfg(target_arch = "wasm32")]
-    use wasm_bindgen_test::wasm_bindgen_test as test;
-
     use super::*;
     use crate::meter::labels::tests::FakeStore;
     use crate::meter::labels::StoreError;

@@ -130,9 +130,6 @@ impl Pending {
 
 #[cfg(test)]
 mod tests {
-    #[cfg(target_arch = "wasm32")]
-    use wasm_bindgen_test::wasm_bindgen_test as test;
-
     use super::*;
     use crate::meter::labels::tests::FakeStore;
 

@@ -341,9 +341,6 @@ fn rejection(rule: &Rule, charge: &Charge, status: Option<rls::Status>, now_ms: 
 
 #[cfg(test)]
 mod tests {
-    #[cfg(target_arch = "wasm32")]
-    use wasm_bindgen_test::wasm_bindgen_test as test;
-
     use super::*;
     use crate::meter::labels::{SharedStore, StoreError};
 

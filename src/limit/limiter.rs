@@ -361,9 +361,6 @@ impl Limiter {
 
 #[cfg(test)]
 mod tests {
-    #[cfg(target_arch = "wasm32")]
-    use wasm_bindgen_test::wasm_bindgen_test as test;
-
     use super::*;
     use crate::meter::labels::tests::FakeStore;
 

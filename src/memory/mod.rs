@@ -228,9 +228,6 @@ pub fn try_boxed_slice<T: Clone + Default>(len: usize) -> Option<Box<[T]>> {
 
 #[cfg(test)]
 mod tests {
-    #[cfg(target_arch = "wasm32")]
-    use wasm_bindgen_test::wasm_bindgen_test as test;
-
     use super::*;
 
     #[test]

@@ -129,9 +129,6 @@ pub fn classify(status: u16, response_flags: u64, local_rejection: bool) -> Erro
 
 #[cfg(test)]
 mod tests {
-    #[cfg(target_arch = "wasm32")]
-    use wasm_bindgen_test::wasm_bindgen_test as test;
-
     use super::flags::*;
     use super::*;
 

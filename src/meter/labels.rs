@@ -232,9 +232,6 @@ impl LabelSet {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    #[cfg(target_arch = "wasm32")]
-    use wasm_bindgen_test::wasm_bindgen_test as test;
-
     use super::*;
     use std::cell::{Cell, RefCell};
     use std::collections::HashMap;

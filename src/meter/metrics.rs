@@ -309,9 +309,6 @@ pub fn stat_name(prefix: &str, metric: Metric, values: &[&str]) -> String {
 
 #[cfg(test)]
 mod tests {
-    #[cfg(target_arch = "wasm32")]
-    use wasm_bindgen_test::wasm_bindgen_test as test;
-
     use super::*;
 
     #[test]

@@ -135,9 +135,6 @@ pub fn usage_from_headers(
 
 #[cfg(test)]
 mod tests {
-    #[cfg(target_arch = "wasm32")]
-    use wasm_bindgen_test::wasm_bindgen_test as test;
-
     use super::*;
     use std::collections::HashMap;
 

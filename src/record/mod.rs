@@ -332,9 +332,6 @@ fn varint_len(n: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
-    #[cfg(target_arch = "wasm32")]
-    use wasm_bindgen_test::wasm_bindgen_test as test;
-
     use super::*;
 
     /// A minimal protobuf reader for the tests: (field number, wire type, payload).

@@ -277,9 +277,6 @@ pub fn read<S: SharedStore + ?Sized>(store: &S, key: &str) -> Circuit {
 
 #[cfg(test)]
 mod tests {
-    #[cfg(target_arch = "wasm32")]
-    use wasm_bindgen_test::wasm_bindgen_test as test;
-
     use super::*;
     use crate::meter::labels::tests::FakeStore;
 

@@ -148,9 +148,6 @@ pub fn rewrite_path_model(path: &[u8], to: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    #[cfg(target_arch = "wasm32")]
-    use wasm_bindgen_test::wasm_bindgen_test as test;
-
     use super::breaker::{report, Outcome};
     use super::*;
     use crate::config::Config;

@@ -166,9 +166,6 @@ fn rfc3339(value: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    #[cfg(target_arch = "wasm32")]
-    use wasm_bindgen_test::wasm_bindgen_test as test;
-
     use super::*;
     use std::collections::HashMap;
 

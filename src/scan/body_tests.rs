@@ -1,8 +1,5 @@
 //! Tests of [`super`]: every API's fixtures, every split position, against a full parse.
 
-#[cfg(target_arch = "wasm32")]
-use wasm_bindgen_test::wasm_bindgen_test as test;
-
 use super::*;
 
 pub(crate) const CHAT_JSON: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o-2024-08-06",

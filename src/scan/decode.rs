@@ -816,9 +816,6 @@ impl<T: Clone + Default> Allocator<T> for Heap {
 
 #[cfg(test)]
 mod tests {
-    #[cfg(target_arch = "wasm32")]
-    use wasm_bindgen_test::wasm_bindgen_test as test;
-
     use std::io::Write;
 
     use flate2::write::{DeflateEncoder, GzEncoder, ZlibEncoder};

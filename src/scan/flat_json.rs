@@ -228,9 +228,6 @@ impl<'a> Walk<'a> {
 
 #[cfg(test)]
 mod tests {
-    #[cfg(target_arch = "wasm32")]
-    use wasm_bindgen_test::wasm_bindgen_test as test;
-
     use super::*;
 
     const PATHS: &[Path] = &[("a", None), ("d", Some("x")), ("b", None)];

@@ -818,9 +818,6 @@ pub(crate) fn find_nest_byte(s: &[u8]) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
-    #[cfg(target_arch = "wasm32")]
-    use wasm_bindgen_test::wasm_bindgen_test as test;
-
     use super::*;
     use crate::scan::test_rng::Rng;
     use serde_json::Value;

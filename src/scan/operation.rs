@@ -128,9 +128,6 @@ fn gemini_model(path: &[u8]) -> Option<&[u8]> {
 
 #[cfg(test)]
 mod tests {
-    #[cfg(target_arch = "wasm32")]
-    use wasm_bindgen_test::wasm_bindgen_test as test;
-
     use super::*;
 
     #[test]

@@ -398,9 +398,6 @@ impl SseScanner {
 
 #[cfg(test)]
 mod tests {
-    #[cfg(target_arch = "wasm32")]
-    use wasm_bindgen_test::wasm_bindgen_test as test;
-
     use super::*;
     use crate::scan::json_scan::{Found, JsonScanner};
     use crate::scan::test_rng::Rng;

@@ -652,9 +652,6 @@ mod differential;
 
 #[cfg(test)]
 mod tests {
-    #[cfg(target_arch = "wasm32")]
-    use wasm_bindgen_test::wasm_bindgen_test as test;
-
     use super::*;
 
     static PATHS: &[&[&str]] = &[&["usage"], &["model"]];

@@ -4,9 +4,6 @@
 //! not be fooled by, and random byte mutations of them) cut at random places, byte by byte and
 //! one event per chunk.
 
-#[cfg(target_arch = "wasm32")]
-use wasm_bindgen_test::wasm_bindgen_test as test;
-
 use crate::scan::body::tests::{
     ANTHROPIC_COMPACTION_SSE, ANTHROPIC_SSE, CHAT_JSON, CHAT_SSE, GEMINI_SSE, RESPONSES_SSE,
 };

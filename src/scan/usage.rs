@@ -398,9 +398,6 @@ fn nested(obj: &Fields, outer: &'static str, inner: &'static str) -> Result<u64,
 
 #[cfg(test)]
 mod tests {
-    #[cfg(target_arch = "wasm32")]
-    use wasm_bindgen_test::wasm_bindgen_test as test;
-
     use super::*;
 
     fn chat(raw: &str) -> Result<Option<Usage>, UsageError> {

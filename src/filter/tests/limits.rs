@@ -1,8 +1,5 @@
 //! Rate limits through the exchange: local rules, global rules and the rate limit service.
 
-#[cfg(target_arch = "wasm32")]
-use wasm_bindgen_test::wasm_bindgen_test as test;
-
 use super::*;
 
 #[test]

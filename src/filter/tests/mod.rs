@@ -1,9 +1,6 @@
 //! The exchange tested whole against an in-memory Envoy ([`FakeHost`]): every callback, every
 //! metric; limits, the memory budget and resilience have a file each.
 
-#[cfg(target_arch = "wasm32")]
-use wasm_bindgen_test::wasm_bindgen_test as test;
-
 use super::*;
 use crate::config::Config;
 use crate::memory::Pool;

@@ -1,9 +1,6 @@
 //! Per-request records, time per output token and the OpenTelemetry naming, through the
 //! exchange: a record carries exactly what the counters moved by.
 
-#[cfg(target_arch = "wasm32")]
-use wasm_bindgen_test::wasm_bindgen_test as test;
-
 use super::*;
 use crate::record::{key_hash, Record, RecordUsage};
 

@@ -1,8 +1,5 @@
 //! The circuit breaker and fallback chains through the exchange.
 
-#[cfg(target_arch = "wasm32")]
-use wasm_bindgen_test::wasm_bindgen_test as test;
-
 use super::*;
 
 /// One chat request for `model` through the exchange: the upstream answers `status` (with
