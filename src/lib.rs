@@ -32,3 +32,11 @@ pub mod meter;
 pub mod record;
 pub mod resilience;
 pub mod scan;
+
+/// The VM's allocator: small freed blocks are reused from a bounded cache before the C
+/// allocator sees them (see [`memory::small_blocks`]). Only on wasm32 (one thread per VM); the
+/// native build and its benches keep the system allocator.
+#[cfg(all(target_arch = "wasm32", not(target_feature = "atomics")))]
+#[global_allocator]
+static ALLOCATOR: memory::small_blocks::SmallBlocks<std::alloc::System> =
+    memory::small_blocks::SmallBlocks::new(std::alloc::System);

@@ -22,6 +22,12 @@
 //! Allocations charged here are also made fallibly (`try_reserve`, [`try_box`]), so that even
 //! a VM whose memory is short for other reasons gets an error the filter handles rather than an
 //! abort.
+//!
+//! [`small_blocks`] is the VM's global allocator: the C allocator with a bounded cache of small
+//! freed blocks in front, because the filter's many short-lived small allocations cost more in
+//! that allocator's bookkeeping than in their use.
+
+pub mod small_blocks;
 
 use std::cell::Cell;
 use std::rc::Rc;
