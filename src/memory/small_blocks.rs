@@ -115,6 +115,18 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for SmallBlocks<A> {
         list.len += 1;
     }
 
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if Self::class(layout).is_none() {
+            // The allocator may know the memory is zero already (calloc).
+            return self.inner.alloc_zeroed(layout);
+        }
+        let block = self.alloc(layout);
+        if !block.is_null() {
+            block.write_bytes(0, layout.size());
+        }
+        block
+    }
+
     unsafe fn realloc(&self, block: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: the caller guarantees new_size, rounded up to the alignment, does not overflow.
         let new_layout = Layout::from_size_align_unchecked(new_size, layout.align());
@@ -161,6 +173,21 @@ mod tests {
             assert_ne!(b, c);
             cache.dealloc(c, layout(48, 8));
             assert_eq!(cache.cached().iter().sum::<usize>(), 2);
+        }
+    }
+
+    #[test]
+    fn zeroed_blocks_are_zero_even_when_reused() {
+        let cache = SmallBlocks::new(System);
+        unsafe {
+            for l in [layout(40, 8), layout(MAX_SIZE + 100, 8)] {
+                let a = cache.alloc(l);
+                a.write_bytes(0xff, l.size());
+                cache.dealloc(a, l);
+                let b = cache.alloc_zeroed(l);
+                assert!(std::slice::from_raw_parts(b, l.size()).iter().all(|&x| x == 0));
+                cache.dealloc(b, l);
+            }
         }
     }
 
