@@ -461,7 +461,10 @@ impl Exchange {
         if self.rejected_by.is_some() || self.finished {
             return None;
         }
-        let now_ms = host.now_nanos() / 1_000_000;
+        // As of the request's arrival, as the charge was made and the local rules admit: no
+        // clock read for the answer. A reset the filter computes (the service said none) is
+        // then longer by the few ms the call took: the safe side.
+        let now_ms = self.started_nanos / 1_000_000;
         // Borrowed, not cloned: the fields below are disjoint from `global_charges`.
         let charge = self.global_charges.get(i)?;
         let rule = charge.rule;

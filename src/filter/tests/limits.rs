@@ -356,3 +356,26 @@ fn a_global_usd_budget_reserves_warns_shows_its_use_and_a_shadow_rule_only_count
     // reserved: nothing to report; the credit stays with this worker.
     assert!(w.take_reports().is_empty());
 }
+
+#[test]
+fn a_global_answer_is_read_as_of_the_requests_arrival_without_a_clock_read() {
+    let config = r#"{"limits":[
+        {"name":"g-rpm","key":"global","requests_per_minute":100,"scope":"global",
+         "service":{"cluster":"rls","domain":"llm"}}]}"#;
+    // The request arrives 10 s into a minute; the answer comes 5 s later (the fake clock moves,
+    // as Envoy's would), without the service saying when its window resets.
+    let arrival = 1_000 * 60_000 * MS + 10_000 * MS;
+    let mut host = FakeHost { now: arrival, ..FakeHost::default() };
+    let mut w = worker(config);
+    host.request_headers.insert(":path".into(), b"/v1/chat/completions".to_vec());
+    let mut x = Exchange::new();
+    x.on_request_headers(&mut host, &mut w, false);
+    assert_eq!(x.on_request_body(&mut host, &mut w, br#"{"model":"gpt-4o"}"#, true), Flow::Hold);
+    host.now = arrival + 5_000 * MS;
+    assert_eq!(x.on_global_answer(&mut host, &mut w, 1, Ok(&[0x08, 2])), Some(Flow::Respond));
+    let (status, headers, _) = host.sent.clone().unwrap();
+    assert_eq!(status, 429);
+    // 50 s from the arrival to the end of its minute (45 s if the answer's time were used).
+    let retry_after = headers.iter().find(|(k, _)| k == "retry-after").map(|(_, v)| v.as_str());
+    assert_eq!(retry_after, Some("50"));
+}

@@ -566,9 +566,9 @@ impl Http {
 
 impl Context for Http {
     /// The global rule's answer (llm-meter's `Http::on_grpc_call_response`): the message copied
-    /// into the VM (`grpc_response`; not decoded: whatever it says, the request goes on), the
-    /// clock read (`Exchange::on_global_answer`, for the window's reset), and the request
-    /// resumed. Reaching it took one VM entry (`proxy_on_grpc_receive`, into the root context)
+    /// into the VM (`grpc_response`; not decoded: whatever it says, the request goes on) and
+    /// the request resumed (no clock read: `Exchange::on_global_answer` takes the request's
+    /// arrival as its time). Reaching it took one VM entry (`proxy_on_grpc_receive`, into the root context)
     /// and the SDK's `set_effective_context`.
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
         if self.waiting != Some(token_id) {
@@ -583,7 +583,6 @@ impl Context for Http {
         } else if response_size > 0 {
             abi::buffer(BufferType::GrpcReceiveBuffer, 0, response_size);
         }
-        Clock::default().now(&mut vm);
         vm.held[ACTIVE] += 1;
         drop(vm);
         self.admitted = true;
