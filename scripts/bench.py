@@ -32,7 +32,9 @@ on a free port, no persistence), pinned off the proxy's CPU:
   g        (b) plus one `scope: global` request rule (per x-api-key, a limit nothing reaches)
   ng       plain Envoy + Envoy's native C++ rate limit filter (envoy.filters.http.ratelimit) with
            the equivalent descriptor (domain llm, rule=rpm, key=<x-api-key>, the same limit as a
-           `limit` override, which llm-rls counts by)
+           `limit` override, which llm-rls counts by), answering with x-ratelimit-limit, -remaining
+           and -reset (enable_x_ratelimit_headers: DRAFT_VERSION_03) as (g) answers with its
+           x-ratelimit-*-requests headers; --native-without-headers leaves them out
 
 With --floor they also run (f) and
 
@@ -40,8 +42,8 @@ With --floor they also run (f) and
            global rule: per request one gRPC ShouldRateLimit call (the same cluster, service,
            method and timeout, a RateLimitRequest of the size and shape (g) sends, over 8 keys as
            (g)'s 8 x-api-key values), the request paused until the answer arrives, the answer
-           copied into the VM and the request resumed, and (g)'s other hostcalls for the rule (3
-           clock reads, the x-ratelimit-* headers written); nothing decoded or checked, and a 100 ms
+           copied into the VM and the request resumed, and (g)'s other hostcall for the rule (the
+           x-ratelimit-* headers written); nothing decoded or checked, and a 100 ms
            timer as (g)'s. (fg) - (f) is the least a proxy-wasm filter's global check costs on this
            Envoy, printed next to (g) - (b) and (ng) - (a), with whether even it is within 1.2x of
            the native filter
@@ -543,7 +545,8 @@ SET_METADATA = f"""          - name: envoy.filters.http.set_metadata
                 value: {{ limit: {{ requests_per_unit: {GLOBAL_LIMIT}, unit: MINUTE }} }}
 """
 # (ng): Envoy's native rate limit filter, calling the same service with the same timeout and
-# failure mode as (g)'s rule...
+# failure mode as (g)'s rule, and (unless --native-without-headers) answering with x-ratelimit-limit,
+# -remaining and -reset as llm-meter answers with x-ratelimit-*-requests...
 NATIVE_RATELIMIT = """          - name: envoy.filters.http.ratelimit
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit
@@ -619,7 +622,10 @@ def front_yaml(setup, listen, admin, upstream, shipped, rls_port=None):
             cfg = cfg.rstrip("\n") + "\n" + rls_cluster(rls_port)
         if setup == "ng":
             cfg = insert_before(cfg, "          http_filters:\n", NATIVE_DESCRIPTOR)
-            cfg = insert_before(cfg, "          - name: envoy.filters.http.router", NATIVE_RATELIMIT)
+            native = NATIVE_RATELIMIT
+            if NATIVE_HEADERS:
+                native += "              enable_x_ratelimit_headers: DRAFT_VERSION_03\n"
+            cfg = insert_before(cfg, "          - name: envoy.filters.http.router", native)
         cfg = cfg.replace("          http_filters:\n", "          http_filters:\n" + SET_METADATA, 1)
         wasm_start = cfg.find("          - name: envoy.filters.http.wasm")
         router_start = cfg.find("          - name: envoy.filters.http.ratelimit" if setup == "ng"
@@ -651,6 +657,8 @@ def front_yaml(setup, listen, admin, upstream, shipped, rls_port=None):
 
 # --access-log: keep the shipped access log in every setup.
 ACCESS_LOG = False
+# (ng) tells the client its limit in x-ratelimit-* headers as llm-meter does (--native-without-headers: not).
+NATIVE_HEADERS = True
 
 # --filter-extra: JSON merged into the (b), (c), (r) and (g) filter configurations (an experiment's knob).
 FILTER_EXTRA = {}
@@ -828,12 +836,31 @@ def chat_request(stream, key="sk-bench-0001"):
              "authorization": f"Bearer {MASTER_KEY}"})
 
 
-def check_answer(setup, port, stream):
-    """One request through the setup: 200 and the usage arrives at the client."""
+def check_answer(setup, port, stream, want_header=None):
+    """One request through the setup: 200 and the usage arrives at the client (and, if given,
+    the response header `want_header`)."""
     data, headers = chat_request(stream)
-    status, body = http(f"http://127.0.0.1:{port}/v1/chat/completions", data, headers, timeout=30)
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=data, headers=headers,
+                                 method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            status, body, got = r.status, r.read(), r.headers
+    except urllib.error.HTTPError as e:
+        status, body, got = e.code, e.read(), e.headers
     if status != 200 or b'"completion_tokens"' not in body:
         raise RuntimeError(f"setup {setup}: unexpected answer {status}: {body[:300]!r}")
+    if want_header and got.get(want_header) is None:
+        raise RuntimeError(f"setup {setup}: no {want_header} header in its answer: {dict(got)}")
+
+
+def wanted_header(setup, rls_port):
+    """The rate limit header a global-limit setup's answer must carry: (g) and (fg) always, (ng)
+    unless --native-without-headers."""
+    if rls_port is None:
+        return None
+    if setup in ("g", "fg") or (setup == "ng" and NATIVE_HEADERS):
+        return "x-ratelimit-limit-requests" if setup != "ng" else "x-ratelimit-limit"
+    return None
 
 
 def start_envoy(procs, name, config_text, admin, concurrency, cpus):
@@ -1074,7 +1101,7 @@ def run_workload(procs, workload, args, setups, shipped, files_sizes):
     active = []
     for k in setups:
         try:
-            check_answer(k, PORT[k], stream)
+            check_answer(k, PORT[k], stream, wanted_header(k, rls_port))
             active.append(k)
         except (RuntimeError, OSError) as e:
             if k in ("litellm",):
@@ -1828,6 +1855,10 @@ def parse_args():
                     help="comma-separated setups to leave out (e.g. bo for a filter build without records)")
     ap.add_argument("--access-log", action="store_true", default=env_flag("BENCH_ACCESS_LOG", False),
                     help="keep the shipped JSON access log (stdout, one line per request) in every Envoy setup")
+    ap.add_argument("--native-without-headers", dest="native_headers", action="store_false",
+                    default=env_flag("BENCH_NATIVE_HEADERS", True),
+                    help="(ng): the native filter sends no x-ratelimit-* headers (llm-meter always does; by default "
+                         "(ng) sends them too, enable_x_ratelimit_headers: DRAFT_VERSION_03)")
     ap.add_argument("--perf", action="store_true", default=env_flag("BENCH_PERF", False),
                     help="after each workload's rounds, profile each Envoy setup with perf (cpu-clock) "
                          "and print where its CPU goes")
@@ -1897,9 +1928,10 @@ def machine():
 
 
 def main():
-    global PROCS, WASM, ACCESS_LOG
+    global PROCS, WASM, ACCESS_LOG, NATIVE_HEADERS
     args = parse_args()
     ACCESS_LOG = args.access_log
+    NATIVE_HEADERS = args.native_headers
     if args.filter:
         WASM = Path(args.filter).resolve()
     if args.filter_extra:
