@@ -362,7 +362,7 @@ impl Exchange {
             output_average,
         };
         // The request is admitted as of its arrival (its headers): no clock read at its body.
-        let limits = Limits(&*host, &self.kept_headers, Some(self.started_nanos / 1_000_000), &worker.key_hashes);
+        let limits = Limits(&*host, &self.kept_headers, Some(self.arrival_ms()), &worker.key_hashes);
         let (verdict, notes) = enforce::check(&limits, &worker.config, facts, &mut worker.admitted);
         for rule in &notes.overflowed {
             let name = worker.name(Metric::RatelimitKeyOverflowTotal, &[rule]);
@@ -397,7 +397,7 @@ impl Exchange {
         }
         // Charged as of the request's arrival, as the local rules are: no clock read here.
         let (charges, unknown) = global::charges(
-            &Limits(&*host, &self.kept_headers, Some(self.started_nanos / 1_000_000), &worker.key_hashes),
+            &Limits(&*host, &self.kept_headers, Some(self.arrival_ms()), &worker.key_hashes),
             &worker.config,
             self.request_model(),
             estimate,
@@ -464,7 +464,7 @@ impl Exchange {
         // As of the request's arrival, as the charge was made and the local rules admit: no
         // clock read for the answer. A reset the filter computes (the service said none) is
         // then longer by the few ms the call took: the safe side.
-        let now_ms = self.started_nanos / 1_000_000;
+        let now_ms = self.arrival_ms();
         // Borrowed, not cloned: the fields below are disjoint from `global_charges`.
         let charge = self.global_charges.get(i)?;
         let rule = charge.rule;
@@ -953,6 +953,12 @@ impl Exchange {
             Some(series) if self.model_label.as_deref() == Some(label) => series,
             _ => worker.series(label, &self.app),
         }
+    }
+
+    /// When the request arrived (its headers), ms: the time its rate limits are checked and
+    /// answered as of, so that neither needs a clock read of its own.
+    fn arrival_ms(&self) -> u64 {
+        self.started_nanos / 1_000_000
     }
 
     /// The request's model: the body's top-level `model`, else the one in the path.

@@ -376,6 +376,5 @@ fn a_global_answer_is_read_as_of_the_requests_arrival_without_a_clock_read() {
     let (status, headers, _) = host.sent.clone().unwrap();
     assert_eq!(status, 429);
     // 50 s from the arrival to the end of its minute (45 s if the answer's time were used).
-    let retry_after = headers.iter().find(|(k, _)| k == "retry-after").map(|(_, v)| v.as_str());
-    assert_eq!(retry_after, Some("50"));
+    assert!(headers.contains(&("retry-after".to_string(), "50".to_string())), "{headers:?}");
 }
