@@ -303,13 +303,19 @@ def cleanup():
 # HTTP helpers (stdlib only: this script runs on the system python3).
 
 def http(url, data=None, headers=None, timeout=5.0):
+    status, body, _ = http_with_headers(url, data, headers, timeout)
+    return status, body
+
+
+def http_with_headers(url, data=None, headers=None, timeout=5.0):
+    """`http`, plus the response headers."""
     req = urllib.request.Request(url, data=data, headers=headers or {},
                                  method="POST" if data is not None else "GET")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read()
+            return r.status, r.read(), r.headers
     except urllib.error.HTTPError as e:
-        return e.code, e.read()
+        return e.code, e.read(), e.headers
 
 
 def wait_ready(url, proc, what, timeout=30.0):
@@ -840,13 +846,7 @@ def check_answer(setup, port, stream, want_header=None):
     """One request through the setup: 200 and the usage arrives at the client (and, if given,
     the response header `want_header`)."""
     data, headers = chat_request(stream)
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=data, headers=headers,
-                                 method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            status, body, got = r.status, r.read(), r.headers
-    except urllib.error.HTTPError as e:
-        status, body, got = e.code, e.read(), e.headers
+    status, body, got = http_with_headers(f"http://127.0.0.1:{port}/v1/chat/completions", data, headers, timeout=30)
     if status != 200 or b'"completion_tokens"' not in body:
         raise RuntimeError(f"setup {setup}: unexpected answer {status}: {body[:300]!r}")
     if want_header and got.get(want_header) is None:
@@ -858,8 +858,10 @@ def wanted_header(setup, rls_port):
     unless --native-without-headers."""
     if rls_port is None:
         return None
-    if setup in ("g", "fg") or (setup == "ng" and NATIVE_HEADERS):
-        return "x-ratelimit-limit-requests" if setup != "ng" else "x-ratelimit-limit"
+    if setup in ("g", "fg"):
+        return "x-ratelimit-limit-requests"
+    if setup == "ng" and NATIVE_HEADERS:
+        return "x-ratelimit-limit"
     return None
 
 
